@@ -1,0 +1,25 @@
+# `make demo` runs the package's main job, `make test` the test suite; both build .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0   # the CPU build; an unpinned torch would pull a CUDA build
+	$(BIN)/pip install -q -e '.[dev,train]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python examples/demo_loss.py
+
+test: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check sgrpo_kernels tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

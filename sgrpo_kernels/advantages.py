@@ -1,0 +1,58 @@
+"""Group-relative sentence advantages (DESIGN.md §1, "Group advantages")."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .config import ADVANTAGE_MODES, ADVANTAGE_SCALES, ADVANTAGE_WEIGHTINGS, _check_choice, _check_real
+
+
+def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, *,
+                              eps: float = 1e-4, weighting: str = "output", scale: str = "std",
+                              mode: str = "sentence") -> torch.Tensor:
+    """Normalise sentence rewards within each group of ``group_size`` consecutive outputs.
+
+    Args:
+        rewards: ``[B, S_max]`` float, ``rewards[b, s]`` the reward of sentence ``s`` of output ``b``;
+            entries at ``s >= num_sentences[b]`` are ignored.
+        num_sentences: ``[B]`` int in ``[0, S_max]``, the number of sentences of each output.
+        group_size: ``G``, the number of sampled outputs per prompt; must divide ``B``.
+        eps: added to the group standard deviation (``> 0`` when ``scale="std"``).
+        weighting: ``"output"`` (the seed: every output weighs the same whatever its number of
+            sentences) or ``"sentence"`` (every sentence of the group weighs the same).
+        scale: ``"std"`` divides by ``σ + eps``; ``"none"`` only subtracts the group mean.
+        mode: ``"sentence"`` (each sentence its own normalised reward) or ``"cumulative"`` (sentence
+            ``s`` gets the sum of the normalised rewards of sentences ``s .. S_b - 1``).
+
+    Returns:
+        ``[B, S_max]`` advantages in the dtype of ``rewards``; 0 where ``s >= num_sentences[b]``.
+    """
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must have shape [B, S_max], got {tuple(rewards.shape)}")
+    if not rewards.dtype.is_floating_point:
+        raise TypeError(f"rewards must have a floating dtype, got {rewards.dtype}")
+    if not isinstance(num_sentences, torch.Tensor):
+        raise TypeError(f"num_sentences must be a torch.Tensor, got {type(num_sentences).__name__}")
+    if num_sentences.dtype.is_floating_point or num_sentences.dtype == torch.bool:
+        raise TypeError(f"num_sentences must have an integer dtype, got {num_sentences.dtype}")
+    batch, num_slots = rewards.shape
+    if tuple(num_sentences.shape) != (batch,):
+        raise ValueError(f"num_sentences must have shape [B] = ({batch},), got {tuple(num_sentences.shape)}")
+    if num_sentences.device != rewards.device:
+        raise ValueError(f"num_sentences is on {num_sentences.device} but rewards is on {rewards.device}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if batch % group_size:
+        raise ValueError(f"group_size must divide the batch: B={batch} is not a multiple of {group_size}")
+    if num_sentences.numel() and (int(num_sentences.min()) < 0 or int(num_sentences.max()) > num_slots):
+        raise ValueError(f"num_sentences must lie in [0, S_max={num_slots}], "
+                         f"got values in [{int(num_sentences.min())}, {int(num_sentences.max())}]")
+    _check_choice("weighting", weighting, ADVANTAGE_WEIGHTINGS)
+    _check_choice("scale", scale, ADVANTAGE_SCALES)
+    _check_choice("mode", mode, ADVANTAGE_MODES)
+    eps = _check_real("eps", eps, low=0.0, low_inclusive=scale != "std")
+    return reference.group_sentence_advantages(rewards, num_sentences.long(), group_size, eps=eps,
+                                               weighting=weighting, scale=scale, mode=mode)

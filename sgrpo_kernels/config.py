@@ -1,0 +1,170 @@
+"""Options of the sentence-level GRPO loss and the input checks shared by every backend.
+
+Every public entry point builds one :class:`LossConfig` (which validates the options) and calls
+:func:`check_loss_inputs` before any backend runs, so that all backends see the same, already
+validated inputs. The checks read only the small ``[B, T]`` tensors, never ``logits``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+RATIO_LEVELS = ("sum", "mean")
+KL_REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("sentence_mean", "token_mean", "sum")
+BACKENDS = ("auto", "reference", "triton", "torch", "native")
+ADVANTAGE_WEIGHTINGS = ("output", "sentence")
+ADVANTAGE_SCALES = ("std", "none")
+ADVANTAGE_MODES = ("sentence", "cumulative")
+
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_real(name: str, value, *, low=None, low_inclusive=True, allow_inf=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        relation = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name} must be {relation} {low}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The scalar options of DESIGN.md §1, validated on construction.
+
+    ``eps_low``/``eps_high``: clip range ``[1 - eps_low, 1 + eps_high]`` of the sentence ratio.
+    ``beta``: weight of the k3 KL term. ``delta``: upper cap of the unclipped ratio (two-sided
+    clipping) or ``None``. ``temperature``: logits are divided by it. ``ratio_level``: ``"sum"`` or
+    ``"mean"`` of the token log-ratios of a sentence. ``kl_reduction``: ``"mean"`` or ``"sum"`` of the
+    token k3 values of a sentence. ``reduction``: ``"sentence_mean"``, ``"token_mean"`` or ``"sum"``
+    over the batch. ``clamp_log_ratio``: the sentence log-ratio is clamped to ``±clamp_log_ratio``.
+    """
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0
+    delta: float | None = None
+    temperature: float = 1.0
+    ratio_level: str = "sum"
+    kl_reduction: str = "mean"
+    reduction: str = "sentence_mean"
+    clamp_log_ratio: float = 20.0
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # the dataclass is frozen
+        set_("eps_low", _check_real("eps_low", self.eps_low, low=0.0))
+        if self.eps_low >= 1.0:
+            raise ValueError(f"eps_low must be < 1 (the lower clip bound 1 - eps_low must stay positive), "
+                             f"got {self.eps_low}")
+        set_("eps_high", _check_real("eps_high", self.eps_high, low=0.0))
+        set_("beta", _check_real("beta", self.beta, low=0.0))
+        if self.delta is not None:
+            set_("delta", _check_real("delta", self.delta, low=0.0, low_inclusive=False))
+        set_("temperature", _check_real("temperature", self.temperature, low=0.0, low_inclusive=False))
+        set_("clamp_log_ratio", _check_real("clamp_log_ratio", self.clamp_log_ratio, low=0.0,
+                                            low_inclusive=False, allow_inf=True))
+        _check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
+        _check_choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
+        _check_choice("reduction", self.reduction, REDUCTIONS)
+
+
+def _check_tensor(name: str, value, *, ndim=None, dtypes=None, kind=None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    if kind == "integer" and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    if kind == "floating" and not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+
+
+def _check_shape(name: str, value: torch.Tensor, shape: tuple) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+
+
+def _check_same_device(reference_name: str, device: torch.device, **others) -> None:
+    for name, value in others.items():
+        if value is not None and value.device != device:
+            raise ValueError(f"{name} is on {value.device} but {reference_name} is on {device}; "
+                             "all tensors must be on one device")
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, where: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError`` if an id (where ``where`` is true, or everywhere) is outside ``[0, vocab_size)``."""
+    selected = ids if where is None else ids[where]
+    if selected.numel() and bool(((selected < 0) | (selected >= vocab_size)).any()):
+        bad = selected[(selected < 0) | (selected >= vocab_size)][0].item()
+        raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocabulary of logits), found {bad}")
+
+
+def check_loss_inputs(logits_shape, logits_dtype, logits_device, completion_ids, segment_ids, advantages,
+                      old_logps, ref_logps, config: LossConfig, *, logits_name: str = "logits") -> None:
+    """Validate the inputs of the sentence-level GRPO loss (DESIGN.md §2); raise before any kernel runs.
+
+    ``logits_shape`` is ``(B, T, V)``: the logits themselves are never read here, so the fused
+    linear path can pass the shape of logits it never materialises. Token ids are checked only
+    where ``segment_ids >= 0``: unscored positions (padding) may hold any id, e.g. ``-100``.
+    """
+    if len(logits_shape) != 3:
+        raise ValueError(f"{logits_name} must have shape [B, T, V], got {tuple(logits_shape)}")
+    if logits_dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{logits_name} must have dtype in {[str(d) for d in LOGIT_DTYPES]}, got {logits_dtype}")
+    batch, length, vocab = logits_shape
+    if vocab < 1:
+        raise ValueError(f"{logits_name} must have a vocabulary of at least one entry, got V={vocab}")
+    _check_tensor("completion_ids", completion_ids, ndim=2, kind="integer")
+    _check_shape("completion_ids", completion_ids, (batch, length))
+    _check_tensor("segment_ids", segment_ids, ndim=2, kind="integer")
+    _check_shape("segment_ids", segment_ids, (batch, length))
+    _check_tensor("advantages", advantages, ndim=(1, 2), kind="floating")
+    if advantages.shape[0] != batch:
+        raise ValueError(f"advantages must have shape [B] or [B, S_max] with B={batch}, got {tuple(advantages.shape)}")
+    for name, value in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if value is not None:
+            _check_tensor(name, value, ndim=2, kind="floating")
+            _check_shape(name, value, (batch, length))
+    if config.beta > 0 and ref_logps is None:
+        raise ValueError(f"ref_logps is required when beta > 0 (beta={config.beta})")
+    _check_same_device(logits_name, logits_device, completion_ids=completion_ids, segment_ids=segment_ids,
+                       advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
+
+    if segment_ids.numel():
+        lowest = int(segment_ids.min())
+        if lowest < -1:
+            raise ValueError(f"segment_ids must be >= -1 (-1 marks unscored tokens), found {lowest}")
+        if advantages.dim() == 2:
+            highest = int(segment_ids.max())
+            if highest >= advantages.shape[1]:
+                raise ValueError(f"segment_ids must be < S_max = advantages.shape[1] = {advantages.shape[1]}, "
+                                 f"found {highest}")
+    check_token_ids("completion_ids", completion_ids, vocab, where=segment_ids >= 0)
+
+
+def validate_reward_weights(weights: dict) -> dict:
+    """Check the λ of the composite reward ``r = Σ λ_k R_k``: each ``>= 0``, summing to 1.
+
+    Returns a new dict of floats. Raises ``ValueError`` naming the offending weight.
+    """
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError("weights must be a non-empty dict of name -> float")
+    checked = {name: _check_real(f"weights[{name!r}]", value, low=0.0) for name, value in weights.items()}
+    total = math.fsum(checked.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"weights must sum to 1, got {total} for {checked}")
+    return checked

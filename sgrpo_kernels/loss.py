@@ -1,0 +1,223 @@
+"""Public entry points of the loss: option handling, input checks and backend dispatch.
+
+Each public function validates once (``config.py``), resolves ``backend`` and calls one
+implementation. Implementations receive validated tensors and a :class:`LossConfig`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import reference
+from .config import BACKENDS, LossConfig, _check_choice, check_loss_inputs, check_token_ids
+
+# Backends that exist in this build, by the device they serve. "auto" picks from here.
+_IMPLEMENTED_BACKENDS = ("reference",)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` (one of ``config.BACKENDS``) to an implemented backend for tensors on ``device``."""
+    _check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return "reference"
+    if backend not in _IMPLEMENTED_BACKENDS:
+        raise NotImplementedError(f"backend={backend!r} is not built yet; available: "
+                                  f"{', '.join(map(repr, ('auto',) + _IMPLEMENTED_BACKENDS))}")
+    return backend
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _output_logp_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None, *,
+                       eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
+                       kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
+                       backend="auto", return_metrics=False):
+    """Sentence-level GRPO loss (DESIGN.md §1) from logits.
+
+    Args:
+        logits: ``[B, T, V]`` fp32/bf16/fp16/fp64; ``logits[b, t]`` scores ``completion_ids[b, t]``
+            (already shifted: no prompt positions, no trailing position).
+        completion_ids: ``[B, T]`` int, the sampled tokens (any value where ``segment_ids == -1``).
+        segment_ids: ``[B, T]`` int, sentence index of each token in its row, ``-1`` = not scored.
+            ``arange(T)`` gives token-level GRPO, all zeros output-level GRPO/GSPO.
+        advantages: ``[B, S_max]`` per-sentence advantages, or ``[B]`` broadcast to every sentence.
+        old_logps: ``[B, T]`` log-probs of the sampling policy, or ``None`` (on-policy: ratio 1,
+            gradient still flows).
+        ref_logps: ``[B, T]`` log-probs of the reference policy; required when ``beta > 0``.
+        eps_low, eps_high, beta, delta, temperature, ratio_level, kl_reduction, reduction,
+            clamp_log_ratio: the options of :class:`~sgrpo_kernels.config.LossConfig`.
+        inplace: kernel backends may write the gradient into ``logits`` (ignored by ``"reference"``).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"torch"`` or ``"native"``.
+        return_metrics: also return a dict of detached 0-dim tensors: ``clip_fraction``,
+            ``ratio_mean``, ``kl_mean`` (when ``beta > 0``), ``entropy_mean``, ``num_sentences``,
+            ``num_tokens``.
+
+    Returns:
+        The scalar loss (float32, or float64 for float64 inputs), or ``(loss, metrics)``.
+    """
+    config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
+                        ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
+                        clamp_log_ratio=clamp_log_ratio)
+    _check_flag("inplace", inplace)
+    _check_flag("return_metrics", return_metrics)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
+                      old_logps, ref_logps, config)
+    resolve_backend(backend, logits.device)
+    return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                                        config, return_metrics=return_metrics)
+
+
+def _check_linear_inputs(hidden, weight, bias, chunk_size) -> None:
+    for name, value in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, T, H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight must have shape [V, H] with H={hidden.shape[2]}, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape [V] = ({weight.shape[0]},)")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(f"bias must have the dtype and device of hidden ({hidden.dtype}, {hidden.device})")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _materialised_logits(hidden, weight, bias):
+    logits = hidden @ weight.T
+    return logits if bias is None else logits + bias
+
+
+def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids, advantages, old_logps=None,
+                                    ref_logps=None, *, bias=None, chunk_size=None, eps_low=0.2, eps_high=0.2,
+                                    beta=0.0, delta=None, temperature=1.0, ratio_level="sum", kl_reduction="mean",
+                                    reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
+                                    backend="auto", return_metrics=False):
+    """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
+
+    Args:
+        hidden: ``[B, T, H]`` hidden states of the completion positions (shifted like ``logits``).
+        weight: ``[V, H]`` output-embedding weight; bias: ``[V]`` or ``None``.
+        chunk_size: token rows per chunk for the chunked backends (``None``: chosen from the shapes).
+        Every other argument as :func:`sentence_grpo_loss`.
+
+    Returns:
+        The scalar loss, or ``(loss, metrics)``; gradients flow to ``hidden``, ``weight`` and ``bias``.
+    """
+    config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
+                        ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
+                        clamp_log_ratio=clamp_log_ratio)
+    _check_flag("inplace", inplace)
+    _check_flag("return_metrics", return_metrics)
+    _check_linear_inputs(hidden, weight, bias, chunk_size)
+    logits_shape = (*hidden.shape[:2], weight.shape[0])
+    check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
+                      old_logps, ref_logps, config, logits_name="hidden")
+    resolve_backend(backend, hidden.device)
+    logits = _materialised_logits(hidden, weight, bias)
+    return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                                        config, return_metrics=return_metrics)
+
+
+def _check_logprob_options(ids, temperature, return_entropy):
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"ids must have an integer dtype, got {ids.dtype}")
+    LossConfig(temperature=temperature)
+    _check_flag("return_entropy", return_entropy)
+
+
+def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backend="auto"):
+    """Log-probability of each token id under ``softmax(logits / temperature)``, without autograd surprises.
+
+    Args:
+        logits: ``[..., V]`` float (typically ``[B, T, V]``); ids: ``[...]`` int in ``[0, V)``.
+    Returns:
+        logp ``[...]`` float32 (float64 for float64 logits), and entropy ``[...]`` when ``return_entropy``.
+        Differentiable with respect to ``logits``.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 1 or not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be a floating tensor of shape [..., V], "
+                         f"got {tuple(logits.shape)} {logits.dtype}")
+    _check_logprob_options(ids, temperature, return_entropy)
+    if tuple(ids.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"ids must have shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(ids.shape)}")
+    if ids.device != logits.device:
+        raise ValueError(f"ids is on {ids.device} but logits is on {logits.device}")
+    check_token_ids("ids", ids, logits.shape[-1])
+    resolve_backend(backend, logits.device)
+    result = reference.token_logprobs(logits, ids, float(temperature), return_entropy)
+    out_dtype = _output_logp_dtype(logits.dtype)
+    if return_entropy:
+        return result[0].to(out_dtype), result[1].to(out_dtype)
+    return result.to(out_dtype)
+
+
+def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, return_entropy=False,
+                                chunk_size=None, backend="auto"):
+    """:func:`token_logprobs` of ``hidden @ weight.T + bias``.
+
+    hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``, ids ``[B, T]`` -> logp ``[B, T]`` float32.
+    """
+    _check_linear_inputs(hidden, weight, bias, chunk_size)
+    return token_logprobs(_materialised_logits(hidden, weight, bias), ids, temperature=temperature,
+                          return_entropy=return_entropy, backend=backend)
+
+
+class SentenceGRPOLoss(nn.Module):
+    """``nn.Module`` form of the loss; the constructor takes the keywords of :func:`sentence_grpo_loss`.
+
+    ``forward(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None)`` or
+    ``forward(hidden=..., weight=..., bias=None, completion_ids=..., ...)`` for the fused linear path.
+    """
+
+    def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
+                 kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
+                 backend="auto", return_metrics=False, chunk_size=None):
+        super().__init__()
+        # Validate now so a bad option fails where the module is built, not at the first step.
+        LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
+                   ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
+                   clamp_log_ratio=clamp_log_ratio)
+        _check_choice("backend", backend, BACKENDS)
+        self.options = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
+                            ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
+                            clamp_log_ratio=clamp_log_ratio, inplace=inplace, backend=backend,
+                            return_metrics=return_metrics)
+        self.chunk_size = chunk_size
+
+    def forward(self, logits=None, completion_ids=None, segment_ids=None, advantages=None, old_logps=None,
+                ref_logps=None, *, hidden=None, weight=None, bias=None):
+        if (logits is None) == (hidden is None and weight is None):
+            raise ValueError("pass either logits or hidden and weight, not both and not neither")
+        if logits is not None:
+            return sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                                      **self.options)
+        if hidden is None or weight is None:
+            raise ValueError("the fused linear path needs both hidden and weight")
+        return fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids, advantages, old_logps,
+                                               ref_logps, bias=bias, chunk_size=self.chunk_size, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())

@@ -1,0 +1,1 @@
+"""Kernel families (one module each): Triton kernels, their launchers and autograd Functions."""

@@ -1,0 +1,161 @@
+"""DESIGN.md §1 in plain PyTorch: the specification every backend is tested against.
+
+Readable next to the formulas, vectorised (no Python loop over tokens: sentences are reduced with
+``index_add``), and exact in float64, which is how the tests use it as gold. It materialises
+``log_softmax(logits)`` and is therefore neither fast nor light: that is the kernels' job.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LossConfig
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """``log_softmax(logits / temperature)[ids]`` and optionally the entropy of that distribution.
+
+    logits: ``[..., V]`` float; ids: ``[...]`` int64 in ``[0, V)``.
+    Returns logp ``[...]`` in the dtype of ``logits`` (and entropy ``[...]`` when asked).
+    """
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)
+    logp = log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    # xlogy(p, p) is 0 where p = 0, so a logit of -inf does not turn the entropy into NaN.
+    entropy = -torch.special.xlogy(log_probs.exp(), log_probs.exp()).sum(-1)
+    return logp, entropy
+
+
+def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segment_ids: torch.Tensor,
+                       advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
+                       ref_logps: torch.Tensor | None = None, config: LossConfig = LossConfig(),
+                       return_metrics: bool = False):
+    """Sentence-level GRPO loss of DESIGN.md §1.
+
+    logits ``[B, T, V]``; completion_ids ``[B, T]`` int; segment_ids ``[B, T]`` int (``-1`` = unscored);
+    advantages ``[B, S_max]`` or ``[B]``; old_logps, ref_logps ``[B, T]`` or ``None``.
+    Inputs are assumed valid (the public API checks them). The log-probs are computed in the dtype
+    of ``logits``; everything after them in at least float32 (float64 when the logits are).
+    Returns the scalar loss, and with ``return_metrics`` also a dict of detached 0-dim tensors.
+    """
+    batch, length, _ = logits.shape
+    device = logits.device
+    scored = segment_ids >= 0                                             # [B, T]
+    rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)[scored]  # [M]
+    segments = segment_ids[scored].long()                                 # [M]
+    if advantages.dim() == 2:
+        num_slots = advantages.shape[1]
+    else:
+        num_slots = int(segments.max()) + 1 if segments.numel() else 1
+    sentence_of_token = rows * num_slots + segments                       # [M], in [0, B * num_slots)
+
+    logp = token_logprobs(logits[scored], completion_ids[scored], config.temperature)  # [M]
+    work_dtype = torch.promote_types(logp.dtype, torch.float32)
+    logp = logp.to(work_dtype)
+    old = logp.detach() if old_logps is None else old_logps[scored].to(work_dtype)
+
+    def per_sentence_sum(token_values):                                  # [M] -> [B * num_slots]
+        zeros = torch.zeros(batch * num_slots, dtype=work_dtype, device=device)
+        return zeros.index_add(0, sentence_of_token, token_values)
+
+    tokens_per_sentence = per_sentence_sum(torch.ones_like(logp))        # n(i, s)
+    exists = tokens_per_sentence > 0
+    divisor = tokens_per_sentence.clamp(min=1)
+
+    # log ρ = Σ Δ_t (or its mean), clamped; ρ_u = min(ρ, delta)
+    log_ratio = per_sentence_sum(logp - old)
+    if config.ratio_level == "mean":
+        log_ratio = log_ratio / divisor
+    log_ratio = log_ratio.clamp(-config.clamp_log_ratio, config.clamp_log_ratio)
+    ratio = torch.exp(log_ratio)
+    unclipped_ratio = ratio if config.delta is None else ratio.clamp(max=config.delta)
+    clipped_ratio = ratio.clamp(1 - config.eps_low, 1 + config.eps_high)
+
+    if advantages.dim() == 2:
+        sentence_advantage = advantages.reshape(-1).to(work_dtype)
+    else:
+        sentence_advantage = advantages.to(work_dtype).repeat_interleave(num_slots)
+    sentence_advantage = torch.where(exists, sentence_advantage, 0.0)
+    surrogate = torch.minimum(unclipped_ratio * sentence_advantage, clipped_ratio * sentence_advantage)
+    sentence_loss = -surrogate
+
+    if config.beta > 0:
+        ref_minus_logp = ref_logps[scored].to(work_dtype) - logp
+        k3 = torch.exp(ref_minus_logp) - ref_minus_logp - 1                # DeepSeekMath's k3 estimator
+        sentence_kl = per_sentence_sum(k3)
+        if config.kl_reduction == "mean":
+            sentence_kl = sentence_kl / divisor
+        sentence_loss = sentence_loss + config.beta * sentence_kl
+    sentence_loss = torch.where(exists, sentence_loss, 0.0)
+
+    if config.reduction == "sum":
+        loss = sentence_loss.sum()
+    elif config.reduction == "token_mean":
+        loss = (tokens_per_sentence * sentence_loss).sum() / tokens_per_sentence.sum().clamp(min=1)
+    else:  # sentence_mean: (1/B') Σ_i (1/S_i) Σ_s L(i, s)
+        sentences_per_row = exists.view(batch, num_slots).sum(1)
+        row_loss = sentence_loss.view(batch, num_slots).sum(1) / sentences_per_row.clamp(min=1)
+        loss = row_loss.sum() / (sentences_per_row > 0).sum().clamp(min=1)
+
+    if not return_metrics:
+        return loss
+    with torch.no_grad():
+        num_sentences = exists.sum()
+        clipped = ((ratio > 1 + config.eps_high) & (sentence_advantage > 0)) | (
+            (ratio < 1 - config.eps_low) & (sentence_advantage < 0))
+        metrics = {
+            "clip_fraction": (clipped & exists).sum() / num_sentences.clamp(min=1),
+            "ratio_mean": torch.where(exists, ratio, 0.0).sum() / num_sentences.clamp(min=1),
+            "num_sentences": num_sentences,
+            "num_tokens": scored.sum(),
+        }
+        if config.beta > 0:
+            metrics["kl_mean"] = k3.sum() / max(k3.numel(), 1)
+        _, entropy = token_logprobs(logits[scored], completion_ids[scored], config.temperature, return_entropy=True)
+        metrics["entropy_mean"] = entropy.to(work_dtype).sum() / max(entropy.numel(), 1)
+    return loss, metrics
+
+
+def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int,
+                              eps: float = 1e-4, weighting: str = "output", scale: str = "std",
+                              mode: str = "sentence") -> torch.Tensor:
+    """Group-relative sentence advantages of DESIGN.md §1 ("Group advantages").
+
+    rewards ``[B, S_max]`` float (entries at ``s >= num_sentences[b]`` are ignored, even NaN);
+    num_sentences ``[B]`` int; consecutive blocks of ``group_size`` rows form the groups.
+    Returns ``[B, S_max]`` in the dtype of ``rewards``, 0 where ``s >= num_sentences[b]``.
+    """
+    batch, num_slots = rewards.shape
+    exists = torch.arange(num_slots, device=rewards.device) < num_sentences.unsqueeze(1)   # [B, S]
+    # Shift each group by its largest reward: the statistics are shift-invariant, and a group of
+    # equal rewards then centres to exactly 0 instead of to rounding noise divided by eps.
+    masked = torch.where(exists, rewards, -torch.inf).reshape(batch // group_size, group_size * num_slots)
+    shift = masked.amax(1, keepdim=True) if masked.numel() else masked.sum(1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, 0.0).repeat_interleave(group_size, dim=0)
+    values = torch.where(exists, rewards - shift, 0.0)
+    if weighting == "output":       # every output weighs 1, split evenly over its sentences
+        weight = exists / num_sentences.clamp(min=1).unsqueeze(1).to(rewards.dtype)
+    else:                           # every sentence of the group weighs 1
+        weight = exists.to(rewards.dtype)
+
+    def group_sum(per_slot):                                             # [B, S] -> [B / G, 1]
+        return per_slot.reshape(batch // group_size, group_size * num_slots).sum(1, keepdim=True)
+
+    def per_row(per_group):                                              # [B / G, 1] -> [B, 1]
+        return per_group.repeat_interleave(group_size, dim=0)
+
+    total_weight = group_sum(weight).clamp(min=1)                        # G' (or the group's sentence count)
+    mean = per_row(group_sum(weight * values) / total_weight)
+    centered = values - mean
+    if scale == "std":
+        std = per_row(group_sum(weight * centered ** 2) / total_weight).sqrt()
+        advantages = centered / (std + eps)
+    else:
+        advantages = centered
+    advantages = torch.where(exists, advantages, 0.0)
+    if mode == "cumulative":        # sentence s gets the sum of the normalised rewards of s .. S_i - 1
+        advantages = advantages.flip(1).cumsum(1).flip(1)
+        advantages = torch.where(exists, advantages, 0.0)
+    return advantages

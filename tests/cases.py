@@ -1,0 +1,51 @@
+"""Random loss inputs shared by the tests: padding, empty sentences and unscored rows included."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_segments(batch: int, length: int, num_slots: int, generator: torch.Generator,
+                    empty_row: bool = True) -> torch.Tensor:
+    """``[B, T]`` non-decreasing segment ids in ``[0, num_slots)`` with random skips (empty sentences),
+    a random amount of right padding (``-1``) per row and, if ``empty_row``, one row with no scored token."""
+    steps = (torch.rand(batch, length, generator=generator) < 0.3).long()
+    steps[:, 0] = 0
+    skips = (torch.rand(batch, length, generator=generator) < 0.15).long()   # skipping an id leaves it empty
+    segment_ids = torch.cumsum(steps * (1 + skips), dim=1).clamp(max=num_slots - 1)
+    lengths = torch.randint(max(1, length // 2), length + 1, (batch,), generator=generator)
+    segment_ids[torch.arange(length).unsqueeze(0) >= lengths.unsqueeze(1)] = -1
+    if empty_row and batch > 1:
+        segment_ids[batch - 1] = -1
+    return segment_ids
+
+
+def random_case(batch=3, length=9, vocab=13, num_slots=6, dtype=torch.float64, seed=0, per_row_advantages=False,
+                with_old=True, with_ref=True, old_spread=0.3, empty_row=True):
+    """A dict of loss inputs; ``logits`` is a leaf that requires grad. Unscored ids are -100 on purpose."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, length, vocab, generator=generator) * 2).to(dtype).requires_grad_()
+    segment_ids = random_segments(batch, length, num_slots, generator, empty_row=empty_row)
+    completion_ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    completion_ids[segment_ids < 0] = -100
+    with torch.no_grad():
+        true_logps = torch.log_softmax(logits.double(), -1).gather(-1, completion_ids.clamp(min=0).unsqueeze(-1))
+        true_logps = true_logps.squeeze(-1)
+    noise = lambda: torch.randn(batch, length, generator=generator, dtype=torch.float64) * old_spread
+    old_logps = (true_logps + noise()).to(torch.float32 if dtype != torch.float64 else dtype) if with_old else None
+    ref_logps = (true_logps + noise()).to(torch.float32 if dtype != torch.float64 else dtype) if with_ref else None
+    shape = (batch,) if per_row_advantages else (batch, num_slots)
+    advantages = torch.randn(*shape, generator=generator, dtype=torch.float64).to(
+        torch.float32 if dtype != torch.float64 else dtype)
+    return dict(logits=logits, completion_ids=completion_ids, segment_ids=segment_ids, advantages=advantages,
+                old_logps=old_logps, ref_logps=ref_logps)
+
+
+def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+    """max |actual - expected| <= rel * max(|expected|, tiny): relative error of the tensor as a whole."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().clamp(min=1e-30) if expected.numel() else torch.tensor(1.0, dtype=torch.float64)
+    error = (actual - expected).abs().max() if expected.numel() else torch.tensor(0.0, dtype=torch.float64)
+    assert error <= rel * scale, f"{what}: max abs error {error.item():.3e} > {rel:g} * {scale.item():.3e}"

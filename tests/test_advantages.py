@@ -1,0 +1,99 @@
+"""Group-relative sentence advantages (DESIGN.md §1, "Group advantages")."""
+
+import math
+
+import pytest
+import torch
+
+from sgrpo_kernels import group_sentence_advantages
+
+
+def test_output_weighting_differs_from_sentence_weighting_by_hand():
+    # Group of 2: output 0 has one sentence (r = 1), output 1 three sentences (r = 0, 0, 0).
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    num_sentences = torch.tensor([1, 3])
+    # output weighting: μ = (1/2)(1 + 0) = 0.5; σ² = (1/2)(0.5² + (1/3)·3·0.5²) = 0.25 -> σ = 0.5
+    by_output = group_sentence_advantages(rewards, num_sentences, 2, eps=0.0 + 1e-12)
+    expected = torch.tensor([[1.0, 0.0, 0.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    torch.testing.assert_close(by_output, expected, rtol=1e-9, atol=1e-9)
+    # sentence weighting: μ = 1/4; σ² = (1/4)(0.75² + 3·0.25²) = 0.1875
+    by_sentence = group_sentence_advantages(rewards, num_sentences, 2, eps=1e-12, weighting="sentence")
+    sigma = math.sqrt(0.1875)
+    expected = torch.tensor([[0.75 / sigma, 0, 0], [-0.25 / sigma] * 3], dtype=torch.float64)
+    torch.testing.assert_close(by_sentence, expected, rtol=1e-9, atol=1e-9)
+    assert (by_output - by_sentence).abs().max() > 0.5
+
+
+def test_cumulative_mode_by_hand():
+    # Group of 2, scale="none", sentence weighting: μ = (1 + 0 + 1 + 0 + 0 + 0) / 6 = 1/3
+    # centred: (2/3, -1/3, 2/3) and (-1/3, -1/3, -1/3); cumulative sums from the right:
+    rewards = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    advantages = group_sentence_advantages(rewards, torch.tensor([3, 3]), 2, weighting="sentence", scale="none",
+                                           mode="cumulative")
+    expected = torch.tensor([[1.0, 1 / 3, 2 / 3], [-1.0, -2 / 3, -1 / 3]], dtype=torch.float64)
+    torch.testing.assert_close(advantages, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cumulative_mode_ignores_slots_past_the_last_sentence():
+    rewards = torch.tensor([[1.0, 2.0, 50.0], [0.0, 7.0, 7.0]], dtype=torch.float64)
+    advantages = group_sentence_advantages(rewards, torch.tensor([2, 1]), 2, scale="none", mode="cumulative")
+    # output weighting: μ = (1/2)((1 + 2)/2 + 0) = 0.75; row 0 centred (0.25, 1.25); row 1 (-0.75)
+    expected = torch.tensor([[1.5, 1.25, 0.0], [-0.75, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(advantages, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("weighting", ["output", "sentence"])
+def test_equal_rewards_give_zero_finite_advantages(weighting):
+    rewards = torch.full((4, 3), 0.7)
+    advantages = group_sentence_advantages(rewards, torch.tensor([3, 1, 2, 3]), 4, weighting=weighting)
+    assert torch.isfinite(advantages).all() and torch.count_nonzero(advantages) == 0
+
+
+def test_group_where_no_output_has_a_sentence():
+    rewards = torch.tensor([[0.2, 0.9], [0.5, 0.1], [math.nan, math.nan], [math.nan, math.nan]])
+    advantages = group_sentence_advantages(rewards, torch.tensor([2, 1, 0, 0]), 2)
+    assert torch.isfinite(advantages).all()
+    assert torch.count_nonzero(advantages[2:]) == 0
+    assert torch.count_nonzero(advantages[:2]) == 3
+
+
+def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode):
+    """Independent statement with Python loops over groups, outputs and sentences."""
+    result = torch.zeros_like(rewards)
+    for start in range(0, rewards.shape[0], group_size):
+        outputs = [(b, int(num_sentences[b])) for b in range(start, start + group_size) if num_sentences[b] > 0]
+        if not outputs:
+            continue
+        if weighting == "output":
+            mean = sum(sum(rewards[b, :n].tolist()) / n for b, n in outputs) / len(outputs)
+            var = sum(sum((r - mean) ** 2 for r in rewards[b, :n].tolist()) / n for b, n in outputs) / len(outputs)
+        else:
+            values = [r for b, n in outputs for r in rewards[b, :n].tolist()]
+            mean = sum(values) / len(values)
+            var = sum((r - mean) ** 2 for r in values) / len(values)
+        for b, n in outputs:
+            normalised = [(r - mean) / (math.sqrt(var) + eps) if scale == "std" else r - mean
+                          for r in rewards[b, :n].tolist()]
+            if mode == "cumulative":
+                normalised = [sum(normalised[s:]) for s in range(n)]
+            result[b, :n] = torch.tensor(normalised, dtype=rewards.dtype)
+    return result
+
+
+@pytest.mark.parametrize("weighting", ["output", "sentence"])
+@pytest.mark.parametrize("scale", ["std", "none"])
+@pytest.mark.parametrize("mode", ["sentence", "cumulative"])
+def test_random_groups_match_loop_statement(weighting, scale, mode):
+    generator = torch.Generator().manual_seed(4)
+    rewards = torch.rand(12, 7, generator=generator, dtype=torch.float64)
+    num_sentences = torch.randint(0, 8, (12,), generator=generator)
+    num_sentences[3:6] = 0                      # a group with no sentence at all
+    advantages = group_sentence_advantages(rewards, num_sentences, 3, eps=1e-4, weighting=weighting, scale=scale,
+                                           mode=mode)
+    expected = loop_advantages(rewards, num_sentences, 3, 1e-4, weighting, scale, mode)
+    torch.testing.assert_close(advantages, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_rewards_stay_float32():
+    advantages = group_sentence_advantages(torch.rand(4, 3), torch.tensor([1, 2, 3, 3]), 2)
+    assert advantages.dtype == torch.float32 and advantages.shape == (4, 3)

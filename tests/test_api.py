@@ -1,0 +1,96 @@
+"""The public API of DESIGN.md §2: names, metrics, module form, fused-linear form, dtypes."""
+
+import pytest
+import torch
+from cases import random_case
+
+import sgrpo_kernels as sk
+from sgrpo_kernels import reference
+from sgrpo_kernels.config import LossConfig
+
+
+def test_public_names():
+    assert set(sk.__all__) == {"sentence_grpo_loss", "fused_linear_sentence_grpo_loss", "token_logprobs",
+                               "fused_linear_token_logprobs", "group_sentence_advantages", "SentenceGRPOLoss"}
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.2])
+def test_metrics(beta):
+    case = random_case(batch=4, length=10, num_slots=5, seed=2, old_spread=0.5)
+    loss, metrics = sk.sentence_grpo_loss(*case.values(), beta=beta, return_metrics=True)
+    expected_keys = {"clip_fraction", "ratio_mean", "entropy_mean", "num_sentences", "num_tokens"}
+    assert set(metrics) == expected_keys | ({"kl_mean"} if beta else set())
+    assert all(not value.requires_grad and value.dim() == 0 for value in metrics.values())
+    assert metrics["num_tokens"].item() == int((case["segment_ids"] >= 0).sum())
+    existing = {(row, segment) for row, ids in enumerate(case["segment_ids"].tolist()) for segment in ids
+                if segment >= 0}
+    assert metrics["num_sentences"].item() == len(existing)
+    assert 0.0 < metrics["clip_fraction"].item() < 1.0     # old_spread 0.5 clips some sentences, not all
+    assert metrics["ratio_mean"].item() > 0 and metrics["entropy_mean"].item() > 0
+    torch.testing.assert_close(loss, sk.sentence_grpo_loss(*case.values(), beta=beta))
+
+
+def test_module_equals_function():
+    case = random_case(seed=9)
+    module = sk.SentenceGRPOLoss(beta=0.1, reduction="token_mean", ratio_level="mean")
+    torch.testing.assert_close(module(*case.values()),
+                               sk.sentence_grpo_loss(*case.values(), beta=0.1, reduction="token_mean",
+                                                     ratio_level="mean"), rtol=0, atol=0)
+    assert "token_mean" in repr(module)
+
+
+def test_fused_linear_equals_materialised_logits_with_gradients():
+    generator = torch.Generator().manual_seed(0)
+    case = random_case(batch=2, length=6, vocab=11, num_slots=4, seed=4)
+    hidden = torch.randn(2, 6, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, generator=generator, dtype=torch.float64, requires_grad=True)
+    rest = [case[k] for k in ("completion_ids", "segment_ids", "advantages", "old_logps", "ref_logps")]
+    loss = sk.fused_linear_sentence_grpo_loss(hidden, weight, *rest, bias=bias, beta=0.1)
+    loss.backward()
+    grads = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    expected = reference.sentence_grpo_loss(hidden @ weight.T + bias, *rest, LossConfig(beta=0.1))
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
+    for grad, t in zip(grads, (hidden, weight, bias)):
+        torch.testing.assert_close(grad, t.grad, rtol=1e-12, atol=1e-15)
+        assert torch.count_nonzero(grad) > 0
+    module_loss = sk.SentenceGRPOLoss(beta=0.1)(hidden=hidden, weight=weight, bias=bias, completion_ids=rest[0],
+                                                segment_ids=rest[1], advantages=rest[2], old_logps=rest[3],
+                                                ref_logps=rest[4])
+    torch.testing.assert_close(module_loss, expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_token_logprobs_return_float32(dtype):
+    logits = torch.randn(3, 4, 9).to(dtype).requires_grad_()
+    ids = torch.randint(0, 9, (3, 4))
+    logp, entropy = sk.token_logprobs(logits, ids, return_entropy=True, temperature=0.8)
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32 and logp.shape == (3, 4)
+    gold = torch.log_softmax(logits.double() / 0.8, -1).gather(-1, ids[..., None])[..., 0]
+    tolerance = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(logp.double(), gold, rtol=tolerance, atol=tolerance)
+    logp.sum().backward()
+    assert logits.grad is not None and logits.grad.dtype == dtype
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(9, 4)
+    ids = torch.randint(0, 9, (2, 3))
+    torch.testing.assert_close(sk.fused_linear_token_logprobs(hidden, weight, ids),
+                               sk.token_logprobs(hidden @ weight.T, ids))
+
+
+def test_bf16_logits_give_float32_loss_close_to_gold():
+    case = random_case(batch=3, length=8, vocab=64, seed=6, dtype=torch.bfloat16)
+    loss = sk.sentence_grpo_loss(*case.values(), beta=0.1)
+    gold_case = dict(case, logits=case["logits"].detach().double(), old_logps=case["old_logps"].double(),
+                     ref_logps=case["ref_logps"].double(), advantages=case["advantages"].double())
+    gold = sk.sentence_grpo_loss(*gold_case.values(), beta=0.1)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - gold.item()) < 0.05 * max(abs(gold.item()), 1e-3)
+
+
+def test_auto_backend_runs_and_equals_reference():
+    case = random_case(seed=10)
+    torch.testing.assert_close(sk.sentence_grpo_loss(*case.values(), backend="auto"),
+                               sk.sentence_grpo_loss(*case.values(), backend="reference"), rtol=0, atol=0)

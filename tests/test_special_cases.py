@@ -1,0 +1,85 @@
+"""Token-level GRPO and output-level GSPO are special cases of the sentence-level loss (DESIGN.md §1).
+
+Checked against an independent per-token formula written here (TRL's loss_type="grpo") and against
+Liger-Kernel's triton_grpo_loss run under TRITON_INTERPRET=1.
+"""
+
+import pytest
+import torch
+from cases import assert_relative_close, random_case
+
+from sgrpo_kernels import reference
+from sgrpo_kernels.config import LossConfig
+
+OPTIONS = [dict(beta=0.0, temperature=1.0), dict(beta=0.04, temperature=0.9), dict(beta=0.1, temperature=1.3)]
+
+
+def per_token_grpo(logits, completion_ids, mask, advantages, old_logps, ref_logps, *, level, beta, temperature,
+                   eps=0.2):
+    """TRL-style GRPO: per-token PPO loss + beta * k3, averaged per row over its tokens, then over rows."""
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, completion_ids.clamp(min=0)[..., None])[..., 0]
+    mask = mask.to(logp.dtype)
+    log_ratio = logp - old_logps
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)).expand_as(logp)
+    ratio = torch.exp(log_ratio)
+    advantage = advantages[:, None]
+    per_token = -torch.minimum(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
+    if beta:
+        per_token = per_token + beta * (torch.exp(ref_logps - logp) - (ref_logps - logp) - 1)
+    return ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+
+
+def level_case(level, seed, batch=4, length=9, vocab=50):
+    case = random_case(batch=batch, length=length, vocab=vocab, num_slots=length, seed=seed,
+                       per_row_advantages=True, empty_row=False, old_spread=0.2)
+    scored = case["segment_ids"] >= 0
+    if level == "token":   # each token its own sentence
+        case["segment_ids"] = torch.where(scored, torch.arange(length), -1)
+    else:                  # one sentence per output
+        case["segment_ids"] = torch.where(scored, 0, -1)
+    return case
+
+
+def our_loss(case, level, **options):
+    config = LossConfig(ratio_level="mean" if level == "sequence" else "sum", **options)
+    return reference.sentence_grpo_loss(case["logits"], case["completion_ids"], case["segment_ids"],
+                                        case["advantages"], case["old_logps"], case["ref_logps"], config)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_special_case_matches_per_token_formula(level, options):
+    case = level_case(level, seed=21)
+    ours = our_loss(case, level, **options)
+    (our_grad,) = torch.autograd.grad(ours, case["logits"])
+    theirs = per_token_grpo(case["logits"], case["completion_ids"], case["segment_ids"] >= 0, case["advantages"],
+                            case["old_logps"], case["ref_logps"], level=level, **options)
+    (their_grad,) = torch.autograd.grad(theirs, case["logits"])
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_special_case_matches_liger_triton_grpo_loss(level, options):
+    grpo_loss = pytest.importorskip("liger_kernel.transformers.grpo_loss",
+                                    reason="liger-kernel (the dev extra) is the oracle of this test")
+    case = level_case(level, seed=33, vocab=1000)
+    ours = our_loss(case, level, **options)
+    (our_grad,) = torch.autograd.grad(ours, case["logits"])
+
+    batch, length, vocab = case["logits"].shape
+    # Liger scores logits[:, :-1]: give it one extra trailing position, which must get no gradient.
+    liger_logits = torch.cat([case["logits"].detach(), torch.randn(batch, 1, vocab, dtype=torch.float64)], 1)
+    liger_logits = liger_logits.float().contiguous().requires_grad_()
+    mask = case["segment_ids"] >= 0
+    liger_loss, _ = grpo_loss.triton_grpo_loss(
+        liger_logits, case["old_logps"].float().contiguous(), case["ref_logps"].float().contiguous(),
+        case["completion_ids"].clamp(min=0).contiguous(), case["advantages"].float().contiguous(),
+        mask.float().contiguous(), temperature=options["temperature"], beta=options["beta"], eps_low=0.2,
+        eps_high=0.2, inplace=False, loss_type="grpo", importance_sampling_level=level, reduce=True)
+    liger_loss.backward()
+    assert_relative_close(liger_loss, ours, 1e-5, "loss")
+    assert_relative_close(liger_logits.grad[:, :length], our_grad, 1e-5, "logits.grad")
+    assert torch.count_nonzero(liger_logits.grad[:, length]) == 0
