@@ -1,11 +1,19 @@
-"""Group-relative sentence advantages (DESIGN.md §1, "Group advantages")."""
+"""Group-relative sentence advantages (DESIGN.md §1, "Group advantages").
+
+CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) use the Triton kernel of
+``ops/group_advantages.py``; other tensors use the PyTorch statement of ``reference.py``.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
 from . import reference
 from .config import ADVANTAGE_MODES, ADVANTAGE_SCALES, ADVANTAGE_WEIGHTINGS, _check_choice, _check_real
+from .ops.common import new_output
 
 
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, *,
@@ -54,5 +62,36 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     _check_choice("scale", scale, ADVANTAGE_SCALES)
     _check_choice("mode", mode, ADVANTAGE_MODES)
     eps = _check_real("eps", eps, low=0.0, low_inclusive=scale != "std")
+    if _use_triton(rewards):
+        out = _triton_group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode)
+        if out is not None:
+            return out
     return reference.group_sentence_advantages(rewards, num_sentences.long(), group_size, eps=eps,
                                                weighting=weighting, scale=scale, mode=mode)
+
+
+# One program per group holds the whole [G, S_max] block; larger groups use the PyTorch statement.
+_MAX_BLOCK_ELEMENTS = 2**16
+
+
+def _use_triton(rewards: torch.Tensor) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return rewards.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode):
+    import triton
+
+    from .ops.group_advantages import group_advantages_kernel
+
+    batch, num_slots = rewards.shape
+    block_groups, block_slots = triton.next_power_of_2(group_size), triton.next_power_of_2(max(num_slots, 1))
+    if block_groups * block_slots > _MAX_BLOCK_ELEMENTS or batch == 0:
+        return None
+    out = new_output(rewards.shape, rewards.dtype, rewards.device)
+    group_advantages_kernel[(batch // group_size,)](
+        rewards.contiguous(), num_sentences.contiguous(), out, num_slots, group_size, eps,
+        OUTPUT_WEIGHTING=weighting == "output", SCALE_STD=scale == "std", CUMULATIVE=mode == "cumulative",
+        BLOCK_G=block_groups, BLOCK_S=block_slots)
+    return out

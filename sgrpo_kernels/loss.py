@@ -6,25 +6,66 @@ implementation. Implementations receive validated tensors and a :class:`LossConf
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 from torch import nn
 
 from . import reference
 from .config import BACKENDS, LossConfig, _check_choice, check_loss_inputs, check_token_ids
+from .ops.common import run_sentence_grpo_loss, run_token_logprobs
 
-# Backends that exist in this build, by the device they serve. "auto" picks from here.
-_IMPLEMENTED_BACKENDS = ("reference",)
+_BUILT_BACKENDS = ("reference", "triton", "torch")
+
+
+def _triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` (one of ``config.BACKENDS``) to an implemented backend for tensors on ``device``."""
+    """Map ``backend`` to the implementation that runs for tensors on ``device``.
+
+    ``"auto"``: CUDA tensors -> ``"triton"``; CPU tensors -> ``"triton"`` under ``TRITON_INTERPRET=1``,
+    else ``"torch"`` (the chunked PyTorch path).
+    """
     _check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        return "reference"
-    if backend not in _IMPLEMENTED_BACKENDS:
+        if device.type == "cuda" or (_triton_interpreter_on() and importlib.util.find_spec("triton")):
+            return "triton"
+        return "torch"
+    if backend not in _BUILT_BACKENDS:
         raise NotImplementedError(f"backend={backend!r} is not built yet; available: "
-                                  f"{', '.join(map(repr, ('auto',) + _IMPLEMENTED_BACKENDS))}")
+                                  f"{', '.join(map(repr, ('auto',) + _BUILT_BACKENDS))}")
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("backend='triton' needs the triton package (Linux); use backend='torch' on this machine")
+        if device.type != "cuda" and not _triton_interpreter_on():
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1; "
+                             "use backend='torch' for CPU tensors")
     return backend
+
+
+def _passes(backend: str):
+    if backend == "triton":
+        from .ops.sentence_grpo import TRITON_PASSES
+        return TRITON_PASSES
+    from .ops.torch_chunked import TORCH_PASSES
+    return TORCH_PASSES
+
+
+def _check_constant_inputs(backend: str, **tensors) -> None:
+    """The fused backends differentiate only with respect to the logits; say so instead of dropping a gradient."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.requires_grad:
+            raise ValueError(f"{name} requires grad, but backend={backend!r} treats it as a constant; "
+                             f"pass {name}.detach(), or backend='reference' to differentiate through it")
+
+
+def _num_slots(segment_ids: torch.Tensor, advantages: torch.Tensor) -> int:
+    if advantages.dim() == 2:
+        return advantages.shape[1]
+    return int(segment_ids.max()) + 1 if segment_ids.numel() else 1
 
 
 def _check_flag(name: str, value) -> None:
@@ -72,9 +113,19 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config)
-    resolve_backend(backend, logits.device)
-    return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                        config, return_metrics=return_metrics)
+    return _run_loss(resolve_backend(backend, logits.device), logits, completion_ids, segment_ids, advantages,
+                     old_logps, ref_logps, config, inplace=inplace, return_metrics=return_metrics)
+
+
+def _run_loss(backend, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, *,
+              inplace, return_metrics):
+    if backend == "reference":
+        return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                                            config, return_metrics=return_metrics)
+    _check_constant_inputs(backend, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
+    return run_sentence_grpo_loss(_passes(backend), logits, completion_ids, segment_ids, advantages, old_logps,
+                                  ref_logps, config, _num_slots(segment_ids, advantages), inplace=inplace,
+                                  return_metrics=return_metrics)
 
 
 def _check_linear_inputs(hidden, weight, bias, chunk_size) -> None:
@@ -131,10 +182,12 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
     logits_shape = (*hidden.shape[:2], weight.shape[0])
     check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config, logits_name="hidden")
-    resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device)
+    # Until the chunked fused-linear kernels exist, the logits are materialised (then freed by the
+    # fused backends, which keep only their gradient, or nothing more with inplace=True).
     logits = _materialised_logits(hidden, weight, bias)
-    return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                        config, return_metrics=return_metrics)
+    return _run_loss(backend, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
+                     inplace=inplace, return_metrics=return_metrics)
 
 
 def _check_logprob_options(ids, temperature, return_entropy):
@@ -166,7 +219,9 @@ def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backen
     if ids.device != logits.device:
         raise ValueError(f"ids is on {ids.device} but logits is on {logits.device}")
     check_token_ids("ids", ids, logits.shape[-1])
-    resolve_backend(backend, logits.device)
+    backend = resolve_backend(backend, logits.device)
+    if backend != "reference":
+        return run_token_logprobs(_passes(backend), logits, ids, float(temperature), return_entropy)
     result = reference.token_logprobs(logits, ids, float(temperature), return_entropy)
     out_dtype = _output_logp_dtype(logits.dtype)
     if return_entropy:

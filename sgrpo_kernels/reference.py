@@ -23,8 +23,9 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
     logp = log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
-    # xlogy(p, p) is 0 where p = 0, so a logit of -inf does not turn the entropy into NaN.
-    entropy = -torch.special.xlogy(log_probs.exp(), log_probs.exp()).sum(-1)
+    # p · log p is taken as 0 where p = 0, so a logit of -inf turns neither H nor its gradient into NaN.
+    probs = log_probs.exp()
+    entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
     return logp, entropy
 
 

@@ -5,7 +5,23 @@ import math
 import pytest
 import torch
 
+import sgrpo_kernels.advantages as advantages_module
 from sgrpo_kernels import group_sentence_advantages
+
+
+@pytest.fixture(autouse=True, params=["triton", "torch"])
+def implementation(request, monkeypatch):
+    """Run every test on the Triton kernel (interpreted on CPU) and on the PyTorch statement."""
+    if request.param == "triton":
+        pytest.importorskip("triton", reason="the Triton kernel needs triton")
+        monkeypatch.setattr(advantages_module, "_use_triton", lambda rewards: True)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the Triton kernel was expected to handle this case")
+        monkeypatch.setattr(advantages_module.reference, "group_sentence_advantages", refuse)
+    else:
+        monkeypatch.setattr(advantages_module, "_use_triton", lambda rewards: False)
+    return request.param
 
 
 def test_output_weighting_differs_from_sentence_weighting_by_hand():

@@ -93,4 +93,4 @@ def test_bf16_logits_give_float32_loss_close_to_gold():
 def test_auto_backend_runs_and_equals_reference():
     case = random_case(seed=10)
     torch.testing.assert_close(sk.sentence_grpo_loss(*case.values(), backend="auto"),
-                               sk.sentence_grpo_loss(*case.values(), backend="reference"), rtol=0, atol=0)
+                               sk.sentence_grpo_loss(*case.values(), backend="reference"), rtol=1e-12, atol=0)

@@ -1,0 +1,174 @@
+"""What the kernel backends share: output allocation, the autograd Functions and the pass orchestration.
+
+A backend is a :class:`Passes`: pass A (``logsumexp``: log-probs, logsumexp, entropy), pass B
+(``sentence``: per-sentence terms and the per-token coefficient ``c_t = ∂loss/∂logp_t``) and pass C
+(``logits_grad``: ``c_t / T · (onehot − softmax)``). The Triton backend and the chunked PyTorch
+backend implement the same three passes; this module runs either of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# Tests set this to True: every fresh output is then filled with NaN, so an element that a kernel
+# forgets to write shows up as a failure instead of as a lucky zero.
+POISON_FRESH_OUTPUTS = False
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty``, or a NaN-filled (integer: -1) tensor when ``POISON_FRESH_OUTPUTS`` is set."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_FRESH_OUTPUTS:
+        tensor.fill_(math.nan if dtype.is_floating_point else -1)
+    return tensor
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for fp16/bf16/fp32 inputs, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_row_layout(name: str, tensor: torch.Tensor) -> None:
+    """The kernels address ``[B, T, V]`` rows by two strides and need the vocabulary dimension contiguous."""
+    if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous along the vocabulary (last) dimension, "
+                         f"got strides {tuple(tensor.stride())}; call .contiguous() first")
+
+
+class EagerGradient(torch.autograd.Function):
+    """Attach to ``logits`` a gradient already computed in the forward pass.
+
+    ``forward(logits, value, gradient)`` returns ``value``; ``backward`` hands ``gradient`` to
+    ``logits``, scaled by ``grad_output`` (skipped when it is exactly 1, the usual ``loss.backward()``,
+    which saves a full read and write of the gradient). The gradient is handed over once: a second
+    backward through the same graph (``retain_graph=True``) raises instead of returning a stale buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, value, gradient):
+        ctx.gradient = gradient
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.gradient is None:
+            raise RuntimeError("this fused loss computed its gradient in the forward pass and has already "
+                               "handed it over; backward can run once per forward (no retain_graph reuse)")
+        gradient, ctx.gradient = ctx.gradient, None
+        if grad_output.item() != 1.0:
+            gradient.mul_(grad_output.to(gradient.dtype))
+        return gradient, None, None
+
+
+@dataclass
+class SentenceArrays:
+    """Per-sentence-slot results of pass B, flat ``[B * S_max]``: token count (int32), ratio ρ
+    (after the log clamp), and the raw sum of k3 (fp64, ``None`` when ``beta == 0``)."""
+
+    count: torch.Tensor
+    ratio: torch.Tensor
+    kl_sum: torch.Tensor | None
+
+
+def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, segment_ids: torch.Tensor,
+                     entropy: torch.Tensor | None, config) -> dict:
+    """The metrics of DESIGN.md §2 from pass-B arrays, as detached 0-dim tensors (no host sync)."""
+    with torch.no_grad():
+        exists = arrays.count > 0
+        num_sentences = exists.sum()
+        num_tokens = arrays.count.sum(dtype=torch.int64)
+        batch = segment_ids.shape[0]
+        if advantages.dim() == 2:
+            slot_advantages = advantages.reshape(-1)
+        else:
+            slot_advantages = advantages.repeat_interleave(arrays.count.numel() // max(batch, 1))
+        ratio = arrays.ratio
+        clipped = ((ratio > 1 + config.eps_high) & (slot_advantages > 0)) | (
+            (ratio < 1 - config.eps_low) & (slot_advantages < 0))
+        sentences = num_sentences.clamp(min=1)
+        metrics = {
+            "clip_fraction": (clipped & exists).sum() / sentences,
+            "ratio_mean": torch.where(exists, ratio, 0.0).sum() / sentences,
+            "num_sentences": num_sentences,
+            "num_tokens": num_tokens,
+        }
+        if arrays.kl_sum is not None:
+            metrics["kl_mean"] = (arrays.kl_sum.sum() / num_tokens.clamp(min=1)).to(ratio.dtype)
+        if entropy is not None:
+            scored = segment_ids.reshape(-1) >= 0
+            metrics["entropy_mean"] = torch.where(scored, entropy, 0.0).sum() / num_tokens.clamp(min=1)
+        return metrics
+
+
+@dataclass(frozen=True)
+class Passes:
+    """The three passes of one backend (signatures as in ``ops/logprobs.py`` and ``ops/sentence_grpo.py``)."""
+
+    logsumexp: Callable
+    sentence: Callable
+    logits_grad: Callable
+
+
+def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                           config, num_slots: int, *, inplace: bool, return_metrics: bool):
+    """The loss of DESIGN.md §1 with passes A, B and, when ``logits`` needs a gradient, C.
+
+    Inputs as ``reference.sentence_grpo_loss`` (already validated); ``num_slots`` is ``S_max``.
+    The gradient is computed here, in the forward pass, into a new buffer or into ``logits``
+    (``inplace=True``, which overwrites the logits); backward only scales it by ``grad_output``.
+    """
+    logp, lse, entropy = passes.logsumexp(logits, completion_ids, config.temperature, segment_ids=segment_ids,
+                                          with_entropy=return_metrics)
+    loss, token_coef, arrays = passes.sentence(logp, old_logps, ref_logps, segment_ids, advantages, config,
+                                               num_slots)
+    if logits.requires_grad and torch.is_grad_enabled():
+        gradient = logits.detach() if inplace else new_output(logits.shape, logits.dtype, logits.device)
+        passes.logits_grad(logits.detach(), completion_ids, token_coef, lse, config.temperature, gradient)
+        if inplace:   # autograd must refuse any later use of the overwritten logits
+            torch.autograd.graph.increment_version(logits)
+        loss = EagerGradient.apply(logits, loss, gradient)
+    if not return_metrics:
+        return loss
+    return loss, sentence_metrics(arrays, advantages, segment_ids, entropy, config)
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """``logp[b, t]`` (and entropy) of ``[B, T, V]`` logits by pass A; backward runs pass C with the
+    incoming gradients as coefficients (this one is not eager: the coefficients arrive in backward)."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, with_entropy, passes):
+        logp, lse, entropy = passes.logsumexp(logits, ids, temperature, with_entropy=with_entropy)
+        ctx.save_for_backward(logits, ids, lse, entropy)
+        ctx.temperature, ctx.passes = temperature, passes
+        shape = logits.shape[:-1]
+        if with_entropy:
+            return logp.view(shape), entropy.view(shape)
+        return logp.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        logits, ids, lse, entropy = ctx.saved_tensors
+        rows = lse.numel()
+        logp_coef = torch.zeros(rows, dtype=lse.dtype, device=lse.device) if grad_logp is None else grad_logp
+        entropy_coef = None if grad_entropy is None else grad_entropy.reshape(rows).to(lse.dtype)
+        gradient = new_output(logits.shape, logits.dtype, logits.device)
+        ctx.passes.logits_grad(logits, ids, logp_coef.reshape(rows).to(lse.dtype), lse, ctx.temperature, gradient,
+                               entropy_coef=entropy_coef, entropy=entropy)
+        return gradient, None, None, None, None
+
+
+def run_token_logprobs(passes: Passes, logits: torch.Tensor, ids: torch.Tensor, temperature: float,
+                       return_entropy: bool):
+    """``[..., V]`` logits, ``[...]`` ids -> logp ``[...]`` (and entropy) in the accumulator dtype."""
+    vocab = logits.shape[-1]
+    if logits.dim() != 3 or logits.stride(-1) != 1:
+        logits = logits.reshape(-1, 1, vocab).contiguous()
+    result = TokenLogprobs.apply(logits, ids.reshape(logits.shape[:-1]), temperature, return_entropy, passes)
+    if return_entropy:
+        return result[0].view(ids.shape), result[1].view(ids.shape)
+    return result.view(ids.shape)

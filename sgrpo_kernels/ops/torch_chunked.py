@@ -1,0 +1,164 @@
+"""The three passes of the Triton backend in chunked PyTorch, for CPU tensors (``backend="torch"``).
+
+Same algorithm, same memory behaviour: the logits are read in chunks of rows, so no ``[N, V]`` fp32
+temporary exists; the only ``[N, V]`` buffer is the gradient (none with ``inplace=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LossConfig
+from .common import Passes, SentenceArrays, accumulator_dtype, check_row_layout, new_output
+from .sentence_grpo import reduction_denominator
+
+CHUNK_BYTES = 32 * 2**20
+
+
+def rows_per_chunk(vocab: int) -> int:
+    """Rows whose fp32 temporaries (about three ``[rows, V]`` tensors) fit in ``CHUNK_BYTES``."""
+    return max(1, CHUNK_BYTES // (12 * max(vocab, 1)))
+
+
+def _row_chunks(selected: torch.Tensor, length: int, vocab: int):
+    """Yield ``(flat_rows, batch_index, time_index)`` for chunks of the selected flat row indices."""
+    step = rows_per_chunk(vocab)
+    for start in range(0, selected.numel(), step):
+        flat_rows = selected[start:start + step]
+        yield flat_rows, flat_rows // length, flat_rows % length
+
+
+def torch_logsumexp_pass(logits: torch.Tensor, ids: torch.Tensor, temperature: float, *,
+                         segment_ids: torch.Tensor | None = None, with_entropy: bool = False):
+    """Pass A; same contract as ``ops.logprobs.logsumexp_pass``."""
+    check_row_layout("logits", logits)
+    batch, length, vocab = logits.shape
+    rows = batch * length
+    dtype = accumulator_dtype(logits.dtype)
+    logp = new_output((rows,), dtype, logits.device)
+    lse = new_output((rows,), dtype, logits.device)
+    entropy = new_output((rows,), dtype, logits.device) if with_entropy else None
+    flat_ids = ids.reshape(rows)
+    if segment_ids is None:
+        selected = torch.arange(rows, device=logits.device)
+    else:
+        selected = torch.nonzero(segment_ids.reshape(rows) >= 0).squeeze(1)
+    for flat_rows, batch_index, time_index in _row_chunks(selected, length, vocab):
+        z = logits[batch_index, time_index].to(dtype) / temperature
+        # lse = m + log Σ exp(z − m) by hand rather than torch.logsumexp, which returns a finite-looking
+        # +inf for a +inf logit: here +inf and NaN logits give NaN, as in the Triton kernel.
+        row_max = z.amax(dim=-1, keepdim=True)
+        shifted = torch.exp(z - row_max)
+        total = shifted.sum(-1)
+        chunk_lse = row_max.squeeze(1) + torch.log(total)
+        logp[flat_rows] = z.gather(1, flat_ids[flat_rows, None].long()).squeeze(1) - chunk_lse
+        lse[flat_rows] = chunk_lse
+        if with_entropy:   # H = lse − Σ p z, with p z = 0 where p = 0
+            entropy[flat_rows] = chunk_lse - (shifted * torch.where(shifted > 0, z, 0.0)).sum(-1) / total
+    return logp, lse, entropy
+
+
+def torch_logits_grad_pass(logits: torch.Tensor, ids: torch.Tensor, logp_coef: torch.Tensor, lse: torch.Tensor,
+                           temperature: float, out: torch.Tensor, *, entropy_coef: torch.Tensor | None = None,
+                           entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """Pass C; same contract as ``ops.logprobs.logits_grad_pass`` (``out`` may be ``logits``)."""
+    check_row_layout("logits", logits)
+    batch, length, vocab = logits.shape
+    rows = batch * length
+    flat_ids = ids.reshape(rows).long()
+    active = logp_coef != 0
+    if entropy_coef is not None:
+        active |= entropy_coef != 0
+    inactive = torch.nonzero(~active).squeeze(1)
+    out[inactive // length, inactive % length] = 0
+    for flat_rows, batch_index, time_index in _row_chunks(torch.nonzero(active).squeeze(1), length, vocab):
+        z = logits[batch_index, time_index].to(lse.dtype) / temperature
+        log_p = z - lse[flat_rows, None]
+        p = torch.exp(log_p)
+        coef = logp_coef[flat_rows, None]
+        grad = -coef * p
+        grad.scatter_add_(1, flat_ids[flat_rows, None], coef)
+        if entropy_coef is not None:   # ∂H/∂z = −p (log p + H)
+            grad -= entropy_coef[flat_rows, None] * torch.where(p > 0, p * (log_p + entropy[flat_rows, None]), 0.0)
+        out[batch_index, time_index] = (grad / temperature).to(out.dtype)
+    return out
+
+
+def torch_sentence_pass(logp, old_logps, ref_logps, segment_ids, advantages, config: LossConfig, num_slots: int):
+    """Pass B; same contract and the same arithmetic as ``ops.sentence_grpo.sentence_pass``."""
+    batch, length = segment_ids.shape
+    device, dtype = logp.device, logp.dtype
+    segments = segment_ids.reshape(-1)
+    tokens = torch.nonzero(segments >= 0).squeeze(1)
+    slot = (tokens // length) * num_slots + segments[tokens].long()
+    token_logp = logp[tokens]
+
+    def per_slot_sum(values, dtype):
+        return torch.zeros(batch * num_slots, dtype=dtype, device=device).index_add_(0, slot, values.to(dtype))
+
+    count = per_slot_sum(torch.ones_like(slot), torch.int32)
+    log_ratio_sum = per_slot_sum(token_logp - old_logps.reshape(-1)[tokens].to(dtype), torch.float64) \
+        if old_logps is not None else torch.zeros(batch * num_slots, dtype=torch.float64, device=device)
+    exists = count > 0
+    divisor = count.clamp(min=1).to(dtype)
+
+    log_ratio = log_ratio_sum.to(dtype)
+    if config.ratio_level == "mean":
+        log_ratio = log_ratio / divisor
+    clamp = config.clamp_log_ratio
+    inside_clamp = (log_ratio >= -clamp) & (log_ratio <= clamp)
+    ratio = torch.exp(log_ratio.clamp(-clamp, clamp))
+    if advantages.dim() == 2:
+        advantage = advantages.reshape(-1).to(dtype)
+    else:
+        advantage = advantages.to(dtype).repeat_interleave(num_slots)
+    advantage = torch.where(exists, advantage, 0.0)
+
+    # surrogate = min(ρ_u·Â, clip(ρ)·Â); on a tie both branches share the gradient, as in torch.minimum
+    unclipped, unclipped_slope = ratio, ratio
+    if config.delta is not None:
+        unclipped = ratio.clamp(max=config.delta)
+        unclipped_slope = torch.where(ratio <= config.delta, ratio, 0.0)
+    low, high = 1 - config.eps_low, 1 + config.eps_high
+    clipped = ratio.clamp(low, high)
+    clipped_slope = torch.where((ratio >= low) & (ratio <= high), ratio, 0.0)
+    unclipped_term, clipped_term = unclipped * advantage, clipped * advantage
+    surrogate = torch.minimum(unclipped_term, clipped_term)
+    surrogate_slope = torch.where(unclipped_term < clipped_term, unclipped_slope,
+                                  torch.where(unclipped_term > clipped_term, clipped_slope,
+                                              0.5 * (unclipped_slope + clipped_slope))) * advantage
+    per_token_slope = inside_clamp.to(dtype)
+    if config.ratio_level == "mean":
+        per_token_slope = per_token_slope / divisor
+
+    sentence_loss = -surrogate
+    kl_sum = None
+    if config.beta > 0:
+        ref_minus_logp = ref_logps.reshape(-1)[tokens].to(dtype) - token_logp
+        kl_sum = per_slot_sum(torch.exp(ref_minus_logp) - ref_minus_logp - 1, torch.float64)
+        kl_weight = config.beta / divisor if config.kl_reduction == "mean" else torch.full_like(divisor, config.beta)
+        sentence_loss = sentence_loss + kl_sum.to(dtype) * kl_weight
+
+    row_sentences = exists.view(batch, num_slots).sum(1)
+    row_tokens = count.view(batch, num_slots).sum(1)
+    if config.reduction == "sentence_mean":
+        weight = (1.0 / row_sentences.clamp(min=1).to(dtype)).repeat_interleave(num_slots)
+    elif config.reduction == "token_mean":
+        weight = count.to(dtype)
+    else:
+        weight = torch.ones_like(divisor)
+    sentence_loss = torch.where(exists, sentence_loss, 0.0)
+    denominator = reduction_denominator(config, row_sentences, row_tokens).to(dtype)
+    loss = (weight * sentence_loss).sum() / denominator
+
+    ratio_coef = torch.where(exists, -weight * surrogate_slope * per_token_slope, 0.0)
+    token_coef = torch.zeros(batch * length, dtype=dtype, device=device)
+    coef = ratio_coef[slot]
+    if config.beta > 0:
+        coef = coef + (weight * kl_weight)[slot] * (1 - torch.exp(ref_minus_logp))
+    token_coef[tokens] = coef / denominator
+    return loss, token_coef, SentenceArrays(count=count, ratio=ratio, kl_sum=kl_sum)
+
+
+TORCH_PASSES = Passes(logsumexp=torch_logsumexp_pass, sentence=torch_sentence_pass,
+                      logits_grad=torch_logits_grad_pass)
