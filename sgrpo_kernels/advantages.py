@@ -93,5 +93,6 @@ def _triton_group_advantages(rewards, num_sentences, group_size, eps, weighting,
     group_advantages_kernel[(batch // group_size,)](
         rewards.contiguous(), num_sentences.contiguous(), out, num_slots, group_size, eps,
         OUTPUT_WEIGHTING=weighting == "output", SCALE_STD=scale == "std", CUMULATIVE=mode == "cumulative",
+        ACC_DTYPE=triton.language.float64 if rewards.dtype == torch.float64 else triton.language.float32,
         BLOCK_G=block_groups, BLOCK_S=block_slots)
     return out

@@ -49,3 +49,20 @@ def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, rel: flo
     scale = expected.abs().max().clamp(min=1e-30) if expected.numel() else torch.tensor(1.0, dtype=torch.float64)
     error = (actual - expected).abs().max() if expected.numel() else torch.tensor(0.0, dtype=torch.float64)
     assert error <= rel * scale, f"{what}: max abs error {error.item():.3e} > {rel:g} * {scale.item():.3e}"
+
+
+# Where the Triton backend runs in the tests: CUDA when there is a device, else the CPU interpreter.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_of(backend: str) -> torch.device:
+    """The device whose tensors a backend is tested on ("triton" and Liger: KERNEL_DEVICE; others: CPU)."""
+    return KERNEL_DEVICE if backend in ("triton", "liger") else torch.device("cpu")
+
+
+def moved(case: dict, device: torch.device) -> dict:
+    """The case on ``device``; ``logits`` becomes a fresh leaf that requires grad."""
+    result = {key: value.detach().to(device) if isinstance(value, torch.Tensor) else value
+              for key, value in case.items()}
+    result["logits"].requires_grad_()
+    return result

@@ -4,16 +4,27 @@ import math
 
 import pytest
 import torch
+from cases import KERNEL_DEVICE
 
 import sgrpo_kernels.advantages as advantages_module
 from sgrpo_kernels import group_sentence_advantages
 
+TESTED_DEVICE = {"device": torch.device("cpu")}
+
+
+def compute(rewards, num_sentences, group_size, **options):
+    """group_sentence_advantages on the device under test, result on the CPU."""
+    device = TESTED_DEVICE["device"]
+    return group_sentence_advantages(rewards.to(device), num_sentences.to(device), group_size, **options).cpu()
+
 
 @pytest.fixture(autouse=True, params=["triton", "torch"])
 def implementation(request, monkeypatch):
-    """Run every test on the Triton kernel (interpreted on CPU) and on the PyTorch statement."""
+    """Run every test on the Triton kernel (CUDA, or interpreted on CPU) and on the PyTorch statement."""
+    monkeypatch.setitem(TESTED_DEVICE, "device", torch.device("cpu"))
     if request.param == "triton":
         pytest.importorskip("triton", reason="the Triton kernel needs triton")
+        monkeypatch.setitem(TESTED_DEVICE, "device", KERNEL_DEVICE)
         monkeypatch.setattr(advantages_module, "_use_triton", lambda rewards: True)
 
         def refuse(*args, **kwargs):
@@ -29,11 +40,11 @@ def test_output_weighting_differs_from_sentence_weighting_by_hand():
     rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     num_sentences = torch.tensor([1, 3])
     # output weighting: μ = (1/2)(1 + 0) = 0.5; σ² = (1/2)(0.5² + (1/3)·3·0.5²) = 0.25 -> σ = 0.5
-    by_output = group_sentence_advantages(rewards, num_sentences, 2, eps=0.0 + 1e-12)
+    by_output = compute(rewards, num_sentences, 2, eps=0.0 + 1e-12)
     expected = torch.tensor([[1.0, 0.0, 0.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
     torch.testing.assert_close(by_output, expected, rtol=1e-9, atol=1e-9)
     # sentence weighting: μ = 1/4; σ² = (1/4)(0.75² + 3·0.25²) = 0.1875
-    by_sentence = group_sentence_advantages(rewards, num_sentences, 2, eps=1e-12, weighting="sentence")
+    by_sentence = compute(rewards, num_sentences, 2, eps=1e-12, weighting="sentence")
     sigma = math.sqrt(0.1875)
     expected = torch.tensor([[0.75 / sigma, 0, 0], [-0.25 / sigma] * 3], dtype=torch.float64)
     torch.testing.assert_close(by_sentence, expected, rtol=1e-9, atol=1e-9)
@@ -44,7 +55,7 @@ def test_cumulative_mode_by_hand():
     # Group of 2, scale="none", sentence weighting: μ = (1 + 0 + 1 + 0 + 0 + 0) / 6 = 1/3
     # centred: (2/3, -1/3, 2/3) and (-1/3, -1/3, -1/3); cumulative sums from the right:
     rewards = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    advantages = group_sentence_advantages(rewards, torch.tensor([3, 3]), 2, weighting="sentence", scale="none",
+    advantages = compute(rewards, torch.tensor([3, 3]), 2, weighting="sentence", scale="none",
                                            mode="cumulative")
     expected = torch.tensor([[1.0, 1 / 3, 2 / 3], [-1.0, -2 / 3, -1 / 3]], dtype=torch.float64)
     torch.testing.assert_close(advantages, expected, rtol=1e-12, atol=1e-12)
@@ -52,7 +63,7 @@ def test_cumulative_mode_by_hand():
 
 def test_cumulative_mode_ignores_slots_past_the_last_sentence():
     rewards = torch.tensor([[1.0, 2.0, 50.0], [0.0, 7.0, 7.0]], dtype=torch.float64)
-    advantages = group_sentence_advantages(rewards, torch.tensor([2, 1]), 2, scale="none", mode="cumulative")
+    advantages = compute(rewards, torch.tensor([2, 1]), 2, scale="none", mode="cumulative")
     # output weighting: μ = (1/2)((1 + 2)/2 + 0) = 0.75; row 0 centred (0.25, 1.25); row 1 (-0.75)
     expected = torch.tensor([[1.5, 1.25, 0.0], [-0.75, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(advantages, expected, rtol=1e-12, atol=1e-12)
@@ -61,13 +72,13 @@ def test_cumulative_mode_ignores_slots_past_the_last_sentence():
 @pytest.mark.parametrize("weighting", ["output", "sentence"])
 def test_equal_rewards_give_zero_finite_advantages(weighting):
     rewards = torch.full((4, 3), 0.7)
-    advantages = group_sentence_advantages(rewards, torch.tensor([3, 1, 2, 3]), 4, weighting=weighting)
+    advantages = compute(rewards, torch.tensor([3, 1, 2, 3]), 4, weighting=weighting)
     assert torch.isfinite(advantages).all() and torch.count_nonzero(advantages) == 0
 
 
 def test_group_where_no_output_has_a_sentence():
     rewards = torch.tensor([[0.2, 0.9], [0.5, 0.1], [math.nan, math.nan], [math.nan, math.nan]])
-    advantages = group_sentence_advantages(rewards, torch.tensor([2, 1, 0, 0]), 2)
+    advantages = compute(rewards, torch.tensor([2, 1, 0, 0]), 2)
     assert torch.isfinite(advantages).all()
     assert torch.count_nonzero(advantages[2:]) == 0
     assert torch.count_nonzero(advantages[:2]) == 3
@@ -104,12 +115,12 @@ def test_random_groups_match_loop_statement(weighting, scale, mode):
     rewards = torch.rand(12, 7, generator=generator, dtype=torch.float64)
     num_sentences = torch.randint(0, 8, (12,), generator=generator)
     num_sentences[3:6] = 0                      # a group with no sentence at all
-    advantages = group_sentence_advantages(rewards, num_sentences, 3, eps=1e-4, weighting=weighting, scale=scale,
+    advantages = compute(rewards, num_sentences, 3, eps=1e-4, weighting=weighting, scale=scale,
                                            mode=mode)
     expected = loop_advantages(rewards, num_sentences, 3, 1e-4, weighting, scale, mode)
     torch.testing.assert_close(advantages, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_float32_rewards_stay_float32():
-    advantages = group_sentence_advantages(torch.rand(4, 3), torch.tensor([1, 2, 3, 3]), 2)
+    advantages = compute(torch.rand(4, 3), torch.tensor([1, 2, 3, 3]), 2)
     assert advantages.dtype == torch.float32 and advantages.shape == (4, 3)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from cases import assert_relative_close, random_case
+from cases import KERNEL_DEVICE, assert_relative_close, device_of, moved, random_case
 
 import sgrpo_kernels as sk
 from sgrpo_kernels import reference
@@ -31,6 +31,11 @@ def backend(request):
     return request.param
 
 
+def call(backend, case, **options):
+    """The public loss on the backend's device; ``case["logits"]`` is used as given (leaf or not)."""
+    return sk.sentence_grpo_loss(*case.values(), backend=backend, **options)
+
+
 def gold_of(case):
     """The same inputs in float64, logits a fresh leaf."""
     gold = {key: value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
@@ -40,14 +45,14 @@ def gold_of(case):
 
 
 def loss_and_grad(case, backend, **options):
-    logits = case["logits"].detach().clone().requires_grad_()
-    arguments = dict(case, logits=logits)
+    """Loss, ``logits.grad`` and metrics of one backend, computed on its device and returned on the CPU."""
+    arguments = moved(case, device_of(backend))
     if backend == "reference":
         loss, metrics = reference.sentence_grpo_loss(*arguments.values(), LossConfig(**options), return_metrics=True)
     else:
-        loss, metrics = sk.sentence_grpo_loss(*arguments.values(), backend=backend, return_metrics=True, **options)
+        loss, metrics = call(backend, arguments, return_metrics=True, **options)
     loss.backward()
-    return loss.detach(), logits.grad, metrics
+    return loss.detach().cpu(), arguments["logits"].grad.cpu(), {key: value.cpu() for key, value in metrics.items()}
 
 
 def check_against_gold(case, backend, rel=1e-5, **options):
@@ -100,18 +105,18 @@ def test_low_precision_within_twice_the_reference_error(backend, dtype):
 def test_inplace_gives_the_same_gradient_and_overwrites_logits(backend):
     case = random_case(batch=3, length=8, vocab=1000, num_slots=4, dtype=torch.float32, seed=8)
     _, expected_grad, _ = loss_and_grad(case, backend, beta=0.1)
-    logits = case["logits"].detach().clone().requires_grad_()
-    loss = sk.sentence_grpo_loss(logits, *list(case.values())[1:], backend=backend, beta=0.1, inplace=True)
-    assert torch.equal(logits.detach(), expected_grad)    # the gradient now lives in the logits' storage
+    arguments = moved(case, device_of(backend))
+    loss = call(backend, arguments, beta=0.1, inplace=True)
+    assert torch.equal(arguments["logits"].detach().cpu(), expected_grad)   # the gradient now lives in the logits
     loss.backward()
-    torch.testing.assert_close(logits.grad, expected_grad, rtol=0, atol=0)
+    torch.testing.assert_close(arguments["logits"].grad.cpu(), expected_grad, rtol=0, atol=0)
 
 
 def test_inplace_refuses_a_graph_that_needs_the_overwritten_logits(backend):
     case = random_case(batch=2, length=5, vocab=1000, num_slots=3, dtype=torch.float32, seed=2)
-    raw = case["logits"].detach().clone().requires_grad_()
-    logits = torch.exp(raw)                 # exp saves its output for backward: overwriting it must not pass silently
-    loss = sk.sentence_grpo_loss(logits, *list(case.values())[1:], backend=backend, inplace=True)
+    arguments = moved(case, device_of(backend))
+    arguments["logits"] = torch.exp(arguments["logits"])   # exp saves its output: overwriting it must not pass
+    loss = call(backend, arguments, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
@@ -119,10 +124,10 @@ def test_inplace_refuses_a_graph_that_needs_the_overwritten_logits(backend):
 def test_grad_output_scales_and_second_backward_refuses(backend):
     case = random_case(batch=2, length=6, vocab=1000, num_slots=3, dtype=torch.float32, seed=3)
     _, grad, _ = loss_and_grad(case, backend)
-    logits = case["logits"].detach().clone().requires_grad_()
-    loss = sk.sentence_grpo_loss(logits, *list(case.values())[1:], backend=backend)
+    arguments = moved(case, device_of(backend))
+    loss = call(backend, arguments)
     (loss * 3).backward(retain_graph=True)
-    torch.testing.assert_close(logits.grad, 3 * grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(arguments["logits"].grad.cpu(), 3 * grad, rtol=1e-6, atol=0)
     with pytest.raises(RuntimeError, match="once per forward"):
         loss.backward()
 
@@ -137,11 +142,12 @@ def test_no_gradient_needed_runs_no_gradient_pass(backend, monkeypatch):
     monkeypatch.setattr(sk.loss, "_passes", lambda name: common.Passes(passes.logsumexp, passes.sentence, refuse))
     case = random_case(batch=2, length=6, vocab=1000, num_slots=3, dtype=torch.float32, seed=4)
     gold = reference.sentence_grpo_loss(*gold_of(case).values(), LossConfig())
-    loss = sk.sentence_grpo_loss(case["logits"].detach(), *list(case.values())[1:], backend=backend)
+    arguments = moved(case, device_of(backend))
+    loss = call(backend, dict(arguments, logits=arguments["logits"].detach()))
     assert not loss.requires_grad
-    assert_relative_close(loss, gold, 1e-5, "loss")
+    assert_relative_close(loss.cpu(), gold, 1e-5, "loss")
     with torch.no_grad():
-        sk.sentence_grpo_loss(*case.values(), backend=backend)
+        call(backend, arguments)
 
 
 @pytest.mark.parametrize("reduction", ["sentence_mean", "token_mean", "sum"])
@@ -158,18 +164,18 @@ def test_non_finite_logits_give_non_finite_loss(backend):
         case = random_case(batch=2, length=4, vocab=1000, dtype=torch.float32, empty_row=False)
         with torch.no_grad():
             case["logits"][0, 0, 17] = bad
-        loss = sk.sentence_grpo_loss(*case.values(), backend=backend)
-        assert not torch.isfinite(loss)
+        assert not torch.isfinite(call(backend, moved(case, device_of(backend))))
 
 
 def test_strided_logits_view_needs_no_copy(backend):
     # the usual `logits[:, :-1]` (drop the last position) is a view with a batch stride of (T + 1) V
     case = random_case(batch=3, length=6, vocab=1000, num_slots=4, dtype=torch.float32, seed=6)
-    padded = torch.cat([case["logits"].detach(), torch.randn(3, 1, 1000)], 1).requires_grad_()
-    loss = sk.sentence_grpo_loss(padded[:, :-1], *list(case.values())[1:], backend=backend, beta=0.1)
-    loss.backward()
+    arguments = moved(case, device_of(backend))
+    padded = torch.cat([arguments["logits"].detach(), torch.randn_like(arguments["logits"][:, :1])], 1)
+    padded.requires_grad_()
+    call(backend, dict(arguments, logits=padded[:, :-1]), beta=0.1).backward()
     _, expected, _ = loss_and_grad(gold_of(case), "reference", beta=0.1)
-    assert_relative_close(padded.grad[:, :-1], expected, 1e-5, "logits.grad")
+    assert_relative_close(padded.grad[:, :-1].cpu(), expected, 1e-5, "logits.grad")
     assert torch.count_nonzero(padded.grad[:, -1]) == 0
 
 
@@ -181,14 +187,17 @@ def test_token_logprobs_and_entropy_with_gradients(backend, dtype):
     ids = torch.randint(0, 4099, (3, 7), generator=generator)
     weights = torch.randn(2, 3, 7, generator=generator, dtype=torch.float64)
     results = {}
-    for name, source in (("ours", logits.clone()), ("gold", logits.double())):
+    device = device_of(backend)
+    for name, source in (("ours", logits.to(device)), ("gold", logits.double())):
         source.requires_grad_()
         if name == "ours":
-            logp, entropy = sk.token_logprobs(source, ids, temperature=0.8, return_entropy=True, backend=backend)
+            logp, entropy = sk.token_logprobs(source, ids.to(device), temperature=0.8, return_entropy=True,
+                                              backend=backend)
         else:
             logp, entropy = reference.token_logprobs(source, ids, 0.8, return_entropy=True)
-        (logp * weights[0] + entropy * weights[1]).sum().backward()
-        results[name] = (logp, entropy, source.grad)
+        scale = weights.to(device, logp.dtype)
+        (logp * scale[0] + entropy * scale[1]).sum().backward()
+        results[name] = (logp.cpu(), entropy.cpu(), source.grad.cpu())
     assert results["ours"][0].dtype == torch.float32
     for index, what in enumerate(("logp", "entropy", "logits.grad")):
         rel = 1e-5 if dtype == torch.float32 or what != "logits.grad" else 1e-2
@@ -197,37 +206,39 @@ def test_token_logprobs_and_entropy_with_gradients(backend, dtype):
 
 def test_huge_offsets_do_not_wrap(backend, tmp_path):
     # Three token rows 2**30 elements apart: the last row starts past 2**31, which an int32 offset wraps.
-    # The storage is a sparse file mapped privately: only the touched pages ever exist in memory.
+    # On the CPU the storage is a sparse file mapped privately, so only the touched pages ever exist;
+    # on CUDA it is a real 4 GiB buffer.
     vocab, row_stride = 1000, 2**30
-    path = tmp_path / "sparse_logits.bin"
-    with open(path, "wb") as handle:
-        handle.truncate((2 * row_stride + vocab) * 2)
-    storage = torch.from_file(str(path), shared=False, size=2 * row_stride + vocab, dtype=torch.bfloat16)
+    size = 2 * row_stride + vocab
+    device = device_of(backend)
+    if device.type == "cuda":
+        storage = torch.empty(size, dtype=torch.bfloat16, device=device)
+    else:
+        path = tmp_path / "sparse_logits.bin"
+        with open(path, "wb") as handle:
+            handle.truncate(size * 2)
+        storage = torch.from_file(str(path), shared=False, size=size, dtype=torch.bfloat16)
     logits = storage.as_strided((1, 3, vocab), (3 * row_stride, row_stride, 1))
     generator = torch.Generator().manual_seed(1)
     values = (torch.randn(3, vocab, generator=generator) * 2).to(torch.bfloat16)
-    for row in range(3):
-        logits[0, row] = values[row]
-    assert logits.storage_offset() + 2 * row_stride > 2**31 - 1 - vocab
-    ids = torch.tensor([[3, 500, 999]])
-    segments = torch.tensor([[0, 0, 1]])
-    advantages = torch.tensor([[0.7, -1.3]])
-    old = torch.tensor([[-7.0, -7.2, -6.9]])
-    leaf = logits.requires_grad_()
-    loss = sk.sentence_grpo_loss(leaf, ids, segments, advantages, old, backend=backend)
-    gold = reference.sentence_grpo_loss(values.double().unsqueeze(0), ids, segments, advantages.double(),
-                                        old.double())
-    assert_relative_close(loss, gold, 1e-5, "loss")
-    logp = sk.token_logprobs(logits.detach(), ids, backend=backend)
-    assert_relative_close(logp, reference.token_logprobs(values.double(), ids[0]).unsqueeze(0), 1e-5, "logp")
-    # pass C writes the gradient into the same far-apart rows when asked to work in place
-    inplace_loss = sk.sentence_grpo_loss(logits.detach().requires_grad_(), ids, segments, advantages, old,
-                                         backend=backend, inplace=True)
-    assert torch.isfinite(inplace_loss)
+    with torch.no_grad():
+        logits[0].copy_(values.to(device))
+    assert 2 * row_stride > 2**31 - 1 - vocab
+    inputs = [tensor.to(device) for tensor in (torch.tensor([[3, 500, 999]]), torch.tensor([[0, 0, 1]]),
+                                               torch.tensor([[0.7, -1.3]]), torch.tensor([[-7.0, -7.2, -6.9]]))]
     gold_logits = values.double().unsqueeze(0).requires_grad_()
-    reference.sentence_grpo_loss(gold_logits, ids, segments, advantages.double(), old.double()).backward()
-    written = torch.stack([storage[row * row_stride:row * row_stride + vocab] for row in range(3)]).unsqueeze(0)
-    assert_relative_close(written, gold_logits.grad, 1e-2, "gradient written in place")
+    gold = reference.sentence_grpo_loss(gold_logits, *[tensor.cpu().double() if tensor.is_floating_point()
+                                                       else tensor.cpu() for tensor in inputs])
+    gold.backward()
+    loss = sk.sentence_grpo_loss(logits.requires_grad_(), *inputs, backend=backend)
+    assert_relative_close(loss.detach().cpu(), gold, 1e-5, "loss")
+    logp = sk.token_logprobs(logits.detach(), inputs[0], backend=backend)
+    assert_relative_close(logp.cpu(), reference.token_logprobs(values.double(), inputs[0][0].cpu()).unsqueeze(0),
+                          1e-5, "logp")
+    # pass C writes the gradient into the same far-apart rows when asked to work in place
+    sk.sentence_grpo_loss(logits.detach().requires_grad_(), *inputs, backend=backend, inplace=True)
+    written = torch.stack([storage[row * row_stride:row * row_stride + vocab].cpu() for row in range(3)])
+    assert_relative_close(written.unsqueeze(0), gold_logits.grad, 1e-2, "gradient written in place")
 
 
 def test_auto_backend_resolution(monkeypatch):
@@ -243,7 +254,31 @@ def test_auto_backend_resolution(monkeypatch):
 
 @pytest.mark.parametrize("name", ["advantages", "old_logps", "ref_logps"])
 def test_fused_backends_refuse_to_drop_gradients(backend, name):
-    case = random_case(batch=2, length=4, vocab=1000, dtype=torch.float32)
+    case = moved(random_case(batch=2, length=4, vocab=1000, dtype=torch.float32), device_of(backend))
     case[name] = case[name].clone().requires_grad_()
     with pytest.raises(ValueError, match=f"{name} requires grad"):
-        sk.sentence_grpo_loss(*case.values(), backend=backend, beta=0.1)
+        call(backend, case, beta=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the full-size check needs a CUDA device (none here)")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_full_size_bf16_on_cuda(inplace):
+    # N = 4096 tokens of a 151 936-entry vocabulary, sentences of 8..32 tokens, bf16 logits.
+    case = random_case(batch=2, length=2048, vocab=151936, num_slots=256, dtype=torch.bfloat16, seed=0)
+    options = dict(beta=0.04, temperature=0.9)
+
+    def reference_on_cuda(inputs):      # float64 gold and the bf16 reference, both computed on the GPU
+        arguments = moved(inputs, KERNEL_DEVICE)
+        loss = reference.sentence_grpo_loss(*arguments.values(), LossConfig(**options))
+        loss.backward()
+        return loss.detach().cpu(), arguments["logits"].grad.cpu()
+
+    gold_loss, gold_grad = reference_on_cuda(gold_of(case))
+    reference_loss, reference_grad = reference_on_cuda(case)
+    arguments = moved(case, KERNEL_DEVICE)
+    loss = call("triton", arguments, inplace=inplace, **options)
+    loss.backward()
+    grad = arguments["logits"].grad.cpu()
+    assert_relative_close(loss.detach().cpu(), gold_loss, 1e-4, "loss")
+    assert (loss.detach().cpu().double() - gold_loss).abs() <= 2 * (reference_loss.double() - gold_loss).abs() + 1e-6
+    assert (grad.double() - gold_grad).abs().max() <= 2 * (reference_grad.double() - gold_grad).abs().max()

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from cases import assert_relative_close, random_case
+from cases import assert_relative_close, device_of, moved, random_case
 
 import sgrpo_kernels as sk
 from sgrpo_kernels import reference
@@ -44,11 +44,16 @@ def level_case(level, seed, batch=4, length=9, vocab=50):
     return case
 
 
-def our_loss(case, level, backend, **options):
+def our_loss_and_grad(case, level, backend, **options):
+    """Loss and ``logits.grad`` of one of our backends, on its device, returned on the CPU."""
     ratio_level = "mean" if level == "sequence" else "sum"
+    arguments = moved(case, device_of(backend))
     if backend == "reference":
-        return reference.sentence_grpo_loss(*case.values(), LossConfig(ratio_level=ratio_level, **options))
-    return sk.sentence_grpo_loss(*case.values(), ratio_level=ratio_level, backend=backend, **options)
+        loss = reference.sentence_grpo_loss(*arguments.values(), LossConfig(ratio_level=ratio_level, **options))
+    else:
+        loss = sk.sentence_grpo_loss(*arguments.values(), ratio_level=ratio_level, backend=backend, **options)
+    (grad,) = torch.autograd.grad(loss, arguments["logits"])
+    return loss.detach().cpu(), grad.cpu()
 
 
 @pytest.fixture(params=["reference", "triton", "torch"])
@@ -62,8 +67,7 @@ def backend(request):
 @pytest.mark.parametrize("options", OPTIONS)
 def test_special_case_matches_per_token_formula(level, options, backend):
     case = level_case(level, seed=21)
-    ours = our_loss(case, level, backend, **options)
-    (our_grad,) = torch.autograd.grad(ours, case["logits"])
+    ours, our_grad = our_loss_and_grad(case, level, backend, **options)
     theirs = per_token_grpo(case["logits"], case["completion_ids"], case["segment_ids"] >= 0, case["advantages"],
                             case["old_logps"], case["ref_logps"], level=level, **options)
     (their_grad,) = torch.autograd.grad(theirs, case["logits"])
@@ -78,20 +82,20 @@ def test_special_case_matches_liger_triton_grpo_loss(level, options, backend):
     grpo_loss = pytest.importorskip("liger_kernel.transformers.grpo_loss",
                                     reason="liger-kernel (the dev extra) is the oracle of this test")
     case = level_case(level, seed=33, vocab=1000)
-    ours = our_loss(case, level, backend, **options)
-    (our_grad,) = torch.autograd.grad(ours, case["logits"])
+    ours, our_grad = our_loss_and_grad(case, level, backend, **options)
 
     batch, length, vocab = case["logits"].shape
+    device = device_of("liger")
     # Liger scores logits[:, :-1]: give it one extra trailing position, which must get no gradient.
     liger_logits = torch.cat([case["logits"].detach(), torch.randn(batch, 1, vocab, dtype=torch.float64)], 1)
-    liger_logits = liger_logits.float().contiguous().requires_grad_()
-    mask = case["segment_ids"] >= 0
+    liger_logits = liger_logits.float().contiguous().to(device).requires_grad_()
+    as_input = lambda tensor: tensor.contiguous().to(device)
     liger_loss, _ = grpo_loss.triton_grpo_loss(
-        liger_logits, case["old_logps"].float().contiguous(), case["ref_logps"].float().contiguous(),
-        case["completion_ids"].clamp(min=0).contiguous(), case["advantages"].float().contiguous(),
-        mask.float().contiguous(), temperature=options["temperature"], beta=options["beta"], eps_low=0.2,
-        eps_high=0.2, inplace=False, loss_type="grpo", importance_sampling_level=level, reduce=True)
+        liger_logits, as_input(case["old_logps"].float()), as_input(case["ref_logps"].float()),
+        as_input(case["completion_ids"].clamp(min=0)), as_input(case["advantages"].float()),
+        as_input((case["segment_ids"] >= 0).float()), temperature=options["temperature"], beta=options["beta"],
+        eps_low=0.2, eps_high=0.2, inplace=False, loss_type="grpo", importance_sampling_level=level, reduce=True)
     liger_loss.backward()
-    assert_relative_close(liger_loss, ours, 1e-5, "loss")
-    assert_relative_close(liger_logits.grad[:, :length], our_grad, 1e-5, "logits.grad")
+    assert_relative_close(liger_loss.detach().cpu(), ours, 1e-5, "loss")
+    assert_relative_close(liger_logits.grad[:, :length].cpu(), our_grad, 1e-5, "logits.grad")
     assert torch.count_nonzero(liger_logits.grad[:, length]) == 0

@@ -121,13 +121,16 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
     The gradient is computed here, in the forward pass, into a new buffer or into ``logits``
     (``inplace=True``, which overwrites the logits); backward only scales it by ``grad_output``.
     """
-    logp, lse, entropy = passes.logsumexp(logits, completion_ids, config.temperature, segment_ids=segment_ids,
-                                          with_entropy=return_metrics)
-    loss, token_coef, arrays = passes.sentence(logp, old_logps, ref_logps, segment_ids, advantages, config,
-                                               num_slots)
-    if logits.requires_grad and torch.is_grad_enabled():
-        gradient = logits.detach() if inplace else new_output(logits.shape, logits.dtype, logits.device)
-        passes.logits_grad(logits.detach(), completion_ids, token_coef, lse, config.temperature, gradient)
+    needs_gradient = logits.requires_grad and torch.is_grad_enabled()
+    with torch.no_grad():   # the passes compute the gradient themselves: autograd must record nothing here
+        logp, lse, entropy = passes.logsumexp(logits, completion_ids, config.temperature, segment_ids=segment_ids,
+                                              with_entropy=return_metrics)
+        loss, token_coef, arrays = passes.sentence(logp, old_logps, ref_logps, segment_ids, advantages, config,
+                                                   num_slots)
+        if needs_gradient:
+            gradient = logits.detach() if inplace else new_output(logits.shape, logits.dtype, logits.device)
+            passes.logits_grad(logits.detach(), completion_ids, token_coef, lse, config.temperature, gradient)
+    if needs_gradient:
         if inplace:   # autograd must refuse any later use of the overwritten logits
             torch.autograd.graph.increment_version(logits)
         loss = EagerGradient.apply(logits, loss, gradient)

@@ -71,10 +71,11 @@ def _logits_grad_kernel(logits_ptr, grad_ptr, ids_ptr, logp_coef_ptr, lse_ptr, e
     grad_start = grad_ptr + batch_index * grad_stride_batch + time_index * grad_stride_time
     acc_dtype = lse_ptr.dtype.element_ty
     coef = tl.load(logp_coef_ptr + row).to(acc_dtype)
-    entropy_coef = 0.0
+    zero_row = coef == 0
     if WITH_ENTROPY_GRAD:
         entropy_coef = tl.load(entropy_coef_ptr + row).to(acc_dtype)
-    if (coef == 0) & (entropy_coef == 0):
+        zero_row = zero_row & (entropy_coef == 0)
+    if zero_row:
         # Unscored or fully clipped token: a zero row, without reading the logits or the (unwritten) lse.
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)

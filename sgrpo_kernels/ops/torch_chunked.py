@@ -12,7 +12,7 @@ from ..config import LossConfig
 from .common import Passes, SentenceArrays, accumulator_dtype, check_row_layout, new_output
 from .sentence_grpo import reduction_denominator
 
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 def rows_per_chunk(vocab: int) -> int:

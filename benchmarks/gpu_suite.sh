@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One lease, one command (see GPU.md of the project): the GPU test suite, then every benchmark at its GPU
+# preset, then a summary of each target with its measured ratio. Everything lands in $OUT (default
+# benchmarks/out/gpu). Usage: benchmarks/gpu_suite.sh [all|tests|bench]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out/gpu}
+PART=${1:-all}
+mkdir -p "$OUT"
+
+# Peers and extras travel as wheels in .whl/ (the device machine has no package index).
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -n 3
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+unset TRITON_INTERPRET
+
+python3 - "$OUT/environment.json" <<'PY'
+import json, sys, torch, triton
+from benchmarks import harness
+device = torch.device("cuda")
+info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "copy_bandwidth_gbps": harness.copy_bandwidth_gbps(device, 2048),
+        "bf16_matmul_tflops": harness.matmul_tflops(device)}
+try:
+    import liger_kernel
+    info["liger_kernel"] = getattr(liger_kernel, "__version__", "installed")
+except ImportError:
+    info["liger_kernel"] = None
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print(info)
+PY
+
+if [[ "$PART" == all || "$PART" == tests ]]; then
+    timeout 420 python3 -m pytest -q -p no:cacheprovider -x --durations=5 > "$OUT/tests.txt" 2>&1
+    echo "pytest exit code $?" >> "$OUT/tests.txt"
+    tail -n 15 "$OUT/tests.txt"
+fi
+if [[ "$PART" == all || "$PART" == bench ]]; then
+    python3 -m benchmarks.bench_loss --preset gpu --out "$OUT" 2>&1 | grep -v "bench_loss:" | tail -n 30
+fi
+python3 -m benchmarks.gpu_summary "$OUT" | tee "$OUT/summary.md"

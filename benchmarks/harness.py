@@ -1,0 +1,208 @@
+"""Measurement plumbing shared by the benchmark scripts: timers, peak memory, ceilings, CSV and plots.
+
+Time: the median of repeated runs after warm-up (CUDA events on GPU, ``perf_counter`` on CPU).
+Peak memory: ``torch.cuda.max_memory_allocated`` above the inputs on GPU; on CPU the peak resident
+set of a fresh process above what it held once the inputs existed (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+MIB = 2**20
+
+
+@dataclass
+class Row:
+    """One CSV row: a (provider, shape, mode, metric) measurement and its ratios."""
+
+    bench: str
+    provider: str
+    device: str
+    dtype: str
+    batch: int
+    length: int
+    vocab: int
+    hidden: int
+    tokens: int
+    mode: str
+    metric: str              # "time_ms" or "extra_peak_mib"
+    value: float | None      # None: failed (see note)
+    floor: float | None = None
+    ratio_to_floor: float | None = None
+    ratio_to_reference: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time_ms(run, prepare=None, *, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median milliseconds of ``run()``; ``prepare()`` (untimed) runs before each call."""
+    samples = []
+    for index in range(warmup + repeats):
+        state = prepare() if prepare else None
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(state)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            begin = time.perf_counter()
+            run(state)
+            elapsed = (time.perf_counter() - begin) * 1e3
+        if index >= warmup:
+            samples.append(elapsed)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps(device: torch.device, megabytes: int) -> float:
+    """Measured device copy bandwidth, counting bytes read plus bytes written (GB/s)."""
+    source = torch.randn(megabytes * MIB // 4, device=device)
+    target = torch.empty_like(source)
+    milliseconds = median_time_ms(lambda _: target.copy_(source), device=device, repeats=10, warmup=3)
+    return 2 * source.numel() * 4 / (milliseconds * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, size: int = 8192) -> float:
+    """Measured bf16 (GPU) or fp32 (CPU) matrix-product rate on random data (TFLOP/s)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    milliseconds = median_time_ms(lambda _: a @ b, device=device, repeats=10 if device.type == "cuda" else 2,
+                                  warmup=3 if device.type == "cuda" else 1)
+    return 2 * size**3 / (milliseconds * 1e-3) / 1e12
+
+
+def _read_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+
+
+def reset_cpu_peak() -> int:
+    """Reset the peak resident set to the current one; return the current resident set in bytes."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _read_status_kib("VmRSS") * 1024
+
+
+def cpu_peak_bytes() -> int:
+    return _read_status_kib("VmHWM") * 1024
+
+
+def measure_in_fresh_process(module: str, arguments: dict, timeout_s: float = 600) -> dict:
+    """Run ``python -m module --child JSON`` and return the JSON it prints last (a fresh process, for memory)."""
+    command = [sys.executable, "-m", module, "--child", json.dumps(arguments)]
+    environment = dict(os.environ)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fill_reference_ratios(rows: list[Row], reference_provider: str = "reference") -> None:
+    """``ratio_to_reference`` = value / the reference provider's value at the same shape, mode and metric."""
+    key = lambda row: (row.bench, row.dtype, row.batch, row.length, row.vocab, row.hidden, row.mode, row.metric)
+    references = {key(row): row.value for row in rows if row.provider == reference_provider and row.value}
+    for row in rows:
+        base = references.get(key(row))
+        if base and row.value is not None:
+            row.ratio_to_reference = row.value / base
+
+
+def write_csv(rows: list[Row], path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    columns = [name for name in Row.__dataclass_fields__ if name != "extra"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            record = asdict(row)
+            record.pop("extra")
+            writer.writerow({name: _format(record[name]) for name in columns})
+
+
+def _format(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    """Two panels per mode: time (ms) and extra peak memory (MiB) against tokens, one line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("time_ms", "time (ms, median)"), ("extra_peak_mib", "extra peak memory (MiB)")]
+    modes = sorted({row.mode for row in rows if row.metric == "time_ms"}, key=["forward", "backward", "full"].index)
+    figure, axes = plt.subplots(1, len(modes) + 1, figsize=(4.5 * (len(modes) + 1), 4), squeeze=False)
+    panels = [(mode, "time_ms") for mode in modes] + [("full", "extra_peak_mib")]
+    for axis, (mode, metric) in zip(axes[0], panels):
+        for provider in sorted({row.provider for row in rows}):
+            points = sorted((row.tokens, row.value) for row in rows if row.provider == provider and row.mode == mode
+                            and row.metric == metric and row.value is not None)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=provider)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("tokens N = B·T")
+        axis.set_title(f"{dict(metrics)[metric]}: {mode}")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def markdown_table(rows: list[Row], mode: str = "full") -> str:
+    """Providers × shapes for one mode: time, ratio to floor, ratio to reference, extra peak memory."""
+    shapes = sorted({(row.batch, row.length, row.vocab, row.hidden, row.dtype) for row in rows})
+    lines = ["| shape | provider | time (ms) | × floor | × reference | extra peak (MiB) | × reference |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    index = {(row.batch, row.length, row.vocab, row.hidden, row.dtype, row.provider, row.metric): row
+             for row in rows if row.mode == mode}
+    for shape in shapes:
+        for provider in dict.fromkeys(row.provider for row in rows):
+            time_row = index.get((*shape, provider, "time_ms"))
+            memory_row = index.get((*shape, provider, "extra_peak_mib"))
+            if time_row is None and memory_row is None:
+                continue
+            batch, length, vocab, hidden, dtype = shape
+            label = f"B={batch} T={length} V={vocab}" + (f" H={hidden}" if hidden else "") + f" {dtype}"
+            lines.append(f"| {label} | {provider} | {_cell(time_row, 'value', '.1f')} | "
+                         f"{_cell(time_row, 'ratio_to_floor', '.2f')} | {_cell(time_row, 'ratio_to_reference', '.2f')}"
+                         f" | {_cell(memory_row, 'value', '.0f')} | {_cell(memory_row, 'ratio_to_reference', '.3f')} |")
+    return "\n".join(lines)
+
+
+def _cell(row, attribute, spec):
+    if row is None:
+        return "–"
+    value = getattr(row, attribute)
+    if value is None:
+        return row.note or "–" if attribute == "value" else "–"
+    return format(value, spec)

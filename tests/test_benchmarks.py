@@ -1,0 +1,46 @@
+"""The benchmark harness measures what it claims: ratios, tables, a real run end to end (CPU, small)."""
+
+import csv
+
+import torch
+
+from benchmarks import bench_loss, harness
+
+
+def row(provider, value, metric="time_ms", mode="full"):
+    return harness.Row(bench="loss", provider=provider, device="cpu", dtype="float32", batch=1, length=8, vocab=10,
+                       hidden=0, tokens=8, mode=mode, metric=metric, value=value)
+
+
+def test_reference_ratios_and_table():
+    rows = [row("reference", 10.0), row("torch", 4.0), row("reference", 100.0, "extra_peak_mib"),
+            row("torch", 25.0, "extra_peak_mib"), row("torch", None, "extra_peak_mib", mode="forward")]
+    harness.fill_reference_ratios(rows)
+    assert rows[1].ratio_to_reference == 0.4 and rows[3].ratio_to_reference == 0.25
+    assert rows[4].ratio_to_reference is None
+    table = harness.markdown_table(rows)
+    assert "| B=1 T=8 V=10 float32 | torch | 4.0 | – | 0.40 | 25 | 0.250 |" in table
+
+
+def test_cpu_peak_memory_sees_an_allocation():
+    before = harness.reset_cpu_peak()
+    block = torch.ones(64 * 2**20 // 4)
+    assert harness.cpu_peak_bytes() - before >= 60 * 2**20
+    del block
+
+
+def test_small_run_end_to_end(tmp_path):
+    preset = dict(device="cpu", shapes=[bench_loss.Shape(1, 1024, 16000, "float32")], repeats=1, memory=("full",))
+    rows = bench_loss.run(preset, ["reference", "torch-inplace"], str(tmp_path), repeats=1)
+    with open(tmp_path / "bench_loss.csv") as handle:
+        records = list(csv.DictReader(handle))
+    assert len(records) == len(rows) == 2 * (3 + 1)
+    assert (tmp_path / "bench_loss.png").stat().st_size > 10_000
+    assert all(float(record["value"]) > 0 for record in records)
+    memory = {record["provider"]: float(record["value"]) for record in records if record["metric"] == "extra_peak_mib"}
+    # the reference materialises several [N, V] fp32 tensors (64 MB each here); in place needs almost none
+    assert memory["reference"] > 128 and memory["torch-inplace"] < 0.5 * memory["reference"]
+    # nothing beats reading the logits twice and writing the gradient once (the eager backends' backward
+    # alone only hands over a gradient, so only forward + backward is held to the floor)
+    full = [record for record in records if record["metric"] == "time_ms" and record["mode"] == "full"]
+    assert len(full) == 2 and all(float(record["ratio_to_floor"]) > 1 for record in full)
