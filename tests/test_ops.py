@@ -1,5 +1,6 @@
 """The fused backends ("triton" under TRITON_INTERPRET=1, and "torch") against reference.py in float64."""
 
+import dataclasses
 import itertools
 import math
 import os
@@ -139,7 +140,7 @@ def test_no_gradient_needed_runs_no_gradient_pass(backend, monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("pass C ran although no gradient was needed")
-    monkeypatch.setattr(sk.loss, "_passes", lambda name: common.Passes(passes.logsumexp, passes.sentence, refuse))
+    monkeypatch.setattr(sk.loss, "_passes", lambda name: dataclasses.replace(passes, logits_grad=refuse))
     case = random_case(batch=2, length=6, vocab=1000, num_slots=3, dtype=torch.float32, seed=4)
     gold = reference.sentence_grpo_loss(*gold_of(case).values(), LossConfig())
     arguments = moved(case, device_of(backend))

@@ -1,9 +1,9 @@
 """What the kernel backends share: output allocation, the autograd Functions and the pass orchestration.
 
-A backend is a :class:`Passes`: pass A (``logsumexp``: log-probs, logsumexp, entropy), pass B
-(``sentence``: per-sentence terms and the per-token coefficient ``c_t = ∂loss/∂logp_t``) and pass C
-(``logits_grad``: ``c_t / T · (onehot − softmax)``). The Triton backend and the chunked PyTorch
-backend implement the same three passes; this module runs either of them.
+A backend is a :class:`Passes`: pass A (log-probs, logsumexp, entropy from one read of the logits),
+pass B (per-sentence sums, terms and the per-token coefficient ``c_t = ∂loss/∂logp_t``) and pass C
+(``c_t / T · (onehot − softmax)``). The Triton backend and the chunked PyTorch backend implement the same
+passes; this module runs either of them on logits, ``ops/fused_linear.py`` on chunks of ``hidden @ weight.T``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .sentence_layout import SentenceArrays, SentenceLayout, sentence_layout, sentence_metrics
 
 # Tests set this to True: every fresh output is then filled with NaN, so an element that a kernel
 # forgets to write shows up as a failure instead of as a lucky zero.
@@ -40,77 +42,46 @@ def check_row_layout(name: str, tensor: torch.Tensor) -> None:
 
 
 class EagerGradient(torch.autograd.Function):
-    """Attach to ``logits`` a gradient already computed in the forward pass.
+    """Attach to some inputs gradients already computed in the forward pass.
 
-    ``forward(logits, value, gradient)`` returns ``value``; ``backward`` hands ``gradient`` to
-    ``logits``, scaled by ``grad_output`` (skipped when it is exactly 1, the usual ``loss.backward()``,
-    which saves a full read and write of the gradient). The gradient is handed over once: a second
-    backward through the same graph (``retain_graph=True``) raises instead of returning a stale buffer.
+    ``EagerGradient.apply(value, gradients, *inputs)`` returns ``value``; ``backward`` hands ``gradients[k]``
+    to ``inputs[k]``, scaled by ``grad_output`` (skipped when it is exactly 1, the usual ``loss.backward()``,
+    which saves a full read and write of each gradient). The gradients are handed over once: a second
+    backward through the same graph (``retain_graph=True``) raises instead of returning stale buffers.
     """
 
     @staticmethod
-    def forward(ctx, logits, value, gradient):
-        ctx.gradient = gradient
+    def forward(ctx, value, gradients, *inputs):
+        ctx.gradients = list(gradients)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.gradient is None:
+        if ctx.gradients is None:
             raise RuntimeError("this fused loss computed its gradient in the forward pass and has already "
                                "handed it over; backward can run once per forward (no retain_graph reuse)")
-        gradient, ctx.gradient = ctx.gradient, None
+        gradients, ctx.gradients = ctx.gradients, None
         if grad_output.item() != 1.0:
-            gradient.mul_(grad_output.to(gradient.dtype))
-        return gradient, None, None
-
-
-@dataclass
-class SentenceArrays:
-    """Per-sentence-slot results of pass B, flat ``[B * S_max]``: token count (int32), ratio ρ
-    (after the log clamp), and the raw sum of k3 (fp64, ``None`` when ``beta == 0``)."""
-
-    count: torch.Tensor
-    ratio: torch.Tensor
-    kl_sum: torch.Tensor | None
-
-
-def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, segment_ids: torch.Tensor,
-                     entropy: torch.Tensor | None, config) -> dict:
-    """The metrics of DESIGN.md §2 from pass-B arrays, as detached 0-dim tensors (no host sync)."""
-    with torch.no_grad():
-        exists = arrays.count > 0
-        num_sentences = exists.sum()
-        num_tokens = arrays.count.sum(dtype=torch.int64)
-        batch = segment_ids.shape[0]
-        if advantages.dim() == 2:
-            slot_advantages = advantages.reshape(-1)
-        else:
-            slot_advantages = advantages.repeat_interleave(arrays.count.numel() // max(batch, 1))
-        ratio = arrays.ratio
-        clipped = ((ratio > 1 + config.eps_high) & (slot_advantages > 0)) | (
-            (ratio < 1 - config.eps_low) & (slot_advantages < 0))
-        sentences = num_sentences.clamp(min=1)
-        metrics = {
-            "clip_fraction": (clipped & exists).sum() / sentences,
-            "ratio_mean": torch.where(exists, ratio, 0.0).sum() / sentences,
-            "num_sentences": num_sentences,
-            "num_tokens": num_tokens,
-        }
-        if arrays.kl_sum is not None:
-            metrics["kl_mean"] = (arrays.kl_sum.sum() / num_tokens.clamp(min=1)).to(ratio.dtype)
-        if entropy is not None:
-            scored = segment_ids.reshape(-1) >= 0
-            metrics["entropy_mean"] = torch.where(scored, entropy, 0.0).sum() / num_tokens.clamp(min=1)
-        return metrics
+            gradients = [None if gradient is None else gradient.mul_(grad_output.to(gradient.dtype))
+                         for gradient in gradients]
+        return (None, None, *gradients)
 
 
 @dataclass(frozen=True)
 class Passes:
-    """The three passes of one backend (signatures as in ``ops/logprobs.py`` and ``ops/sentence_grpo.py``)."""
+    """The passes of one backend (contracts in ``ops/logprobs.py`` and ``ops/sentence_grpo.py``)."""
 
-    logsumexp: Callable
-    sentence: Callable
-    logits_grad: Callable
+    logsumexp: Callable       # A: logits -> logp, lse, entropy
+    sentence_sums: Callable   # B: Σ Δ_t and Σ k3_t per sentence
+    sentence_terms: Callable  # B: ratio, clipping, w · L and the gradient factors per sentence
+    token_coef: Callable      # B: c_t = ∂loss/∂logp_t
+    logits_grad: Callable     # C: c_t / T · (onehot − softmax)
+
+
+def sentence_sums_buffers(layout: SentenceLayout, with_kl: bool):
+    """Zeroed fp64 accumulators ``(Σ Δ, Σ k3 or None)``, flat ``[B * S_max]``."""
+    zeros = lambda: torch.zeros(layout.count.numel(), dtype=torch.float64, device=layout.count.device)  # noqa: E731
+    return zeros(), zeros() if with_kl else None
 
 
 def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
@@ -125,18 +96,23 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
     with torch.no_grad():   # the passes compute the gradient themselves: autograd must record nothing here
         logp, lse, entropy = passes.logsumexp(logits, completion_ids, config.temperature, segment_ids=segment_ids,
                                               with_entropy=return_metrics)
-        loss, token_coef, arrays = passes.sentence(logp, old_logps, ref_logps, segment_ids, advantages, config,
-                                                   num_slots)
+        layout = sentence_layout(segment_ids, num_slots, config.reduction, logp.dtype)
+        log_ratio_sum, kl_sum = sentence_sums_buffers(layout, config.beta > 0)
+        passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, log_ratio_sum, kl_sum)
+        terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)
+        loss = terms.weighted_loss.sum()
         if needs_gradient:
+            token_coef = passes.token_coef(logp, ref_logps, segment_ids, num_slots, terms)
             gradient = logits.detach() if inplace else new_output(logits.shape, logits.dtype, logits.device)
             passes.logits_grad(logits.detach(), completion_ids, token_coef, lse, config.temperature, gradient)
     if needs_gradient:
         if inplace:   # autograd must refuse any later use of the overwritten logits
             torch.autograd.graph.increment_version(logits)
-        loss = EagerGradient.apply(logits, loss, gradient)
+        loss = EagerGradient.apply(loss, (gradient,), logits)
     if not return_metrics:
         return loss
-    return loss, sentence_metrics(arrays, advantages, segment_ids, entropy, config)
+    arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=kl_sum)
+    return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, entropy, config)
 
 
 class TokenLogprobs(torch.autograd.Function):

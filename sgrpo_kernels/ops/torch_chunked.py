@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..config import LossConfig
-from .common import Passes, SentenceArrays, accumulator_dtype, check_row_layout, new_output
-from .sentence_grpo import reduction_denominator
+from .common import Passes, accumulator_dtype, check_row_layout, new_output
+from .sentence_layout import SentenceLayout, SentenceTerms
 
 CHUNK_BYTES = 16 * 2**20
 
@@ -84,24 +84,35 @@ def torch_logits_grad_pass(logits: torch.Tensor, ids: torch.Tensor, logp_coef: t
     return out
 
 
-def torch_sentence_pass(logp, old_logps, ref_logps, segment_ids, advantages, config: LossConfig, num_slots: int):
-    """Pass B; same contract and the same arithmetic as ``ops.sentence_grpo.sentence_pass``."""
-    batch, length = segment_ids.shape
-    device, dtype = logp.device, logp.dtype
+def _token_slots(segment_ids: torch.Tensor, num_slots: int, tokens: torch.Tensor | None):
+    """Flat positions of the scored tokens among ``tokens`` (all tokens if ``None``), their list positions
+    and their sentence slots."""
+    length = segment_ids.shape[1]
     segments = segment_ids.reshape(-1)
-    tokens = torch.nonzero(segments >= 0).squeeze(1)
-    slot = (tokens // length) * num_slots + segments[tokens].long()
-    token_logp = logp[tokens]
+    listed = torch.arange(segments.numel(), device=segments.device) if tokens is None else tokens
+    list_positions = torch.nonzero(segments[listed] >= 0).squeeze(1)
+    positions = listed[list_positions]
+    return positions, list_positions, (positions // length) * num_slots + segments[positions].long()
 
-    def per_slot_sum(values, dtype):
-        return torch.zeros(batch * num_slots, dtype=dtype, device=device).index_add_(0, slot, values.to(dtype))
 
-    count = per_slot_sum(torch.ones_like(slot), torch.int32)
-    log_ratio_sum = per_slot_sum(token_logp - old_logps.reshape(-1)[tokens].to(dtype), torch.float64) \
-        if old_logps is not None else torch.zeros(batch * num_slots, dtype=torch.float64, device=device)
-    exists = count > 0
-    divisor = count.clamp(min=1).to(dtype)
+def torch_sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, log_ratio_sum, kl_sum,
+                        tokens=None) -> None:
+    """Pass B, sums; same contract as ``ops.sentence_grpo.triton_sentence_sums``."""
+    positions, _, slots = _token_slots(segment_ids, num_slots, tokens)
+    token_logp = logp[positions]
+    if old_logps is not None:
+        log_ratio_sum.index_add_(0, slots, (token_logp - old_logps.reshape(-1)[positions].to(logp.dtype)).double())
+    if kl_sum is not None:
+        ref_minus_logp = ref_logps.reshape(-1)[positions].to(logp.dtype) - token_logp
+        kl_sum.index_add_(0, slots, (torch.exp(ref_minus_logp) - ref_minus_logp - 1).double())
 
+
+def torch_sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantages,
+                         config: LossConfig) -> SentenceTerms:
+    """Pass B, per-sentence terms; the same arithmetic as ``ops.sentence_grpo._sentence_terms_kernel``."""
+    dtype = layout.weight.dtype
+    exists = layout.count > 0
+    divisor = layout.count.clamp(min=1).to(dtype)
     log_ratio = log_ratio_sum.to(dtype)
     if config.ratio_level == "mean":
         log_ratio = log_ratio / divisor
@@ -111,7 +122,7 @@ def torch_sentence_pass(logp, old_logps, ref_logps, segment_ids, advantages, con
     if advantages.dim() == 2:
         advantage = advantages.reshape(-1).to(dtype)
     else:
-        advantage = advantages.to(dtype).repeat_interleave(num_slots)
+        advantage = advantages.to(dtype).repeat_interleave(layout.num_slots)
     advantage = torch.where(exists, advantage, 0.0)
 
     # surrogate = min(ρ_u·Â, clip(ρ)·Â); on a tie both branches share the gradient, as in torch.minimum
@@ -131,34 +142,32 @@ def torch_sentence_pass(logp, old_logps, ref_logps, segment_ids, advantages, con
     if config.ratio_level == "mean":
         per_token_slope = per_token_slope / divisor
 
-    sentence_loss = -surrogate
-    kl_sum = None
-    if config.beta > 0:
-        ref_minus_logp = ref_logps.reshape(-1)[tokens].to(dtype) - token_logp
-        kl_sum = per_slot_sum(torch.exp(ref_minus_logp) - ref_minus_logp - 1, torch.float64)
-        kl_weight = config.beta / divisor if config.kl_reduction == "mean" else torch.full_like(divisor, config.beta)
-        sentence_loss = sentence_loss + kl_sum.to(dtype) * kl_weight
-
-    row_sentences = exists.view(batch, num_slots).sum(1)
-    row_tokens = count.view(batch, num_slots).sum(1)
-    if config.reduction == "sentence_mean":
-        weight = (1.0 / row_sentences.clamp(min=1).to(dtype)).repeat_interleave(num_slots)
-    elif config.reduction == "token_mean":
-        weight = count.to(dtype)
-    else:
-        weight = torch.ones_like(divisor)
-    sentence_loss = torch.where(exists, sentence_loss, 0.0)
-    denominator = reduction_denominator(config, row_sentences, row_tokens).to(dtype)
-    loss = (weight * sentence_loss).sum() / denominator
-
-    ratio_coef = torch.where(exists, -weight * surrogate_slope * per_token_slope, 0.0)
-    token_coef = torch.zeros(batch * length, dtype=dtype, device=device)
-    coef = ratio_coef[slot]
-    if config.beta > 0:
-        coef = coef + (weight * kl_weight)[slot] * (1 - torch.exp(ref_minus_logp))
-    token_coef[tokens] = coef / denominator
-    return loss, token_coef, SentenceArrays(count=count, ratio=ratio, kl_sum=kl_sum)
+    loss = -surrogate
+    kl_coef = None
+    if kl_sum is not None:
+        kl, kl_weight = kl_sum.to(dtype), torch.full_like(divisor, config.beta)
+        if config.kl_reduction == "mean":
+            kl, kl_weight = kl / divisor, kl_weight / divisor
+        loss = loss + config.beta * kl
+        kl_coef = torch.where(exists, layout.weight * kl_weight, 0.0)
+    return SentenceTerms(weighted_loss=torch.where(exists, layout.weight * loss, 0.0), ratio=ratio,
+                         ratio_coef=torch.where(exists, -layout.weight * surrogate_slope * per_token_slope, 0.0),
+                         kl_coef=kl_coef)
 
 
-TORCH_PASSES = Passes(logsumexp=torch_logsumexp_pass, sentence=torch_sentence_pass,
+def torch_token_coef(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, tokens=None):
+    """Pass B, per-token coefficient; same contract as ``ops.sentence_grpo.triton_token_coef``."""
+    count = segment_ids.numel() if tokens is None else tokens.numel()
+    coef = torch.zeros(count, dtype=logp.dtype, device=logp.device)
+    positions, list_positions, slots = _token_slots(segment_ids, num_slots, tokens)
+    values = terms.ratio_coef[slots]
+    if terms.kl_coef is not None:
+        ref = ref_logps.reshape(-1)[positions].to(logp.dtype)
+        values = values + terms.kl_coef[slots] * (1 - torch.exp(ref - logp[positions]))
+    coef[list_positions] = values
+    return coef
+
+
+TORCH_PASSES = Passes(logsumexp=torch_logsumexp_pass, sentence_sums=torch_sentence_sums,
+                      sentence_terms=torch_sentence_terms, token_coef=torch_token_coef,
                       logits_grad=torch_logits_grad_pass)

@@ -1,0 +1,95 @@
+"""What pass B needs that depends only on ``segment_ids``: token counts and reduction weights per sentence.
+
+The reduction weight ``w(i, s)`` of DESIGN.md §1 (``1 / (S_i · B')``, ``n(i, s) / Σ n`` or 1) is known before
+any logit is read, so ``loss = Σ w · L`` and ``∂loss/∂logp_t`` can be finished sentence by sentence, as the
+fused linear path does chunk by chunk. Plus the metrics, computed from the per-sentence arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SentenceLayout:
+    """Per-sentence-slot facts of a ``[B, T]`` batch with ``num_slots`` slots per row (flat ``[B * num_slots]``)."""
+
+    batch: int
+    length: int
+    num_slots: int
+    count: torch.Tensor      # int32, tokens of each sentence (0: the sentence does not exist)
+    weight: torch.Tensor     # accumulator dtype, the reduction weight w(i, s); 0 where the sentence does not exist
+
+
+def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, dtype: torch.dtype) -> SentenceLayout:
+    """Counts and reduction weights from ``segment_ids [B, T]`` (ids in ``[-1, num_slots)``), no host sync."""
+    batch, length = segment_ids.shape
+    segments = segment_ids.reshape(-1).long()
+    rows = torch.arange(segments.numel(), device=segments.device) // max(length, 1)
+    slots = torch.where(segments >= 0, rows * num_slots + segments, batch * num_slots)   # unscored -> spare bin
+    count = torch.bincount(slots, minlength=batch * num_slots + 1)[:batch * num_slots]
+    exists = count > 0
+    if reduction == "sentence_mean":     # 1 / (S_i · B')
+        sentences_per_row = exists.view(batch, num_slots).sum(1)
+        rows_with_sentences = (sentences_per_row > 0).sum().clamp(min=1)
+        row_weight = 1.0 / (sentences_per_row.clamp(min=1) * rows_with_sentences).to(dtype)
+        weight = row_weight.repeat_interleave(num_slots)
+    elif reduction == "token_mean":      # n(i, s) / Σ n
+        weight = count.to(dtype) / count.sum().clamp(min=1).to(dtype)
+    else:
+        weight = torch.ones(batch * num_slots, dtype=dtype, device=segments.device)
+    weight = torch.where(exists, weight, 0.0)
+    return SentenceLayout(batch, length, num_slots, count.to(torch.int32), weight)
+
+
+@dataclass
+class SentenceTerms:
+    """Output of the terms step, flat ``[B * S_max]``: ``w · L``, ratio, and the two gradient factors."""
+
+    weighted_loss: torch.Tensor
+    ratio: torch.Tensor
+    ratio_coef: torch.Tensor
+    kl_coef: torch.Tensor | None
+
+
+@dataclass
+class SentenceArrays:
+    """Per-slot results of pass B, flat ``[B * S_max]``: token count (int32), ratio ρ (after the log clamp),
+    and the raw sum of k3 (fp64, ``None`` when ``beta == 0``)."""
+
+    count: torch.Tensor
+    ratio: torch.Tensor
+    kl_sum: torch.Tensor | None
+
+
+def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, scored: torch.Tensor,
+                     entropy: torch.Tensor | None, config) -> dict:
+    """The metrics of DESIGN.md §2 as detached 0-dim tensors (no host sync).
+
+    ``scored``: flat ``[B*T]`` bool; ``entropy``: flat ``[B*T]`` (read only where scored) or ``None``.
+    """
+    with torch.no_grad():
+        exists = arrays.count > 0
+        num_sentences = exists.sum()
+        num_tokens = arrays.count.sum(dtype=torch.int64)
+        if advantages.dim() == 2:
+            slot_advantages = advantages.reshape(-1)
+        else:
+            slot_advantages = advantages.repeat_interleave(arrays.count.numel() // max(advantages.shape[0], 1))
+        ratio = arrays.ratio
+        clipped = ((ratio > 1 + config.eps_high) & (slot_advantages > 0)) | (
+            (ratio < 1 - config.eps_low) & (slot_advantages < 0))
+        sentences = num_sentences.clamp(min=1)
+        metrics = {
+            "clip_fraction": (clipped & exists).sum() / sentences,
+            "ratio_mean": torch.where(exists, ratio, 0.0).sum() / sentences,
+            "num_sentences": num_sentences,
+            "num_tokens": num_tokens,
+        }
+        if arrays.kl_sum is not None:
+            metrics["kl_mean"] = (arrays.kl_sum.sum() / num_tokens.clamp(min=1)).to(ratio.dtype)
+        if entropy is not None:
+            metrics["entropy_mean"] = torch.where(scored, entropy, 0.0).sum() / num_tokens.clamp(min=1)
+        return metrics
