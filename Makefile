@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test bench lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.bench_loss --preset quick
+	$(BIN)/python -m benchmarks.bench_fused_linear --preset quick
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check sgrpo_kernels tests examples benchmarks

@@ -38,6 +38,8 @@ if [[ "$PART" == all || "$PART" == tests ]]; then
     tail -n 15 "$OUT/tests.txt"
 fi
 if [[ "$PART" == all || "$PART" == bench ]]; then
-    python3 -m benchmarks.bench_loss --preset gpu --out "$OUT" 2>&1 | grep -v "bench_loss:" | tail -n 30
+    for bench in bench_loss bench_fused_linear; do
+        python3 -m "benchmarks.$bench" --preset gpu --out "$OUT" 2>&1 | grep -v "^bench_" | tail -n 20
+    done
 fi
 python3 -m benchmarks.gpu_summary "$OUT" | tee "$OUT/summary.md"

@@ -53,6 +53,31 @@ def loss_targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+FUSED_SHAPE = dict(batch="8", length="2048", vocab="151936", hidden="4096", dtype="bfloat16")   # N = 16384
+
+
+def fused_linear_targets(rows: list[dict]) -> list[str]:
+    """Issue 4: N=16384, H=4096, V=151936, bf16, forward+backward."""
+    time_ms, row = pick(rows, "triton", "full", "time_ms", **FUSED_SHAPE)
+    if time_ms is None:
+        return ["- triton: no measurement"]
+    ratio = float(row["ratio_to_floor"])
+    lines = [f"- triton: {time_ms:.1f} ms = {ratio:.2f}× floor (target ≤ 1.5×): {'met' if ratio <= 1.5 else 'MISSED'}"]
+    extra_mib, _ = pick(rows, "triton", "full", "extra_peak_mib", **FUSED_SHAPE)
+    if extra_mib is not None:
+        gradients_mib = (8 * 2048 + 151936) * 4096 * 2 / 2**20     # grad of hidden and of the weight, bf16
+        beyond = extra_mib - gradients_mib
+        lines.append(f"- triton extra peak beyond the gradients: {beyond:.0f} MiB (target ≤ 1536): "
+                     f"{'met' if beyond <= 1536 else 'MISSED'}")
+    for metric, label in (("time_ms", "time"), ("extra_peak_mib", "extra peak memory")):
+        ours, _ = pick(rows, "triton", "full", metric, **FUSED_SHAPE)
+        peer, _ = pick(rows, "liger", "full", metric, **FUSED_SHAPE)
+        if ours is not None and peer:
+            lines.append(f"- {label} vs LigerFusedLinearGRPOLoss: ours {ours:.1f}, Liger {peer:.1f} "
+                         f"({'better' if ours < peer else 'WORSE'})")
+    return lines
+
+
 def main(out_dir: str) -> None:
     environment_path = os.path.join(out_dir, "environment.json")
     environment = json.load(open(environment_path)) if os.path.exists(environment_path) else {}
@@ -66,9 +91,12 @@ def main(out_dir: str) -> None:
         print(f"- tests: {' | '.join(lines[-2:])}")
     print("\n## Loss from logits (issue 3), N=16384, V=151936, bf16, forward+backward\n")
     print("\n".join(loss_targets(read_rows(os.path.join(out_dir, "bench_loss.csv")))))
-    table_path = os.path.join(out_dir, "bench_loss.md")
-    if os.path.exists(table_path):
-        print("\n" + open(table_path).read())
+    print("\n## Fused linear path (issue 4), N=16384, H=4096, V=151936, bf16, forward+backward\n")
+    print("\n".join(fused_linear_targets(read_rows(os.path.join(out_dir, "bench_fused_linear.csv")))))
+    for name in ("bench_loss.md", "bench_fused_linear.md"):
+        table_path = os.path.join(out_dir, name)
+        if os.path.exists(table_path):
+            print(f"\n### {name}\n\n" + open(table_path).read())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import nn
 from . import reference
 from .config import BACKENDS, LossConfig, _check_choice, check_loss_inputs, check_token_ids
 from .ops.common import run_sentence_grpo_loss, run_token_logprobs
+from .ops.fused_linear import run_fused_linear_loss, run_fused_linear_token_logprobs
 
 _BUILT_BACKENDS = ("reference", "triton", "torch")
 
@@ -65,7 +66,7 @@ def _check_constant_inputs(backend: str, **tensors) -> None:
 def _num_slots(segment_ids: torch.Tensor, advantages: torch.Tensor) -> int:
     if advantages.dim() == 2:
         return advantages.shape[1]
-    return int(segment_ids.max()) + 1 if segment_ids.numel() else 1
+    return max(int(segment_ids.max()) + 1, 1) if segment_ids.numel() else 1
 
 
 def _check_flag(name: str, value) -> None:
@@ -113,12 +114,7 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config)
-    return _run_loss(resolve_backend(backend, logits.device), logits, completion_ids, segment_ids, advantages,
-                     old_logps, ref_logps, config, inplace=inplace, return_metrics=return_metrics)
-
-
-def _run_loss(backend, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, *,
-              inplace, return_metrics):
+    backend = resolve_backend(backend, logits.device)
     if backend == "reference":
         return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                             config, return_metrics=return_metrics)
@@ -167,8 +163,11 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
     Args:
         hidden: ``[B, T, H]`` hidden states of the completion positions (shifted like ``logits``).
         weight: ``[V, H]`` output-embedding weight; bias: ``[V]`` or ``None``.
-        chunk_size: token rows per chunk for the chunked backends (``None``: chosen from the shapes).
-        Every other argument as :func:`sentence_grpo_loss`.
+        chunk_size: tokens per chunk of logits for the fused backends (``None``: chosen from the vocabulary
+            size and the free memory). Chunks hold whole sentences; a longer sentence is recomputed.
+        Every other argument as :func:`sentence_grpo_loss`; ``inplace`` has no effect here (the fused
+        backends always overwrite their chunk of logits with its gradient; ``"reference"`` materialises
+        the full logits).
 
     Returns:
         The scalar loss, or ``(loss, metrics)``; gradients flow to ``hidden``, ``weight`` and ``bias``.
@@ -183,11 +182,13 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
     check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config, logits_name="hidden")
     backend = resolve_backend(backend, hidden.device)
-    # Until the chunked fused-linear kernels exist, the logits are materialised (then freed by the
-    # fused backends, which keep only their gradient, or nothing more with inplace=True).
-    logits = _materialised_logits(hidden, weight, bias)
-    return _run_loss(backend, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
-                     inplace=inplace, return_metrics=return_metrics)
+    if backend == "reference":
+        return reference.sentence_grpo_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids,
+                                            advantages, old_logps, ref_logps, config, return_metrics=return_metrics)
+    _check_constant_inputs(backend, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
+    return run_fused_linear_loss(_passes(backend), hidden, weight, bias, completion_ids, segment_ids, advantages,
+                                 old_logps, ref_logps, config, _num_slots(segment_ids, advantages), chunk_size,
+                                 return_metrics=return_metrics)
 
 
 def _check_logprob_options(ids, temperature, return_entropy):
@@ -236,8 +237,18 @@ def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1
     hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``, ids ``[B, T]`` -> logp ``[B, T]`` float32.
     """
     _check_linear_inputs(hidden, weight, bias, chunk_size)
-    return token_logprobs(_materialised_logits(hidden, weight, bias), ids, temperature=temperature,
-                          return_entropy=return_entropy, backend=backend)
+    _check_logprob_options(ids, temperature, return_entropy)
+    if tuple(ids.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"ids must have shape {tuple(hidden.shape[:2])} (hidden without H), got {tuple(ids.shape)}")
+    if ids.device != hidden.device:
+        raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
+    check_token_ids("ids", ids, weight.shape[0])
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "reference":
+        return token_logprobs(_materialised_logits(hidden, weight, bias), ids, temperature=temperature,
+                              return_entropy=return_entropy, backend="reference")
+    return run_fused_linear_token_logprobs(_passes(backend), hidden, weight, bias, ids, float(temperature),
+                                           return_entropy, chunk_size)
 
 
 class SentenceGRPOLoss(nn.Module):

@@ -4,7 +4,7 @@ import csv
 
 import torch
 
-from benchmarks import bench_loss, harness
+from benchmarks import bench_loss, harness, runner
 
 
 def row(provider, value, metric="time_ms", mode="full"):
@@ -30,8 +30,8 @@ def test_cpu_peak_memory_sees_an_allocation():
 
 
 def test_small_run_end_to_end(tmp_path):
-    preset = dict(device="cpu", shapes=[bench_loss.Shape(1, 1024, 16000, "float32")], repeats=1, memory=("full",))
-    rows = bench_loss.run(preset, ["reference", "torch-inplace"], str(tmp_path), repeats=1)
+    preset = dict(device="cpu", shapes=[runner.Shape(1, 1024, 16000, "float32")], repeats=1, memory=("full",))
+    rows = runner.run(bench_loss.SUITE, preset, ["reference", "torch-inplace"], str(tmp_path), repeats=1)
     with open(tmp_path / "bench_loss.csv") as handle:
         records = list(csv.DictReader(handle))
     assert len(records) == len(rows) == 2 * (3 + 1)
@@ -44,3 +44,25 @@ def test_small_run_end_to_end(tmp_path):
     # alone only hands over a gradient, so only forward + backward is held to the floor)
     full = [record for record in records if record["metric"] == "time_ms" and record["mode"] == "full"]
     assert len(full) == 2 and all(float(record["ratio_to_floor"]) > 1 for record in full)
+
+
+def test_gpu_summary_judges_targets(tmp_path, capsys):
+    from benchmarks import gpu_summary
+
+    def gpu_row(bench, provider, metric, value, ratio=None, **shape):
+        record = harness.Row(bench=bench, provider=provider, device="cuda", dtype="bfloat16", batch=8, length=2048,
+                             vocab=151936, hidden=shape.get("hidden", 0), tokens=16384, mode="full", metric=metric,
+                             value=value, ratio_to_floor=ratio)
+        return record
+    harness.write_csv([gpu_row("loss", "triton", "time_ms", 6.0, 1.2), gpu_row("loss", "liger", "time_ms", 9.0),
+                       gpu_row("loss", "triton-inplace", "time_ms", 7.0, 1.4),
+                       gpu_row("loss", "triton-inplace", "extra_peak_mib", 100.0)], str(tmp_path / "bench_loss.csv"))
+    harness.write_csv([gpu_row("fused_linear", "triton", "time_ms", 50.0, 1.1, hidden=4096)],
+                      str(tmp_path / "bench_fused_linear.csv"))
+    gpu_summary.main(str(tmp_path))
+    text = capsys.readouterr().out
+    assert "triton: 6.00 ms = 1.20× floor (target ≤ 1.3×): met" in text
+    assert "vs liger: 9.00 ms, ours 0.67× its time (faster)" in text
+    assert "triton-inplace: 7.00 ms = 1.40× floor (target ≤ 1.3×): MISSED" in text
+    assert "2.11% of the logits (target ≤ 5%): met" in text
+    assert "triton: 50.0 ms = 1.10× floor (target ≤ 1.5×): met" in text

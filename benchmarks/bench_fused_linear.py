@@ -1,0 +1,108 @@
+"""Speed and memory of the loss from hidden states and the LM head (the fused linear path), every provider.
+
+    python -m benchmarks.bench_fused_linear --preset quick   # CPU, about a minute
+    python -m benchmarks.bench_fused_linear --preset cpu     # CPU, the README's table (B=4, T=1024, H=512, V=32000)
+    python -m benchmarks.bench_fused_linear --preset gpu     # CUDA, H=4096, V=151936, N in {4096, 16384}, bf16
+
+Providers: ``reference`` (materialise ``hidden @ weight.T``, then reference.py), ``torch`` / ``triton`` (this
+package's fused linear path), ``liger`` (Liger-Kernel's ``LigerFusedLinearGRPOLoss``, token level, compiled as
+it ships). The floor is ``6·N·H·V flops / matmul rate`` (logits, gradient of hidden, gradient of the weight)
+with the rate measured in the same run. Writes ``bench_fused_linear.{csv,png,md}`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sgrpo_kernels as sk  # noqa: E402
+from benchmarks.bench_loss import BETA, off_policy, sentence_batch  # noqa: E402
+from benchmarks.runner import Shape, Suite, main  # noqa: E402
+from sgrpo_kernels import reference  # noqa: E402
+from sgrpo_kernels.config import LossConfig  # noqa: E402
+
+PRESETS = {
+    "quick": dict(device="cpu", shapes=[Shape(4, 1024, 32000, "float32", 512)], providers=["reference", "torch"],
+                  repeats=1, memory=("full",)),
+    "cpu": dict(device="cpu", shapes=[Shape(4, 512, 32000, "float32", 512), Shape(4, 1024, 32000, "float32", 512),
+                                      Shape(4, 2048, 32000, "float32", 512)],
+                providers=["reference", "torch", "liger"], repeats=3, memory=("full",)),
+    "gpu": dict(device="cuda", shapes=[Shape(2, 2048, 151936, "bfloat16", 4096),
+                                       Shape(8, 2048, 151936, "bfloat16", 4096)],
+                providers=["reference", "triton", "liger"], repeats=10, memory=("forward", "full")),
+}
+ARGUMENTS = ("completion_ids", "segment_ids", "advantages", "old_logps", "ref_logps")
+
+
+def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
+    """Hidden states ``[B, T, H]`` and an LM head ``[V, H]`` scaled so that logits have unit variance."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = sentence_batch(shape, device, generator)
+    inputs["hidden"] = torch.randn(shape.batch, shape.length, shape.hidden, dtype=shape.torch_dtype, device=device)
+    inputs["weight"] = torch.randn(shape.vocab, shape.hidden, dtype=shape.torch_dtype, device=device)
+    inputs["weight"] /= shape.hidden ** 0.5
+    with torch.no_grad():
+        logps = sk.fused_linear_token_logprobs(inputs["hidden"], inputs["weight"], inputs["completion_ids"],
+                                               backend="torch" if device.type == "cpu" else "triton")
+    return inputs | off_policy(logps, generator)
+
+
+@functools.lru_cache(maxsize=None)
+def provider(name: str):
+    """``f(inputs) -> loss`` for each provider (cached: Liger's compiled chunk function compiles once)."""
+    if name == "reference":
+        config = LossConfig(beta=BETA)
+        return lambda inputs: reference.sentence_grpo_loss(inputs["hidden"] @ inputs["weight"].T,
+                                                           *(inputs[key] for key in ARGUMENTS), config)
+    if name in ("torch", "triton"):
+        return lambda inputs: sk.fused_linear_sentence_grpo_loss(inputs["hidden"], inputs["weight"],
+                                                                 *(inputs[key] for key in ARGUMENTS), beta=BETA,
+                                                                 backend=name)
+    if name == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        module = LigerFusedLinearGRPOLoss(beta=BETA, loss_type="grpo", importance_sampling_level="token")
+
+        def liger(inputs):   # token level: the same matmuls, one advantage per row
+            mask = (inputs["segment_ids"] >= 0).float()
+            loss, _ = module(inputs["hidden"], inputs["weight"], inputs["completion_ids"], mask,
+                             inputs["advantages"].mean(1), ref_per_token_logps=inputs["ref_logps"],
+                             old_per_token_logps=inputs["old_logps"])
+            return loss
+        return liger
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def leaves(name: str, inputs: dict) -> list[torch.Tensor]:
+    return [inputs["hidden"], inputs["weight"]]
+
+
+def provider_available(name: str, device: torch.device) -> str | None:
+    if name == "liger":
+        try:
+            import liger_kernel.chunked_loss  # noqa: F401
+        except ImportError:
+            return "liger-kernel not installed"
+    if name == "triton" and device.type != "cuda":
+        return "Triton kernels need CUDA (the CPU interpreter is not a speed measurement)"
+    return None
+
+
+def floor_ms(shape: Shape, ceilings: dict) -> float:
+    """Three matmuls of N·H·V multiply-adds (logits, grad of hidden, grad of weight) at the measured rate."""
+    return 6 * shape.tokens * shape.hidden * shape.vocab / (ceilings["matmul_tflops"] * 1e12) * 1e3
+
+
+SUITE = Suite(name="fused_linear", module="benchmarks.bench_fused_linear",
+              title="sentence-level GRPO loss from hidden states and the LM head",
+              floor_text="floor = 6·N·H·V flops / matmul rate", make_inputs=make_inputs, provider=provider,
+              leaves=leaves, unavailable=provider_available, floor_ms=floor_ms,
+              warm_before_memory=lambda name: name == "liger", needs_matmul_rate=True)
+
+if __name__ == "__main__":
+    main(SUITE, PRESETS, __doc__)

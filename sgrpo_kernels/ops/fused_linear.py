@@ -1,0 +1,233 @@
+"""Fused linear path: the loss from hidden states and the LM head, never holding more than one chunk of logits.
+
+The scored tokens are ordered by sentence and packed greedily into chunks of at most ``chunk_size`` tokens
+that hold whole sentences. For such a chunk the loss gradient is finished in one visit, because every
+coefficient of a token depends only on its own sentence and the reduction weights are known from
+``segment_ids`` alone: ``logits = h @ Wᵀ + b`` (2·C·H·V flops), passes A, B and C of the backend on the
+chunk (the gradient of the logits overwrites them), then ``grad_h = g @ W`` and ``grad_W += gᵀ @ h``
+(4·C·H·V). A sentence longer than a chunk is visited twice: once for its log-probs, once, after its ratio
+is known, to recompute its logits and finish its gradient (8·C·H·V for those tokens).
+
+Matmuls run in PyTorch (cuBLAS on GPU); the passes are the backend's (Triton kernels or chunked PyTorch).
+``grad_weight`` and ``grad_bias`` accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .common import EagerGradient, Passes, accumulator_dtype, new_output, sentence_sums_buffers
+from .sentence_layout import SentenceArrays, sentence_layout, sentence_metrics
+
+CPU_CHUNK_BYTES = 32 * 2**20
+GPU_CHUNK_BYTES_MAX = 2**30
+VOCAB_BLOCK = 16384        # rows of grad_weight updated per product when it accumulates in a wider dtype
+
+
+def default_chunk_size(vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per chunk: chunk logits of about 32 MiB on CPU; on GPU an eighth of the free memory, at most 1 GiB."""
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        budget = min(free_bytes // 8, GPU_CHUNK_BYTES_MAX)
+    else:
+        budget = CPU_CHUNK_BYTES
+    bytes_per_row = vocab * max(torch.finfo(dtype).bits // 8, 4 if device.type == "cpu" else 2)
+    return int(max(16, min(budget // bytes_per_row, 65536)))
+
+
+@dataclass
+class ChunkPlan:
+    """Flat token positions: ``whole`` chunks of whole sentences, and per long sentence its list of pieces."""
+
+    whole: list[torch.Tensor]
+    long: list[list[torch.Tensor]]
+
+
+def plan_chunks(segment_ids: torch.Tensor, num_slots: int, chunk_size: int) -> ChunkPlan:
+    """Order the scored tokens by sentence and pack whole sentences greedily into chunks of ``chunk_size``."""
+    length = segment_ids.shape[1]
+    segments = segment_ids.reshape(-1)
+    positions = torch.nonzero(segments >= 0).squeeze(1)
+    slots = (positions // length) * num_slots + segments[positions].long()
+    order = torch.sort(slots, stable=True).indices
+    tokens = positions[order]
+    _, sizes = torch.unique_consecutive(slots[order], return_counts=True)
+    whole, long = [], []
+    chunk_start = chunk_end = 0
+    for size in sizes.tolist():
+        if size > chunk_size:               # a long sentence: its own pieces, visited twice
+            if chunk_end > chunk_start:
+                whole.append(tokens[chunk_start:chunk_end])
+            long.append(list(tokens[chunk_end:chunk_end + size].split(chunk_size)))
+            chunk_start = chunk_end = chunk_end + size
+            continue
+        if chunk_end + size - chunk_start > chunk_size:
+            whole.append(tokens[chunk_start:chunk_end])
+            chunk_start = chunk_end
+        chunk_end += size
+    if chunk_end > chunk_start:
+        whole.append(tokens[chunk_start:chunk_end])
+    return ChunkPlan(whole, long)
+
+
+class _LinearHead:
+    """``hidden [N, H]`` rows times ``weight [V, H]`` (+ bias), and the gradient buffers of those three."""
+
+    def __init__(self, hidden, weight, bias, wanted=(False, False, False)):
+        """``wanted``: which of hidden, weight, bias need a gradient."""
+        self.hidden = hidden.reshape(-1, hidden.shape[-1])
+        self.weight, self.bias = weight, bias
+        self.grad_hidden = torch.zeros_like(self.hidden) if wanted[0] else None
+        accumulator = accumulator_dtype(weight.dtype)      # fp32 (fp64 for fp64 weights)
+        self.grad_weight = torch.zeros(weight.shape, dtype=accumulator, device=weight.device) if wanted[1] else None
+        self.grad_bias = (torch.zeros(weight.shape[0], dtype=accumulator, device=weight.device)
+                          if wanted[2] and bias is not None else None)
+
+    def logits(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.hidden[tokens]
+        logits = rows @ self.weight.T
+        if self.bias is not None:
+            logits += self.bias
+        return rows, logits
+
+    def accumulate(self, tokens: torch.Tensor, rows: torch.Tensor, grad_logits: torch.Tensor) -> None:
+        """Chain ``∂loss/∂logits`` of a chunk into the gradients of hidden, weight and bias."""
+        if self.grad_hidden is not None:
+            self.grad_hidden[tokens] = grad_logits @ self.weight
+        if self.grad_weight is not None:
+            if grad_logits.dtype == self.grad_weight.dtype:
+                self.grad_weight.addmm_(grad_logits.T, rows)          # no [V, H] temporary
+            else:   # bf16/fp16 products summed in fp32, a block of the vocabulary at a time (small temporaries)
+                for start in range(0, self.grad_weight.shape[0], VOCAB_BLOCK):
+                    block = slice(start, start + VOCAB_BLOCK)
+                    self.grad_weight[block] += grad_logits[:, block].T @ rows
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
+
+    def attach(self, value: torch.Tensor, hidden, weight, bias) -> torch.Tensor:
+        """Return ``value`` wired to autograd so that backward hands over the accumulated gradients."""
+        inputs = [hidden, weight] + ([bias] if bias is not None else [])
+        gradients = [None if self.grad_hidden is None else self.grad_hidden.view(hidden.shape),
+                     None if self.grad_weight is None else self.grad_weight.to(weight.dtype)]
+        if bias is not None:
+            gradients.append(None if self.grad_bias is None else self.grad_bias.to(bias.dtype))
+        return EagerGradient.apply(value, gradients, *inputs)
+
+
+def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
+                          ref_logps, config, num_slots: int, chunk_size: int | None, *, return_metrics: bool):
+    """The loss of DESIGN.md §1 on ``logits = hidden @ weight.T + bias``, one chunk of logits at a time.
+
+    hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``; the rest as ``sentence_grpo_loss``.
+    """
+    batch, length, _ = hidden.shape
+    vocab = weight.shape[0]
+    rows = batch * length
+    dtype = accumulator_dtype(hidden.dtype)
+    wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    needs_grad = any(wanted)
+    chunk_size = chunk_size or default_chunk_size(vocab, hidden.dtype, hidden.device)
+    temperature = config.temperature
+    with torch.no_grad():
+        head = _LinearHead(hidden, weight, bias, wanted)
+        ids = completion_ids.reshape(rows)
+        layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype)
+        log_ratio_sum, kl_sum = sentence_sums_buffers(layout, config.beta > 0)
+        logp = new_output((rows,), dtype, hidden.device)     # written only at scored positions, read only there
+        lse = new_output((rows,), dtype, hidden.device)
+        entropy = new_output((rows,), dtype, hidden.device) if return_metrics else None
+
+        def forward(tokens):
+            chunk_rows, logits = head.logits(tokens)
+            chunk_logp, chunk_lse, chunk_entropy = passes.logsumexp(
+                logits.unsqueeze(0), ids[tokens].unsqueeze(0), temperature, with_entropy=return_metrics)
+            logp[tokens], lse[tokens] = chunk_logp, chunk_lse
+            if return_metrics:
+                entropy[tokens] = chunk_entropy
+            passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, log_ratio_sum, kl_sum, tokens)
+            return chunk_rows, logits
+
+        def backward(tokens, chunk_rows, logits):
+            terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)
+            coef = passes.token_coef(logp, ref_logps, segment_ids, num_slots, terms, tokens)
+            grid = logits.unsqueeze(0)        # the gradient of the logits overwrites them
+            passes.logits_grad(grid, ids[tokens].unsqueeze(0), coef, lse[tokens], temperature, grid)
+            head.accumulate(tokens, chunk_rows, logits)
+
+        plan = plan_chunks(segment_ids, num_slots, chunk_size)
+        for tokens in plan.whole:
+            chunk_rows, logits = forward(tokens)
+            if needs_grad:
+                backward(tokens, chunk_rows, logits)
+            del chunk_rows, logits
+        for pieces in plan.long:
+            for tokens in pieces:
+                forward(tokens)
+            if needs_grad:
+                for tokens in pieces:
+                    backward(tokens, *head.logits(tokens))
+        terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)
+        loss = terms.weighted_loss.sum()
+    if needs_grad:
+        loss = head.attach(loss, hidden, weight, bias)
+    if not return_metrics:
+        return loss
+    arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=kl_sum)
+    return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, entropy, config)
+
+
+class FusedLinearTokenLogprobs(torch.autograd.Function):
+    """``logp`` (and entropy) of ``hidden @ weight.T + bias`` chunk by chunk; backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, temperature, with_entropy, chunk_size, passes):
+        rows = ids.numel()
+        head = _LinearHead(hidden, weight, bias)
+        dtype = accumulator_dtype(hidden.dtype)
+        logp = new_output((rows,), dtype, hidden.device)
+        lse = new_output((rows,), dtype, hidden.device)
+        entropy = new_output((rows,), dtype, hidden.device) if with_entropy else None
+        flat_ids = ids.reshape(rows)
+        for tokens in torch.arange(rows, device=hidden.device).split(chunk_size):
+            _, logits = head.logits(tokens)
+            chunk_logp, chunk_lse, chunk_entropy = passes.logsumexp(
+                logits.unsqueeze(0), flat_ids[tokens].unsqueeze(0), temperature, with_entropy=with_entropy)
+            logp[tokens], lse[tokens] = chunk_logp, chunk_lse
+            if with_entropy:
+                entropy[tokens] = chunk_entropy
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy)
+        ctx.temperature, ctx.chunk_size, ctx.passes = temperature, chunk_size, passes
+        if with_entropy:
+            return logp.view(ids.shape), entropy.view(ids.shape)
+        return logp.view(ids.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
+        rows = ids.numel()
+        head = _LinearHead(hidden, weight, bias, ctx.needs_input_grad[:3])
+        flat_ids = ids.reshape(rows)
+        logp_coef = (torch.zeros(rows, dtype=lse.dtype, device=lse.device) if grad_logp is None
+                     else grad_logp.reshape(rows).to(lse.dtype))
+        entropy_coef = None if grad_entropy is None else grad_entropy.reshape(rows).to(lse.dtype)
+        for tokens in torch.arange(rows, device=hidden.device).split(ctx.chunk_size):
+            chunk_rows, logits = head.logits(tokens)
+            grid = logits.unsqueeze(0)
+            ctx.passes.logits_grad(grid, flat_ids[tokens].unsqueeze(0), logp_coef[tokens], lse[tokens],
+                                   ctx.temperature, grid,
+                                   entropy_coef=None if entropy_coef is None else entropy_coef[tokens],
+                                   entropy=None if entropy_coef is None else entropy[tokens])
+            head.accumulate(tokens, chunk_rows, logits)
+        grad_hidden = None if head.grad_hidden is None else head.grad_hidden.view(hidden.shape)
+        grad_weight = None if head.grad_weight is None else head.grad_weight.to(weight.dtype)
+        grad_bias = None if head.grad_bias is None else head.grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def run_fused_linear_token_logprobs(passes: Passes, hidden, weight, bias, ids, temperature: float,
+                                   return_entropy: bool, chunk_size: int | None):
+    """``[B, T]`` log-probs (and entropies) of ``hidden @ weight.T + bias`` without the full logits."""
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
+    return FusedLinearTokenLogprobs.apply(hidden, weight, bias, ids, temperature, return_entropy, chunk_size, passes)
