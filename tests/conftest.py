@@ -8,3 +8,23 @@ import torch
 # (the GPU suite) the kernels run for real on CUDA tensors instead.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poison_fresh_outputs(monkeypatch):
+    """Every buffer a kernel backend allocates starts as NaN: an element it forgets to write fails a test."""
+    from sgrpo_kernels.ops import common
+    monkeypatch.setattr(common, "POISON_FRESH_OUTPUTS", True)
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request):
+    """The two fused backends; Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    if request.param == "triton":
+        pytest.importorskip("triton", reason="the Triton backend needs triton")
+        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    return request.param

@@ -1,7 +1,6 @@
 """The fused linear path against reference.py applied to hidden @ weight.T + bias, in float64."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -10,24 +9,10 @@ from cases import assert_relative_close, device_of, random_case
 import sgrpo_kernels as sk
 from sgrpo_kernels import reference
 from sgrpo_kernels.config import LossConfig
-from sgrpo_kernels.ops import common, fused_linear
+from sgrpo_kernels.ops import fused_linear
 from sgrpo_kernels.ops.fused_linear import plan_chunks
 
 HIDDEN = 24
-
-
-@pytest.fixture(autouse=True)
-def poison_fresh_outputs(monkeypatch):
-    monkeypatch.setattr(common, "POISON_FRESH_OUTPUTS", True)
-
-
-@pytest.fixture(params=["triton", "torch"])
-def backend(request):
-    if request.param == "triton":
-        pytest.importorskip("triton", reason="the Triton backend needs triton")
-        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-            pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
-    return request.param
 
 
 def linear_case(seed, batch=3, length=11, vocab=700, num_slots=6, with_bias=True, dtype=torch.float32, **options):

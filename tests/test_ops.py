@@ -3,7 +3,6 @@
 import dataclasses
 import itertools
 import math
-import os
 
 import pytest
 import torch
@@ -12,24 +11,6 @@ from cases import KERNEL_DEVICE, assert_relative_close, device_of, moved, random
 import sgrpo_kernels as sk
 from sgrpo_kernels import reference
 from sgrpo_kernels.config import LossConfig
-from sgrpo_kernels.ops import common
-
-BACKENDS = ["triton", "torch"]
-
-
-@pytest.fixture(autouse=True)
-def poison_fresh_outputs(monkeypatch):
-    """Every buffer a backend allocates starts as NaN: an element it forgets to write fails the test."""
-    monkeypatch.setattr(common, "POISON_FRESH_OUTPUTS", True)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "triton":
-        pytest.importorskip("triton", reason="the Triton backend needs triton")
-        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-            pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
-    return request.param
 
 
 def call(backend, case, **options):

@@ -116,6 +116,25 @@ class _LinearHead:
         return EagerGradient.apply(value, gradients, *inputs)
 
 
+class _TokenScores:
+    """Flat ``[B*T]`` log-probs, logsumexps and (optionally) entropies, filled chunk by chunk by pass A."""
+
+    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device, with_entropy: bool):
+        self.logp = new_output((rows,), dtype, device)     # written only at the chunks' tokens, read only there
+        self.lse = new_output((rows,), dtype, device)
+        self.entropy = new_output((rows,), dtype, device) if with_entropy else None
+
+    def score(self, passes: Passes, head: _LinearHead, ids: torch.Tensor, tokens: torch.Tensor, temperature: float):
+        """Compute the chunk's logits, run pass A on them, store the results; return ``(rows, logits)``."""
+        chunk_rows, logits = head.logits(tokens)
+        logp, lse, entropy = passes.logsumexp(logits.unsqueeze(0), ids[tokens].unsqueeze(0), temperature,
+                                              with_entropy=self.entropy is not None)
+        self.logp[tokens], self.lse[tokens] = logp, lse
+        if self.entropy is not None:
+            self.entropy[tokens] = entropy
+        return chunk_rows, logits
+
+
 def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
                           ref_logps, config, num_slots: int, chunk_size: int | None, *, return_metrics: bool):
     """The loss of DESIGN.md §1 on ``logits = hidden @ weight.T + bias``, one chunk of logits at a time.
@@ -135,17 +154,11 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
         ids = completion_ids.reshape(rows)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype)
         log_ratio_sum, kl_sum = sentence_sums_buffers(layout, config.beta > 0)
-        logp = new_output((rows,), dtype, hidden.device)     # written only at scored positions, read only there
-        lse = new_output((rows,), dtype, hidden.device)
-        entropy = new_output((rows,), dtype, hidden.device) if return_metrics else None
+        scores = _TokenScores(rows, dtype, hidden.device, return_metrics)
+        logp = scores.logp
 
         def forward(tokens):
-            chunk_rows, logits = head.logits(tokens)
-            chunk_logp, chunk_lse, chunk_entropy = passes.logsumexp(
-                logits.unsqueeze(0), ids[tokens].unsqueeze(0), temperature, with_entropy=return_metrics)
-            logp[tokens], lse[tokens] = chunk_logp, chunk_lse
-            if return_metrics:
-                entropy[tokens] = chunk_entropy
+            chunk_rows, logits = scores.score(passes, head, ids, tokens, temperature)
             passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, log_ratio_sum, kl_sum, tokens)
             return chunk_rows, logits
 
@@ -153,7 +166,7 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
             terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)
             coef = passes.token_coef(logp, ref_logps, segment_ids, num_slots, terms, tokens)
             grid = logits.unsqueeze(0)        # the gradient of the logits overwrites them
-            passes.logits_grad(grid, ids[tokens].unsqueeze(0), coef, lse[tokens], temperature, grid)
+            passes.logits_grad(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], temperature, grid)
             head.accumulate(tokens, chunk_rows, logits)
 
         plan = plan_chunks(segment_ids, num_slots, chunk_size)
@@ -175,7 +188,7 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
     if not return_metrics:
         return loss
     arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=kl_sum)
-    return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, entropy, config)
+    return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
 
 
 class FusedLinearTokenLogprobs(torch.autograd.Function):
@@ -185,18 +198,10 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ids, temperature, with_entropy, chunk_size, passes):
         rows = ids.numel()
         head = _LinearHead(hidden, weight, bias)
-        dtype = accumulator_dtype(hidden.dtype)
-        logp = new_output((rows,), dtype, hidden.device)
-        lse = new_output((rows,), dtype, hidden.device)
-        entropy = new_output((rows,), dtype, hidden.device) if with_entropy else None
-        flat_ids = ids.reshape(rows)
+        scores = _TokenScores(rows, accumulator_dtype(hidden.dtype), hidden.device, with_entropy)
         for tokens in torch.arange(rows, device=hidden.device).split(chunk_size):
-            _, logits = head.logits(tokens)
-            chunk_logp, chunk_lse, chunk_entropy = passes.logsumexp(
-                logits.unsqueeze(0), flat_ids[tokens].unsqueeze(0), temperature, with_entropy=with_entropy)
-            logp[tokens], lse[tokens] = chunk_logp, chunk_lse
-            if with_entropy:
-                entropy[tokens] = chunk_entropy
+            scores.score(passes, head, ids.reshape(rows), tokens, temperature)
+        logp, lse, entropy = scores.logp, scores.lse, scores.entropy
         ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy)
         ctx.temperature, ctx.chunk_size, ctx.passes = temperature, chunk_size, passes
         if with_entropy:
