@@ -11,10 +11,13 @@ from .loss import (
     sentence_grpo_loss,
     token_logprobs,
 )
+from .segmentation import Segmentation, Segmenter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Segmentation",
+    "Segmenter",
     "SentenceGRPOLoss",
     "fused_linear_sentence_grpo_loss",
     "fused_linear_token_logprobs",

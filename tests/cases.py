@@ -66,3 +66,18 @@ def moved(case: dict, device: torch.device) -> dict:
               for key, value in case.items()}
     result["logits"].requires_grad_()
     return result
+
+
+def train_byte_level_bpe(corpus: list[str], vocab_size: int, repeat: int = 20):
+    """A Hugging Face fast tokenizer trained here: byte-level BPE without the pre-tokenizer's regex, so
+    merges span spaces, dots and newlines (they cross sentence boundaries); ``<eos>`` and ``<pad>``."""
+    import tokenizers
+    import transformers
+
+    model = tokenizers.Tokenizer(tokenizers.models.BPE())
+    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    model.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    model.train_from_iterator(corpus * repeat, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<eos>", pad_token="<pad>")

@@ -11,7 +11,8 @@ from sgrpo_kernels.config import LossConfig
 
 def test_public_names():
     assert set(sk.__all__) == {"sentence_grpo_loss", "fused_linear_sentence_grpo_loss", "token_logprobs",
-                               "fused_linear_token_logprobs", "group_sentence_advantages", "SentenceGRPOLoss"}
+                               "fused_linear_token_logprobs", "group_sentence_advantages", "SentenceGRPOLoss",
+                               "Segmenter", "Segmentation"}
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.2])
