@@ -62,7 +62,9 @@ def test_fork_bomb_is_contained(limits_before):
 @needs_bwrap
 def test_writing_outside_the_working_directory_fails():
     name = f"sgrpo-escape-{uuid.uuid4().hex}.txt"
-    host_file, host_tmp_file = os.path.join(os.getcwd(), name), os.path.join("/tmp", name)
+    # the standard library's folder: on the host's (read-only inside) root even when the checkout is under /tmp
+    host_file = os.path.join(os.path.dirname(os.path.realpath(os.__file__)), name)
+    host_tmp_file = os.path.join("/tmp", name)
     code = (f"open('inside.txt', 'w').write('ok')\nopen({host_tmp_file!r}, 'w').write('private')\n"
             f"print('wrote')\nopen({host_file!r}, 'w').write('escaped')\n")
     try:

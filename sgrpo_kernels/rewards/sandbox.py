@@ -46,9 +46,19 @@ def _limits(timeout_s: float, memory_mb: int):
     return apply
 
 
+def _interpreter_mounts() -> list[str]:
+    """Read-only binds for an interpreter that lives under /tmp, which the sandbox replaces by its own."""
+    mounts = []
+    for path in {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}:
+        if path == "/tmp" or path.startswith("/tmp/"):
+            mounts += ["--ro-bind", path, path]
+    return mounts
+
+
 def _command(workdir: str, script: str) -> list[str]:
     global _warned_without_bwrap
-    python = [sys.executable, "-I", script]
+    # the real interpreter, not a virtualenv's link to it: -I ignores the virtualenv's packages anyway
+    python = [os.path.realpath(sys.executable), "-I", script]
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         if not _warned_without_bwrap:
@@ -57,8 +67,8 @@ def _command(workdir: str, script: str) -> list[str]:
             _warned_without_bwrap = True
         return python
     return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--bind", workdir, workdir, "--chdir", workdir, "--unshare-all", "--die-with-parent",
-            "--clearenv", "--uid", str(NOBODY), "--gid", str(NOBODY), *python]
+            *_interpreter_mounts(), "--bind", workdir, workdir, "--chdir", workdir, "--unshare-all",
+            "--die-with-parent", "--clearenv", "--uid", str(NOBODY), "--gid", str(NOBODY), *python]
 
 
 def run_python(code: str, *, stdin: str = "", timeout_s: float = 5, memory_mb: int = 512) -> SandboxResult:
