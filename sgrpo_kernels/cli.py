@@ -1,0 +1,153 @@
+"""The ``sgrpo`` command: supervised warm start, sentence-level GRPO, benchmarks.
+
+    sgrpo sft   --output-dir runs/sft                       # tiny model + char tokenizer, trained on the toy task
+    sgrpo train --model runs/sft --output-dir runs/grpo     # GRPO from that checkpoint, prints accuracy before/after
+    sgrpo bench --preset quick                              # the benchmark suite (from a source checkout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+TASKS = ("arith",)
+
+
+def _task(name: str):
+    if name == "arith":
+        from .trainer.tasks import arith
+        return arith
+    raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+
+
+def _datasets(task, data_dir: str, seed: int, train_size: int, eval_size: int):
+    """The task's JSONL files in ``data_dir`` (written on first use from a fixed seed), read back."""
+    os.makedirs(data_dir, exist_ok=True)
+    paths = {split: os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "test")}
+    if not all(os.path.exists(path) for path in paths.values()):
+        task.write_jsonl(task.make_dataset(train_size, seed=seed), paths["train"])
+        task.write_jsonl(task.make_dataset(eval_size, seed=seed + 1), paths["test"])
+    return task.read_jsonl(paths["train"]), task.read_jsonl(paths["test"])
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=TASKS, default="arith", help="the problem set (default: arith)")
+    parser.add_argument("--data-dir", default="data/arith", help="JSONL question/answer files (made if missing)")
+    parser.add_argument("--output-dir", required=True, help="where the checkpoint, metrics and plots go")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--eval-size", type=int, default=300, help="held-out problems for greedy accuracy")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgrpo", description="Sentence-level GRPO with fused kernels.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{sft,train,bench}")
+
+    sft = commands.add_parser("sft", help="supervised warm start of a tiny model on the task",
+                              description="Build a tiny Qwen2-style model with a character tokenizer (or load "
+                                          "--model) and teach it the solution format by supervised fine-tuning.")
+    _common_arguments(sft)
+    sft.add_argument("--model", help="a local model folder to start from (default: a new tiny model)")
+    sft.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
+    sft.add_argument("--batch-size", type=int, default=64, help="problems per step (default: 64)")
+    sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+
+    train = commands.add_parser("train", help="sentence-level GRPO from a checkpoint",
+                                description="GRPO with per-sentence rewards (correctness, logic, format), group "
+                                            "advantages and the fused loss; writes metrics.jsonl, plots and "
+                                            "save_pretrained checkpoints.")
+    _common_arguments(train)
+    train.add_argument("--model", required=True, help="local model folder, e.g. the output of `sgrpo sft`")
+    train.add_argument("--level", choices=("token", "sentence", "output"), default="sentence",
+                       help="scale of rewards and ratios (default: sentence)")
+    train.add_argument("--ratio-level", choices=("sum", "mean"), default="mean",
+                       help="sentence ratio: sum of token log-ratios or their mean (default: mean)")
+    train.add_argument("--steps", type=int, default=40, help="GRPO steps (default: 40)")
+    train.add_argument("--group-size", type=int, default=8, help="answers sampled per prompt, G (default: 8)")
+    train.add_argument("--prompts", type=int, default=8, help="prompts per step (default: 8)")
+    train.add_argument("--beta", type=float, default=0.0, help="KL weight to the reference model (default: 0)")
+    train.add_argument("--epsilon", type=float, default=0.2, help="clip range of the ratio (default: 0.2)")
+    train.add_argument("--scale", choices=("std", "none"), default="std",
+                       help="divide group-centred rewards by their std (GRPO) or not (Dr. GRPO) (default: std)")
+    train.add_argument("--mu", type=int, default=1, help="updates per batch of rollouts (default: 1)")
+    train.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
+    train.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1)")
+    train.add_argument("--eval-every", type=int, default=10, help="steps between evaluations (default: 10)")
+    train.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only the end)")
+    train.add_argument("--resume", help="a checkpoint folder of an earlier run to continue from")
+
+    bench = commands.add_parser("bench", help="run the speed and memory benchmarks (source checkout)",
+                                description="Run benchmarks/bench_loss.py and benchmarks/bench_fused_linear.py.")
+    bench.add_argument("--preset", default="quick", help="quick, cpu or gpu (default: quick)")
+    bench.add_argument("--out", default="benchmarks/out", help="folder for CSV, PNG and Markdown")
+    return parser
+
+
+def _threads(count: int) -> None:
+    if count:
+        torch.set_num_threads(count)
+
+
+def run_sft(args) -> dict:
+    from .trainer.sft import run_sft as sft
+    from .trainer.tiny import char_tokenizer, load_pretrained, tiny_model
+
+    _threads(args.threads)
+    task = _task(args.task)
+    train, held_out = _datasets(task, args.data_dir, args.seed, 20000, args.eval_size)
+    if args.model:
+        model, tokenizer = load_pretrained(args.model)
+    else:
+        tokenizer = char_tokenizer()
+        model = tiny_model(tokenizer, seed=args.seed)
+    accuracy = sft(model, tokenizer, train, held_out, task.is_correct, steps=args.steps, batch_size=args.batch_size,
+                   lr=args.lr, seed=args.seed, output_dir=args.output_dir)
+    summary = {"held_out_accuracy": accuracy, "output_dir": args.output_dir}
+    print(json.dumps(summary))
+    return summary
+
+
+def run_train(args) -> dict:
+    from .trainer.grpo import GRPOConfig, GRPOTrainer
+    from .trainer.plots import plot_metrics
+    from .trainer.tiny import load_pretrained
+
+    _threads(args.threads)
+    task = _task(args.task)
+    train, held_out = _datasets(task, args.data_dir, args.seed, 20000, args.eval_size)
+    model, tokenizer = load_pretrained(args.resume or args.model)
+    config = GRPOConfig(level=args.level, ratio_level=args.ratio_level, steps=args.steps,
+                        prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu, beta=args.beta,
+                        epsilon=args.epsilon, scale=args.scale, lr=args.lr, temperature=args.temperature,
+                        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
+    trainer = GRPOTrainer(model, tokenizer, train, held_out, task.is_correct, task.reward(), config, args.output_dir,
+                          resume_from=args.resume)
+    summary = trainer.train()
+    plot_metrics(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "training.png"),
+                 title=f"sentence-level GRPO, level={args.level}")
+    print(json.dumps(summary))
+    return summary
+
+
+def run_bench(args) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, "benchmarks")):
+        sys.exit("sgrpo bench runs the benchmarks of a source checkout; benchmarks/ was not found next to the package")
+    for script in ("bench_loss", "bench_fused_linear"):
+        subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--preset", args.preset, "--out", args.out],
+                       cwd=root, check=True)
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    {"sft": run_sft, "train": run_train, "bench": run_bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tasks the trainer can learn: each gives problems, a JSONL format and a sentence reward."""

@@ -1,0 +1,163 @@
+"""The trainer end to end on a tiny model: task, tokenizer, rollout -> sentences -> rewards -> advantages, one
+GRPO step, checkpoints and resuming, the `sgrpo` command."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the trainer runs transformers models (train extra)")
+
+from sgrpo_kernels.cli import build_parser, main  # noqa: E402
+from sgrpo_kernels.rewards import CompositeReward  # noqa: E402
+from sgrpo_kernels.trainer.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
+from sgrpo_kernels.trainer.tasks import arith  # noqa: E402
+from sgrpo_kernels.trainer.tiny import char_tokenizer, load_pretrained, save_pretrained, tiny_model  # noqa: E402
+
+
+def small_model(seed=0):
+    tokenizer = char_tokenizer()
+    return tiny_model(tokenizer, hidden_size=32, layers=1, heads=2, seed=seed), tokenizer
+
+
+def test_problems_are_solved_by_their_solutions():
+    for problem in arith.make_dataset(200, seed=3):
+        first, operations = arith.question_operations(problem.question)
+        value = first
+        for sign, operand in operations:
+            value = value + operand if sign == "+" else value - operand
+            assert 0 <= value <= 99
+        assert problem.answer == str(value) and arith.is_correct(problem.solution, problem.answer)
+        assert arith.reward()([problem.question], [[problem.solution]], [problem.answer]).shape == (1, 1)
+    assert arith.make_dataset(5, seed=1) == arith.make_dataset(5, seed=1)
+
+
+def test_task_rewards_close_the_doors_a_policy_found():
+    question, reference = "Compute 15 + 18 - 8 - 15.", "10"
+    reward = arith.reward()
+    right = ["15 + 18 = 33.", " 33 - 8 = 25.", " 25 - 15 = 10.", " Answer: 10"]
+    plus_instead_of_minus = ["15 + 18 = 33.", " 33 + 8 = 41.", " 41 + 15 = 56.", " Answer: 56"]
+    extra_step = right[:3] + [" 10 + 15 = 25.", " Answer: 25"]
+    wrong_arithmetic = ["15 + 18 = 33.", " 33 - 8 = 24.", " 24 - 15 = 9.", " Answer: 9"]
+    scores = {name: reward([question], [answer], [reference])[0] for name, answer in
+              [("right", right), ("plus", plus_instead_of_minus), ("extra", extra_step), ("arith", wrong_arithmetic)]}
+    assert scores["right"].tolist() == [1.0, 1.0, 1.0, 1.0]
+    # correctness 0 (not the running value), logic 2/3 (wrong operator), format 1: 0.3·2/3 + 0.2 = 0.4
+    assert scores["plus"][1].item() == pytest.approx(0.4)
+    # an attempted subtraction with a slip keeps its logic credit: 0.3 + 0.2 = 0.5 > 0.4
+    assert scores["arith"][1].item() == pytest.approx(0.5)
+    assert scores["extra"][3].item() == pytest.approx(0.2)               # a step beyond the question: format only
+
+
+def test_char_tokenizer_round_trip_survives_save_and_load(tmp_path):
+    model, tokenizer = small_model()
+    text = "Compute 12 + 30 - 7.\n12 + 30 = 42. 42 - 7 = 35. Answer: 35"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text
+    save_pretrained(model, tokenizer, str(tmp_path))
+    loaded_model, loaded_tokenizer = load_pretrained(str(tmp_path))
+    assert loaded_tokenizer.encode(text, add_special_tokens=False) == ids
+    torch.testing.assert_close(loaded_model(torch.tensor([ids])).logits, model(torch.tensor([ids])).logits)
+
+
+def noise_reward():
+    """Seeded random sentence rewards: an untrained model earns the same arith reward on every answer, which
+    would give zero advantages and (rightly) no update."""
+    generator = random.Random(0)
+
+    def noise(questions, answers, references):
+        return [[generator.random() for _ in sentences] for sentences in answers]
+    return CompositeReward({"noise": noise}, {"noise": 1.0})
+
+
+def trainer(tmp_path, level="sentence", steps=3, resume_from=None, model=None, tokenizer=None, reward=None,
+            **options):
+    if model is None:
+        model, tokenizer = small_model()
+    config = GRPOConfig(level=level, steps=steps, prompts_per_step=2, group_size=3, max_new_tokens=24, eval_every=100,
+                        lr=1e-3, temperature=1.5, **options)
+    return GRPOTrainer(model, tokenizer, arith.make_dataset(50, seed=0), arith.make_dataset(4, seed=1),
+                       arith.is_correct, reward or arith.reward(), config, str(tmp_path), resume_from=resume_from)
+
+
+@pytest.mark.parametrize("level", ["token", "sentence", "output"])
+def test_rollout_sentences_rewards_and_advantages_line_up(tmp_path, level):
+    torch.manual_seed(0)
+    run = trainer(tmp_path, level)
+    batch = run.rollout()
+    rows, length = batch["completion_ids"].shape
+    assert rows == 6 and batch["mask"].shape == (rows, length) and len(batch["sentences"].texts) == rows
+    assert batch["rewards"].shape == (rows, int(batch["sentences"].num_sentences.max()))
+    segment_ids, advantages = run.advantages(batch)
+    assert segment_ids.shape == (rows, length)
+    assert ((segment_ids >= 0) == batch["mask"].bool()).all()          # every completion token is scored
+    if level == "sentence":
+        assert advantages.shape == batch["rewards"].shape
+    else:
+        assert advantages.shape == (rows,)
+        if level == "token":
+            assert (segment_ids.max(1).values + 1 == batch["mask"].sum(1)).all()
+        else:
+            assert segment_ids.max() == 0
+    assert torch.isfinite(advantages).all()
+
+
+@pytest.mark.parametrize("level,beta", [("sentence", 0.0), ("token", 0.1), ("output", 0.0)])
+def test_one_step_changes_the_parameters_and_logs_finite_metrics(tmp_path, level, beta):
+    torch.manual_seed(1)
+    run = trainer(tmp_path, level, beta=beta, mu=2, reward=noise_reward())
+    before = [parameter.detach().clone() for parameter in run.model.parameters()]
+    record = run.step()
+    changed = sum(not torch.equal(old, new) for old, new in zip(before, run.model.parameters()))
+    assert changed == len(before)
+    for key in ("loss", "reward", "train_accuracy", "grad_norm", "reward_noise", "clip_fraction", "ratio_mean",
+                "entropy_mean"):
+        assert key in record and record[key] == record[key] and abs(record[key]) < 1e6, key
+    assert ("kl_mean" in record) == (beta > 0)
+    assert run.reference is None or all(not parameter.requires_grad for parameter in run.reference.parameters())
+
+
+def test_checkpoint_and_resume(tmp_path):
+    torch.manual_seed(2)
+    first = trainer(tmp_path / "run", steps=2, save_every=2, reward=noise_reward())
+    summary = first.train(progress=False)
+    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.pt").exists() and (checkpoint / "config.json").exists()
+    model, tokenizer = load_pretrained(str(checkpoint))
+    torch.testing.assert_close(model.get_output_embeddings().weight, first.model.get_output_embeddings().weight)
+    resumed = trainer(tmp_path / "run", steps=3, resume_from=str(checkpoint), model=model, tokenizer=tokenizer,
+                      reward=noise_reward())
+    assert resumed.step_index == 2
+    assert resumed.optimizer.state_dict()["state"].keys() == first.optimizer.state_dict()["state"].keys()
+    assert resumed.schedule.last_epoch == first.schedule.last_epoch
+    resumed.train(progress=False)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3]                                        # one log, continued
+
+
+def test_cli_help_and_a_tiny_sft_then_train(tmp_path, capsys):
+    help_text = build_parser().format_help()
+    assert all(command in help_text for command in ("sft", "train", "bench"))
+    train_help = [action.dest for action in build_parser()._subparsers._group_actions[0].choices["train"]._actions]
+    for option in ("task", "level", "steps", "group_size", "beta", "epsilon", "mu", "model", "output_dir", "seed"):
+        assert option in train_help
+    data, sft_dir, grpo_dir = tmp_path / "data", tmp_path / "sft", tmp_path / "grpo"
+    main(["sft", "--output-dir", str(sft_dir), "--data-dir", str(data), "--steps", "2", "--batch-size", "4",
+          "--eval-size", "4"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output_dir"] == str(sft_dir)
+    main(["train", "--model", str(sft_dir), "--output-dir", str(grpo_dir), "--data-dir", str(data), "--steps", "1",
+          "--group-size", "2", "--prompts", "2", "--eval-size", "4"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) == {"accuracy_before", "accuracy_after"}
+    assert os.path.getsize(grpo_dir / "training.png") > 5000 and (grpo_dir / "metrics.jsonl").exists()
+    assert len((data / "train.jsonl").read_text().splitlines()) == 20000
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="level"):
+        GRPOConfig(level="paragraph")
+    with pytest.raises(ValueError, match="group_size"):
+        GRPOConfig(group_size=0)
