@@ -29,17 +29,25 @@ SLOT_BLOCK = 256
 
 
 @triton.jit
-def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, log_ratio_sum_ptr, kl_sum_ptr,
-                          num_tokens, length, num_slots,
-                          HAS_INDEX: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr):
+def _listed_tokens(tokens_ptr, segment_ids_ptr, num_tokens, length, num_slots, HAS_INDEX: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """This program's block of list positions, their flat token positions (the list is ``tokens_ptr`` when
+    ``HAS_INDEX``, else all tokens), whether each is scored, and its sentence slot."""
     position = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = position < num_tokens
     token = position
     if HAS_INDEX:
         token = tl.load(tokens_ptr + position, mask=in_range, other=0)
     segment = tl.load(segment_ids_ptr + token, mask=in_range, other=-1).to(tl.int64)
-    scored = segment >= 0
-    slot = (token // length) * num_slots + segment
+    return position, in_range, token, segment >= 0, (token // length) * num_slots + segment
+
+
+@triton.jit
+def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, log_ratio_sum_ptr, kl_sum_ptr,
+                          num_tokens, length, num_slots,
+                          HAS_INDEX: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr):
+    _, _, token, scored, slot = _listed_tokens(tokens_ptr, segment_ids_ptr, num_tokens, length, num_slots,
+                                               HAS_INDEX, BLOCK)
     logp = tl.load(logp_ptr + token, mask=scored, other=0.0)
     if HAS_OLD:
         old = tl.load(old_ptr + token, mask=scored, other=0.0).to(logp.dtype)
@@ -114,14 +122,8 @@ def _token_coef_kernel(logp_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, ratio_coe
                        num_tokens, length, num_slots,
                        HAS_INDEX: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr):
     # c_t = ratio_coef[s] + kl_coef[s] · (1 − exp(ref_t − logp_t)), written at the token's place in the list
-    position = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = position < num_tokens
-    token = position
-    if HAS_INDEX:
-        token = tl.load(tokens_ptr + position, mask=in_range, other=0)
-    segment = tl.load(segment_ids_ptr + token, mask=in_range, other=-1).to(tl.int64)
-    scored = segment >= 0
-    slot = (token // length) * num_slots + segment
+    position, in_range, token, scored, slot = _listed_tokens(tokens_ptr, segment_ids_ptr, num_tokens, length,
+                                                             num_slots, HAS_INDEX, BLOCK)
     coef = tl.load(ratio_coef_ptr + slot, mask=scored, other=0.0)
     if HAS_KL:
         logp = tl.load(logp_ptr + token, mask=scored, other=0.0)
