@@ -13,12 +13,13 @@ import torch
 
 from . import reference
 from .config import ADVANTAGE_MODES, ADVANTAGE_SCALES, ADVANTAGE_WEIGHTINGS, _check_choice, _check_real
+from .distributed import gather_rows
 from .ops.common import new_output
 
 
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, *,
                               eps: float = 1e-4, weighting: str = "output", scale: str = "std",
-                              mode: str = "sentence") -> torch.Tensor:
+                              mode: str = "sentence", process_group=None) -> torch.Tensor:
     """Normalise sentence rewards within each group of ``group_size`` consecutive outputs.
 
     Args:
@@ -32,6 +33,9 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
         scale: ``"std"`` divides by ``σ + eps``; ``"none"`` only subtracts the group mean.
         mode: ``"sentence"`` (each sentence its own normalised reward) or ``"cumulative"`` (sentence
             ``s`` gets the sum of the normalised rewards of sentences ``s .. S_b - 1``).
+        process_group: a ``torch.distributed`` group whose ranks each hold a contiguous slice of the global
+            batch (rank 0 the first rows), so that a group of ``G`` answers may straddle two ranks; the
+            statistics are then computed on the gathered global batch.
 
     Returns:
         ``[B, S_max]`` advantages in the dtype of ``rewards``; 0 where ``s >= num_sentences[b]``.
@@ -53,7 +57,7 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
         raise ValueError(f"num_sentences is on {num_sentences.device} but rewards is on {rewards.device}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if batch % group_size:
+    if process_group is None and batch % group_size:
         raise ValueError(f"group_size must divide the batch: B={batch} is not a multiple of {group_size}")
     if num_sentences.numel() and (int(num_sentences.min()) < 0 or int(num_sentences.max()) > num_slots):
         raise ValueError(f"num_sentences must lie in [0, S_max={num_slots}], "
@@ -62,6 +66,9 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     _check_choice("scale", scale, ADVANTAGE_SCALES)
     _check_choice("mode", mode, ADVANTAGE_MODES)
     eps = _check_real("eps", eps, low=0.0, low_inclusive=scale != "std")
+    if process_group is not None:      # every rank checked its own rows above; the global batch is checked there
+        return _across_ranks(rewards, num_sentences, group_size, process_group, eps=eps, weighting=weighting,
+                             scale=scale, mode=mode)
     if _use_triton(rewards):
         out = _triton_group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode)
         if out is not None:
@@ -96,3 +103,11 @@ def _triton_group_advantages(rewards, num_sentences, group_size, eps, weighting,
         ACC_DTYPE=triton.language.float64 if rewards.dtype == torch.float64 else triton.language.float32,
         BLOCK_G=block_groups, BLOCK_S=block_slots)
     return out
+
+
+def _across_ranks(rewards, num_sentences, group_size, process_group, **options):
+    """Gather every rank's rows, normalise the global batch, return this rank's rows."""
+    all_rewards, offset = gather_rows(rewards, process_group)
+    all_counts, _ = gather_rows(num_sentences, process_group)
+    advantages = group_sentence_advantages(all_rewards, all_counts, group_size, **options)
+    return advantages[offset:offset + rewards.shape[0], :rewards.shape[1]].contiguous()

@@ -81,7 +81,7 @@ def _output_logp_dtype(dtype: torch.dtype) -> torch.dtype:
 def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None, *,
                        eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                        kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
-                       backend="auto", return_metrics=False):
+                       backend="auto", return_metrics=False, process_group=None):
     """Sentence-level GRPO loss (DESIGN.md §1) from logits.
 
     Args:
@@ -100,7 +100,10 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"torch"`` or ``"native"``.
         return_metrics: also return a dict of detached 0-dim tensors: ``clip_fraction``,
             ``ratio_mean``, ``kl_mean`` (when ``beta > 0``), ``entropy_mean``, ``num_sentences``,
-            ``num_tokens``.
+            ``num_tokens`` (of this rank's rows).
+        process_group: a ``torch.distributed`` group whose ranks each hold a slice of the global batch:
+            the means then run over the global batch and the loss is scaled so that the mean of the rank
+            losses is the global loss and gradients averaged by DDP/FSDP are its gradient.
 
     Returns:
         The scalar loss (float32, or float64 for float64 inputs), or ``(loss, metrics)``.
@@ -117,11 +120,11 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
     backend = resolve_backend(backend, logits.device)
     if backend == "reference":
         return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                            config, return_metrics=return_metrics)
+                                            config, return_metrics=return_metrics, process_group=process_group)
     _check_constant_inputs(backend, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     return run_sentence_grpo_loss(_passes(backend), logits, completion_ids, segment_ids, advantages, old_logps,
                                   ref_logps, config, _num_slots(segment_ids, advantages), inplace=inplace,
-                                  return_metrics=return_metrics)
+                                  return_metrics=return_metrics, process_group=process_group)
 
 
 def _check_linear_inputs(hidden, weight, bias, chunk_size) -> None:
@@ -157,7 +160,7 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     ref_logps=None, *, bias=None, chunk_size=None, eps_low=0.2, eps_high=0.2,
                                     beta=0.0, delta=None, temperature=1.0, ratio_level="sum", kl_reduction="mean",
                                     reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
-                                    backend="auto", return_metrics=False):
+                                    backend="auto", return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
     Args:
@@ -184,11 +187,12 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         return reference.sentence_grpo_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids,
-                                            advantages, old_logps, ref_logps, config, return_metrics=return_metrics)
+                                            advantages, old_logps, ref_logps, config, return_metrics=return_metrics,
+                                            process_group=process_group)
     _check_constant_inputs(backend, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     return run_fused_linear_loss(_passes(backend), hidden, weight, bias, completion_ids, segment_ids, advantages,
                                  old_logps, ref_logps, config, _num_slots(segment_ids, advantages), chunk_size,
-                                 return_metrics=return_metrics)
+                                 return_metrics=return_metrics, process_group=process_group)
 
 
 def _check_logprob_options(ids, temperature, return_entropy):
@@ -260,7 +264,7 @@ class SentenceGRPOLoss(nn.Module):
 
     def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                  kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
-                 backend="auto", return_metrics=False, chunk_size=None):
+                 backend="auto", return_metrics=False, chunk_size=None, process_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
         LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
@@ -270,7 +274,7 @@ class SentenceGRPOLoss(nn.Module):
         self.options = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
                             ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
                             clamp_log_ratio=clamp_log_ratio, inplace=inplace, backend=backend,
-                            return_metrics=return_metrics)
+                            return_metrics=return_metrics, process_group=process_group)
         self.chunk_size = chunk_size
 
     def forward(self, logits=None, completion_ids=None, segment_ids=None, advantages=None, old_logps=None,

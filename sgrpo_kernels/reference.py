@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import LossConfig
+from .distributed import global_sum, world_size
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
@@ -32,7 +33,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
 def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segment_ids: torch.Tensor,
                        advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
                        ref_logps: torch.Tensor | None = None, config: LossConfig = LossConfig(),
-                       return_metrics: bool = False):
+                       return_metrics: bool = False, process_group=None):
     """Sentence-level GRPO loss of DESIGN.md §1.
 
     logits ``[B, T, V]``; completion_ids ``[B, T]`` int; segment_ids ``[B, T]`` int (``-1`` = unscored);
@@ -40,6 +41,8 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     Inputs are assumed valid (the public API checks them). The log-probs are computed in the dtype
     of ``logits``; everything after them in at least float32 (float64 when the logits are).
     Returns the scalar loss, and with ``return_metrics`` also a dict of detached 0-dim tensors.
+    With a ``process_group`` this rank's rows are part of a global batch: the denominators ``B'`` and ``Σ n``
+    are summed over the ranks and the loss is multiplied by the world size (``sgrpo_kernels.distributed``).
     """
     batch, length, _ = logits.shape
     device = logits.device
@@ -94,11 +97,13 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     if config.reduction == "sum":
         loss = sentence_loss.sum()
     elif config.reduction == "token_mean":
-        loss = (tokens_per_sentence * sentence_loss).sum() / tokens_per_sentence.sum().clamp(min=1)
+        loss = (tokens_per_sentence * sentence_loss).sum() / global_sum(tokens_per_sentence.sum(), process_group)\
+            .clamp(min=1)
     else:  # sentence_mean: (1/B') Σ_i (1/S_i) Σ_s L(i, s)
         sentences_per_row = exists.view(batch, num_slots).sum(1)
         row_loss = sentence_loss.view(batch, num_slots).sum(1) / sentences_per_row.clamp(min=1)
-        loss = row_loss.sum() / (sentences_per_row > 0).sum().clamp(min=1)
+        loss = row_loss.sum() / global_sum((sentences_per_row > 0).sum(), process_group).clamp(min=1)
+    loss = loss * world_size(process_group)
 
     if not return_metrics:
         return loss

@@ -85,7 +85,7 @@ def sentence_sums_buffers(layout: SentenceLayout, with_kl: bool):
 
 
 def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                           config, num_slots: int, *, inplace: bool, return_metrics: bool):
+                           config, num_slots: int, *, inplace: bool, return_metrics: bool, process_group=None):
     """The loss of DESIGN.md §1 with passes A, B and, when ``logits`` needs a gradient, C.
 
     Inputs as ``reference.sentence_grpo_loss`` (already validated); ``num_slots`` is ``S_max``.
@@ -96,7 +96,7 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
     with torch.no_grad():   # the passes compute the gradient themselves: autograd must record nothing here
         logp, lse, entropy = passes.logsumexp(logits, completion_ids, config.temperature, segment_ids=segment_ids,
                                               with_entropy=return_metrics)
-        layout = sentence_layout(segment_ids, num_slots, config.reduction, logp.dtype)
+        layout = sentence_layout(segment_ids, num_slots, config.reduction, logp.dtype, process_group)
         log_ratio_sum, kl_sum = sentence_sums_buffers(layout, config.beta > 0)
         passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, log_ratio_sum, kl_sum)
         terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)

@@ -136,7 +136,8 @@ class _TokenScores:
 
 
 def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
-                          ref_logps, config, num_slots: int, chunk_size: int | None, *, return_metrics: bool):
+                          ref_logps, config, num_slots: int, chunk_size: int | None, *, return_metrics: bool,
+                          process_group=None):
     """The loss of DESIGN.md §1 on ``logits = hidden @ weight.T + bias``, one chunk of logits at a time.
 
     hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``; the rest as ``sentence_grpo_loss``.
@@ -152,7 +153,7 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
     with torch.no_grad():
         head = _LinearHead(hidden, weight, bias, wanted)
         ids = completion_ids.reshape(rows)
-        layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype)
+        layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, process_group)
         log_ratio_sum, kl_sum = sentence_sums_buffers(layout, config.beta > 0)
         scores = _TokenScores(rows, dtype, hidden.device, return_metrics)
         logp = scores.logp

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import global_sum, world_size
+
 
 @dataclass
 class SentenceLayout:
@@ -23,8 +25,13 @@ class SentenceLayout:
     weight: torch.Tensor     # accumulator dtype, the reduction weight w(i, s); 0 where the sentence does not exist
 
 
-def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, dtype: torch.dtype) -> SentenceLayout:
-    """Counts and reduction weights from ``segment_ids [B, T]`` (ids in ``[-1, num_slots)``), no host sync."""
+def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, dtype: torch.dtype,
+                    process_group=None) -> SentenceLayout:
+    """Counts and reduction weights from ``segment_ids [B, T]`` (ids in ``[-1, num_slots)``), no host sync.
+
+    With a ``process_group`` the denominators ``B'`` and ``Σ n`` cover every rank's rows and the weights are
+    multiplied by the world size (see ``sgrpo_kernels.distributed``).
+    """
     batch, length = segment_ids.shape
     segments = segment_ids.reshape(-1).long()
     rows = torch.arange(segments.numel(), device=segments.device) // max(length, 1)
@@ -33,14 +40,14 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
     exists = count > 0
     if reduction == "sentence_mean":     # 1 / (S_i · B')
         sentences_per_row = exists.view(batch, num_slots).sum(1)
-        rows_with_sentences = (sentences_per_row > 0).sum().clamp(min=1)
+        rows_with_sentences = global_sum((sentences_per_row > 0).sum(), process_group).clamp(min=1)
         row_weight = 1.0 / (sentences_per_row.clamp(min=1) * rows_with_sentences).to(dtype)
         weight = row_weight.repeat_interleave(num_slots)
     elif reduction == "token_mean":      # n(i, s) / Σ n
-        weight = count.to(dtype) / count.sum().clamp(min=1).to(dtype)
+        weight = count.to(dtype) / global_sum(count.sum(), process_group).clamp(min=1).to(dtype)
     else:
         weight = torch.ones(batch * num_slots, dtype=dtype, device=segments.device)
-    weight = torch.where(exists, weight, 0.0)
+    weight = torch.where(exists, weight * world_size(process_group), 0.0)
     return SentenceLayout(batch, length, num_slots, count.to(torch.int32), weight)
 
 

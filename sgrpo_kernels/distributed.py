@@ -1,0 +1,50 @@
+"""Multi-process helpers: the loss and the group advantages over a batch spread across ``torch.distributed`` ranks.
+
+Each rank holds a contiguous slice of the global batch (rank 0 the first rows). The reduction denominators
+(``B'`` rows with a sentence, ``Σ n`` scored tokens) are summed over the ranks, and every rank's loss is scaled
+by the world size ``W``: then the mean of the rank losses is the loss of the global batch, and the gradient
+that DDP/FSDP average over ranks is exactly the gradient of that global loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def world_size(process_group) -> int:
+    """1 without a process group, else its size."""
+    if process_group is None:
+        return 1
+    import torch.distributed as dist
+    return dist.get_world_size(process_group)
+
+
+def global_sum(tensor: torch.Tensor, process_group) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks of ``process_group`` (``tensor`` itself without one)."""
+    if process_group is None:
+        return tensor
+    import torch.distributed as dist
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
+    return total
+
+
+def gather_rows(tensor: torch.Tensor, process_group) -> tuple[torch.Tensor, int]:
+    """Concatenate every rank's ``tensor`` along dim 0 (shapes may differ: dims > 0 are zero-padded to the widest).
+
+    Returns the global tensor and the offset of this rank's rows in it.
+    """
+    import torch.distributed as dist
+
+    size = world_size(process_group)
+    shape = torch.tensor(list(tensor.shape), device=tensor.device)
+    shapes = [torch.zeros_like(shape) for _ in range(size)]
+    dist.all_gather(shapes, shape, group=process_group)
+    widest = torch.stack(shapes).amax(0).tolist()
+    padded = torch.zeros(widest, dtype=tensor.dtype, device=tensor.device)
+    padded[tuple(slice(0, extent) for extent in tensor.shape)] = tensor
+    pieces = [torch.zeros_like(padded) for _ in range(size)]
+    dist.all_gather(pieces, padded, group=process_group)
+    rank = dist.get_rank(process_group)
+    rows = [int(each[0]) for each in shapes]
+    return torch.cat([piece[:count] for piece, count in zip(pieces, rows)]), sum(rows[:rank])

@@ -1,0 +1,117 @@
+"""Two CPU processes (gloo) each holding half of a global batch give the single-process loss and gradients."""
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from cases import random_case
+
+import sgrpo_kernels as sk
+
+WORLD = 2
+BACKENDS = ["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+def _worker(rank, init_file, test, errors):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+        test(rank)
+    except BaseException:                                    # report to the parent instead of hanging it
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_two_ranks(test, tmp_path):
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), test, errors), nprocs=WORLD, join=True)
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not messages, "\n".join(messages)
+
+
+def global_case():
+    """Six rows; rank 0 gets rows 0-2, rank 1 rows 3-5 (different lengths, an empty row on rank 1)."""
+    return random_case(batch=6, length=7, vocab=64, num_slots=4, dtype=torch.float64, seed=17, old_spread=0.3)
+
+
+def split(case, rank):
+    rows = slice(3 * rank, 3 * rank + 3)
+    return {key: value[rows].detach().clone() if isinstance(value, torch.Tensor) else value
+            for key, value in case.items()}
+
+
+def check_loss_and_gradients(rank):
+    for backend in BACKENDS:
+        for reduction in ("sentence_mean", "token_mean", "sum"):
+            options = dict(beta=0.1, reduction=reduction, backend=backend)
+            case = global_case()
+            whole = dict(case, logits=case["logits"].detach().clone().requires_grad_())
+            expected = sk.sentence_grpo_loss(*whole.values(), **options)
+            expected.backward()
+            mine = split(case, rank)
+            mine["logits"].requires_grad_()
+            loss = sk.sentence_grpo_loss(*mine.values(), **options, process_group=dist.group.WORLD)
+            loss.backward()
+            # the mean of the rank losses is the global loss ...
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total / WORLD, expected.detach(), rtol=1e-10, atol=1e-12)
+            # ... and this rank's gradient, averaged as DDP does (÷ W), is the global gradient of its rows
+            torch.testing.assert_close(mine["logits"].grad / WORLD, whole["logits"].grad[3 * rank:3 * rank + 3],
+                                       rtol=1e-9, atol=1e-12)
+
+
+def check_group_advantages_across_ranks(rank):
+    generator = torch.Generator().manual_seed(5)
+    rewards = torch.rand(12, 5, generator=generator, dtype=torch.float64)
+    counts = torch.randint(0, 6, (12,), generator=generator)
+    expected = sk.group_sentence_advantages(rewards, counts, group_size=4, mode="cumulative")
+    # rank 0 holds rows 0-5, rank 1 rows 6-11: the group of rows 4-7 straddles the two ranks
+    rows = slice(6 * rank, 6 * rank + 6)
+    mine = sk.group_sentence_advantages(rewards[rows], counts[rows], group_size=4, mode="cumulative",
+                                        process_group=dist.group.WORLD)
+    torch.testing.assert_close(mine, expected[rows], rtol=1e-12, atol=1e-12)
+
+
+class Policy(torch.nn.Module):
+    """A projection and an LM head; its forward returns the fused linear loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(8, 8, dtype=torch.float64)
+        self.head = torch.nn.Parameter(torch.randn(64, 8, dtype=torch.float64) * 0.5)
+
+    def forward(self, inputs, completion_ids, segment_ids, advantages, old_logps, ref_logps, process_group=None):
+        return sk.fused_linear_sentence_grpo_loss(self.body(inputs), self.head, completion_ids, segment_ids,
+                                                  advantages, old_logps, ref_logps, beta=0.1, backend="torch",
+                                                  chunk_size=5, process_group=process_group)
+
+
+def check_ddp_training_step(rank):
+    """Under DistributedDataParallel the averaged parameter gradients equal the single-process ones."""
+    case = global_case()
+    inputs = torch.randn(6, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    rest = [case[key] for key in ("completion_ids", "segment_ids", "advantages", "old_logps", "ref_logps")]
+    single = Policy()
+    single(inputs, *rest).backward()
+    ddp = torch.nn.parallel.DistributedDataParallel(Policy())
+    rows = slice(3 * rank, 3 * rank + 3)
+    loss = ddp(inputs[rows], *(tensor[rows] for tensor in rest), process_group=dist.group.WORLD)
+    loss.backward()                                           # DDP averages the gradients over the two ranks
+    for (name, got), want in zip(ddp.module.named_parameters(), single.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("test", [check_loss_and_gradients, check_group_advantages_across_ranks,
+                                  check_ddp_training_step])
+def test_two_ranks_equal_one_process(test, tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    run_on_two_ranks(test, tmp_path)
