@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from cases import random_case
 
 import sgrpo_kernels as sk
+from sgrpo_kernels.integrations.hf import output_projection
 
 WORLD = 2
 BACKENDS = ["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -109,8 +110,50 @@ def check_ddp_training_step(rank):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+class BodyAndHead(torch.nn.Module):
+    """A Hugging Face-like layout: forward returns hidden states, the LM head is a separate Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(8, 8, dtype=torch.float64)
+        self.head = torch.nn.Linear(8, 64, bias=False, dtype=torch.float64)
+
+    def forward(self, inputs):
+        return self.body(inputs).clone()
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def check_fsdp2_training_step(rank):
+    """FSDP2 (fully_shard on the body, then on the root): the root keeps its parameters, the head included,
+    unsharded from its forward to its backward, so the loss can read ``model.head.weight`` after the forward,
+    as SentenceGRPOTrainer does; the reduce-scattered gradients equal the single-process ones."""
+    from torch.distributed.fsdp import fully_shard
+    case = global_case()
+    inputs = torch.randn(6, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    rest = [case[key] for key in ("completion_ids", "segment_ids", "advantages", "old_logps", "ref_logps")]
+    options = dict(beta=0.1, backend="torch", chunk_size=5)
+    single = BodyAndHead()
+    sk.fused_linear_sentence_grpo_loss(single(inputs), single.head.weight, *rest, **options).backward()
+    model = BodyAndHead()
+    fully_shard(model.body)
+    fully_shard(model)
+    rows = slice(3 * rank, 3 * rank + 3)
+    with pytest.raises(RuntimeError, match="sharded"):        # before the forward FSDP2 holds only a shard
+        output_projection(model)
+    hidden = model(inputs[rows])
+    weight, _ = output_projection(model)                      # the root keeps it unsharded until the backward
+    loss = sk.fused_linear_sentence_grpo_loss(hidden, weight, *(tensor[rows] for tensor in rest),
+                                              **options, process_group=dist.group.WORLD)
+    loss.backward()
+    for (name, got), want in zip(model.named_parameters(), single.parameters()):
+        torch.testing.assert_close(got.grad.full_tensor(), want.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("test", [check_loss_and_gradients, check_group_advantages_across_ranks,
-                                  check_ddp_training_step])
+                                  check_ddp_training_step, check_fsdp2_training_step])
 def test_two_ranks_equal_one_process(test, tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")

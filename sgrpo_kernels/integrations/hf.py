@@ -10,7 +10,8 @@ def output_projection(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     With tied embeddings the weight *is* the input-embedding parameter, so gradients reach it as usual.
     Raises ``NotImplementedError`` for heads that are not one affine map of the final hidden state
-    (logit soft-capping, logit scaling): the fused path would silently compute another function.
+    (logit soft-capping, logit scaling): the fused path would silently compute another function; and
+    ``RuntimeError`` for a head that FSDP2 holds sharded at the time of the call.
     """
     config = getattr(model, "config", None)
     for attribute in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
@@ -22,6 +23,10 @@ def output_projection(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not isinstance(head, torch.nn.Linear):
         raise NotImplementedError(f"the output embedding of {type(model).__name__} is a {type(head).__name__}, "
                                   "not an nn.Linear")
+    if hasattr(head.weight, "full_tensor"):       # a DTensor: FSDP2 has sharded the head at this point
+        raise RuntimeError("the LM head weight is sharded (a DTensor). Under FSDP2, read it after the forward of "
+                           "the root module, which keeps its parameters unsharded until the backward, and do not "
+                           "fully_shard the head on its own (see the README, multi-process training)")
     return head.weight, head.bias
 
 

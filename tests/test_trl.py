@@ -1,0 +1,141 @@
+"""SentenceGRPOTrainer: a few real TRL steps on a tiny local model, and its loss against reference.py and TRL."""
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="the TRL integration needs trl >= 1.0 (the trl extra)")
+datasets = pytest.importorskip("datasets", reason="TRL trains on a datasets.Dataset")
+
+from cases import assert_relative_close  # noqa: E402
+
+from sgrpo_kernels import reference  # noqa: E402
+from sgrpo_kernels.config import LossConfig  # noqa: E402
+from sgrpo_kernels.integrations.trl import SentenceGRPOTrainer  # noqa: E402
+from sgrpo_kernels.trainer.tasks import arith  # noqa: E402
+from sgrpo_kernels.trainer.tiny import char_tokenizer, tiny_model  # noqa: E402
+
+
+def dataset(count=8):
+    problems = arith.make_dataset(count, seed=4)
+    return datasets.Dataset.from_list([{"prompt": problem.question + "\n", "answer": problem.answer}
+                                       for problem in problems])
+
+
+def config(tmp_path, **overrides):
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                   max_completion_length=20, max_steps=2, learning_rate=5e-3, logging_steps=1, report_to=[],
+                   use_cpu=True, save_strategy="no", temperature=1.3, beta=0.0, seed=0, bf16=False,
+                   use_bias_correction_kl=False)
+    options.update(overrides)
+    return trl.GRPOConfig(**options)
+
+
+def make(tmp_path, trainer_class=SentenceGRPOTrainer, **kwargs):
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer()
+    model = tiny_model(tokenizer, hidden_size=32, layers=1, heads=2)
+    model.save_pretrained(tmp_path / "initial")         # TRL builds its frozen reference model from this path
+    model.config._name_or_path = str(tmp_path / "initial")
+    trl_options = {key: kwargs.pop(key) for key in list(kwargs) if key in ("beta", "importance_sampling_level",
+                                                                             "loss_type", "num_iterations",
+                                                                             "use_bias_correction_kl",
+                                                                             "top_entropy_quantile", "bf16")}
+    return trainer_class(model, args=config(tmp_path, **trl_options), train_dataset=dataset(),
+                         processing_class=tokenizer, **kwargs)
+
+
+def length_reward(completions, **kwargs):
+    """A per-answer reward with spread: longer answers score higher."""
+    return [min(len(text), 40) / 40 for text in completions]
+
+
+def noisy_sentence_reward(questions, answers, references):
+    generator = torch.Generator().manual_seed(sum(map(len, questions)))
+    return [torch.rand(len(sentences), generator=generator).tolist() for sentences in answers]
+
+
+def batch_inputs(trainer):
+    rows = [trainer.train_dataset[index] for index in range(4)]
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1      # set by Trainer.train() in a real run
+    return trainer._generate_and_score_completions(rows)
+
+
+def test_a_few_sentence_level_steps_change_the_model(tmp_path):
+    trainer = make(tmp_path, sentence_reward=noisy_sentence_reward, bf16=True)      # TRL's default: bf16 autocast
+    before = [parameter.detach().clone() for parameter in trainer.model.parameters()]
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    changed = sum(not torch.equal(old, new) for old, new in zip(before, trainer.model.parameters()))
+    assert changed == len(before)
+    logged = [entry for entry in trainer.state.log_history if "sentence/ratio_mean" in entry]
+    assert logged and all(entry["sentence/ratio_mean"] == entry["sentence/ratio_mean"] for entry in logged)
+
+
+def test_sentence_level_loss_equals_reference_on_the_same_batch(tmp_path):
+    trainer = make(tmp_path, sentence_reward=arith.reward(), beta=0.0)
+    inputs = batch_inputs(trainer)
+    assert inputs["advantages"].dim() == 2 and inputs["segment_ids"].shape == inputs["completion_ids"].shape
+    ours = trainer._compute_loss(trainer.model, inputs) * trainer.current_gradient_accumulation_steps
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    length = inputs["completion_ids"].shape[1]
+    logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1:-1]
+    expected = reference.sentence_grpo_loss(logits.double(), inputs["completion_ids"], inputs["segment_ids"],
+                                            inputs["advantages"].double(), None, None,
+                                            LossConfig(temperature=trainer.temperature, ratio_level="mean"))
+    assert_relative_close(ours, expected, 1e-5, "loss")
+
+
+def perturb(model, seed=1, scale=0.3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator) * parameter.std().clamp(min=0.1))
+
+
+@pytest.mark.parametrize("level,sampling_level,loss_type", [("token", "token", "grpo"), ("output", "sequence", "grpo"),
+                                                            ("token", "token", "bnpo"), ("token", "token", "dapo"),
+                                                            ("token", "token", "dr_grpo")])
+def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, loss_type):
+    options = dict(reward_funcs=[length_reward], beta=0.05, importance_sampling_level=sampling_level,
+                   loss_type=loss_type, num_iterations=2)        # num_iterations > 1: TRL keeps old log-probs
+    ours = make(tmp_path / "ours", level=level, **options)
+    theirs = make(tmp_path / "theirs", trl.GRPOTrainer, **options)
+    inputs = batch_inputs(ours)
+    assert inputs["advantages"].dim() == 1 and inputs["advantages"].abs().sum() > 0
+    assert inputs["old_per_token_logps"] is not None and inputs["ref_per_token_logps"] is not None
+    perturb(ours.model)                 # the same step away from the rollout policy and the reference in both,
+    perturb(theirs.model)               # and rollout log-probs shifted per row: ratios != 1, some clipped, KL != 0
+    shifts = torch.tensor([0.4, -0.4, 0.1, -0.1]).repeat(len(inputs["advantages"]) // 4)
+    inputs["old_per_token_logps"] = inputs["old_per_token_logps"] + shifts[:, None]
+    theirs.current_gradient_accumulation_steps = 2
+    ours.current_gradient_accumulation_steps = 2
+    our_loss = ours._compute_loss(ours.model, inputs)
+    (our_grad,) = torch.autograd.grad(our_loss, [ours.model.get_output_embeddings().weight])
+    their_loss = theirs._compute_loss(theirs.model, inputs)
+    (their_grad,) = torch.autograd.grad(their_loss, [theirs.model.get_output_embeddings().weight])
+    assert their_loss.abs() > 1e-3
+    assert ours._metrics["train"]["sentence/clip_fraction"][-1] > 0
+    assert_relative_close(our_loss, their_loss, 1e-5, "loss")
+    assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
+
+
+def test_a_head_that_does_not_read_the_last_hidden_state_is_refused(tmp_path):
+    trainer = make(tmp_path, reward_funcs=[length_reward], level="token")
+    trainer.model.get_output_embeddings().register_forward_hook(lambda module, args, output: 2 * output)
+    with pytest.raises(NotImplementedError, match="not the input of its LM head"):
+        trainer._compute_loss(trainer.model, batch_inputs(trainer))
+
+
+def test_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="sentence_reward"):
+        make(tmp_path, reward_funcs=[length_reward])                       # level="sentence" without one
+    with pytest.raises(ValueError, match="level"):
+        make(tmp_path, reward_funcs=[length_reward], level="paragraph")
+    with pytest.raises(ValueError, match="loss_type"):
+        make(tmp_path, reward_funcs=[length_reward], level="token", loss_type="cispo")
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        make(tmp_path, reward_funcs=[length_reward], level="token", beta=0.04, use_bias_correction_kl=True)
+    with pytest.raises(ValueError, match="entropy mask"):
+        make(tmp_path, reward_funcs=[length_reward], level="token", top_entropy_quantile=0.2)
