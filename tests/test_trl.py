@@ -1,7 +1,13 @@
 """SentenceGRPOTrainer: a few real TRL steps on a tiny local model, and its loss against reference.py and TRL."""
 
+import math
+import os
+import socket
+import traceback
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 trl = pytest.importorskip("trl", reason="the TRL integration needs trl >= 1.0 (the trl extra)")
 datasets = pytest.importorskip("datasets", reason="TRL trains on a datasets.Dataset")
@@ -39,7 +45,8 @@ def make(tmp_path, trainer_class=SentenceGRPOTrainer, **kwargs):
     trl_options = {key: kwargs.pop(key) for key in list(kwargs) if key in ("beta", "importance_sampling_level",
                                                                              "loss_type", "num_iterations",
                                                                              "use_bias_correction_kl",
-                                                                             "top_entropy_quantile", "bf16")}
+                                                                             "top_entropy_quantile", "bf16",
+                                                                             "num_generations")}
     return trainer_class(model, args=config(tmp_path, **trl_options), train_dataset=dataset(),
                          processing_class=tokenizer, **kwargs)
 
@@ -139,3 +146,55 @@ def test_arguments_are_checked(tmp_path):
         make(tmp_path, reward_funcs=[length_reward], level="token", beta=0.04, use_bias_correction_kl=True)
     with pytest.raises(ValueError, match="entropy mask"):
         make(tmp_path, reward_funcs=[length_reward], level="token", top_entropy_quantile=0.2)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _two_rank_worker(rank, port, tmp_path, errors):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        from sgrpo_kernels.advantages import group_sentence_advantages
+        from sgrpo_kernels.distributed import gather_rows
+        scored = {}
+
+        def recorded_reward(questions, answers, references):
+            rewards = noisy_sentence_reward(questions, answers, references)
+            scored["rewards"] = torch.tensor([row + [0.0] * (20 - len(row)) for row in rewards])
+            scored["counts"] = torch.tensor([len(row) for row in rewards])
+            return rewards
+
+        trainer = make(tmp_path / f"rank{rank}", sentence_reward=recorded_reward, num_generations=8)
+        assert trainer.accelerator.num_processes == 2 and torch.distributed.is_initialized()
+        # one group of 8 answers to the same prompt, 4 on each rank: its statistics need both ranks' rewards
+        inputs = trainer._generate_and_score_completions([trainer.train_dataset[0]] * 4)
+        rewards, offset = gather_rows(scored["rewards"], torch.distributed.group.WORLD)
+        counts, _ = gather_rows(scored["counts"], torch.distributed.group.WORLD)
+        expected = group_sentence_advantages(rewards, counts, group_size=8)[offset:offset + 4]
+        width = inputs["advantages"].shape[1]
+        assert expected[:, width:].abs().sum() == 0
+        torch.testing.assert_close(inputs["advantages"], expected[:, :width], rtol=1e-6, atol=1e-7)
+        assert trainer.state.global_step == 0 and inputs["advantages"].abs().sum() > 0
+
+        result = trainer.train()
+        assert math.isfinite(result.training_loss)
+        flat = torch.cat([parameter.detach().reshape(-1) for parameter in trainer.model.parameters()])
+        copies, _ = gather_rows(flat[None], torch.distributed.group.WORLD)
+        assert torch.equal(copies[0], copies[1]), "the replicas drifted apart: gradients were not averaged"
+    except BaseException:                                    # report to the parent instead of hanging it
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+
+
+def test_two_processes_share_groups_across_ranks(tmp_path):
+    """`accelerate`-style launch on 2 CPU processes (gloo): a group of 8 answers spread 4 + 4 over the ranks gets
+    the advantages of the whole group, and training keeps the replicas identical."""
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_two_rank_worker, args=(_free_port(), tmp_path, errors), nprocs=2, join=True)
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not messages, "\n".join(messages)
