@@ -1,9 +1,12 @@
-# `make demo` runs the package's main job, `make test` the test suite; both build .venv on first use.
+# `make demo` runs the package's main job (SFT warm start, then sentence-level GRPO on the toy task, offline on the
+# CPU, printing held-out accuracy before and after), `make test` the test suite; both build .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean
+DEMO ?= runs/demo
+
+.PHONY: demo demo-loss test bench lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +16,11 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 demo: $(VENV)/.installed
+	$(BIN)/sgrpo sft --task arith-small --drop-answer-line 0.6 --steps 500 --output-dir $(DEMO)/sft
+	$(BIN)/sgrpo train --task arith-small --model $(DEMO)/sft --output-dir $(DEMO)/grpo --level sentence \
+		--steps 30 --prompts 16 --group-size 8 --lr 1e-4
+
+demo-loss: $(VENV)/.installed
 	$(BIN)/python examples/demo_loss.py
 
 test: $(VENV)/.installed

@@ -3,8 +3,9 @@
     python examples/compare_levels.py --model runs/sft --steps 60 --seeds 0 1 2
 
 Every variant starts from the same checkpoint and gets the same number of steps, prompts and samples.
-Writes per-run metrics, ``compare_levels.png`` (reward and held-out accuracy, mean ± std over seeds) and
-``compare_levels.md`` (final accuracy per variant) into ``--out``.
+Writes ``compare_levels.png`` (reward and held-out accuracy, mean ± std over seeds), ``compare_levels.md``
+(final accuracy per variant) and a copy of each run's ``metrics.jsonl`` into ``--out``; checkpoints go to
+``--work-dir``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 
 import torch
@@ -30,10 +32,12 @@ def run_variant(name: str, seed: int, args) -> list[dict]:
     torch.manual_seed(seed)
     config = GRPOConfig(level=level, ratio_level=ratio_level, steps=args.steps, prompts_per_step=args.prompts,
                         group_size=args.group_size, lr=args.lr, eval_every=args.eval_every, seed=seed)
-    output_dir = os.path.join(args.out, f"{name}-seed{seed}")
+    output_dir = os.path.join(args.work_dir, f"{name}-seed{seed}")       # checkpoints stay out of --out
     train = arith.read_jsonl(os.path.join(args.data_dir, "train.jsonl"))
     held_out = arith.read_jsonl(os.path.join(args.data_dir, "test.jsonl"))
-    GRPOTrainer(model, tokenizer, train, held_out, arith.is_correct, arith.reward(), config, output_dir).train()
+    reward = arith.reward(chained=args.chained_correctness)
+    GRPOTrainer(model, tokenizer, train, held_out, arith.is_correct, reward, config, output_dir).train()
+    shutil.copy(os.path.join(output_dir, "metrics.jsonl"), os.path.join(args.out, f"{name}-seed{seed}.metrics.jsonl"))
     with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
         return [json.loads(line) for line in handle]
 
@@ -79,7 +83,8 @@ def summarise(runs: dict, args) -> str:
     table = "\n".join(lines)
     with open(os.path.join(args.out, "compare_levels.md"), "w") as handle:
         handle.write(f"{len(next(iter(runs.values())))} seeds, {args.steps} steps × {args.prompts} prompts × "
-                     f"{args.group_size} answers, lr {args.lr}, from {args.model}\n\n{table}\n")
+                     f"{args.group_size} answers, lr {args.lr}, from {args.model}"
+                     f"{', chained step correctness' if args.chained_correctness else ''}\n\n{table}\n")
     return table
 
 
@@ -87,7 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="the SFT checkpoint every run starts from")
     parser.add_argument("--data-dir", default="data/arith", help="train.jsonl / test.jsonl (made by `sgrpo sft`)")
-    parser.add_argument("--out", default="examples/results/compare_levels")
+    parser.add_argument("--out", default="examples/results/compare_levels",
+                        help="plot, table and per-run metrics.jsonl copies")
+    parser.add_argument("--work-dir", default="runs/compare_levels", help="per-run checkpoints and logs")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
@@ -95,6 +102,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--chained-correctness", action="store_true",
+                        help="the older step-correctness rule (a step after a slip scores 0), as in the first table")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     runs = {name: [run_variant(name, seed, args) for seed in args.seeds] for name in args.variants}

@@ -1,8 +1,11 @@
 """The ``sgrpo`` command: supervised warm start, sentence-level GRPO, benchmarks.
 
-    sgrpo sft   --output-dir runs/sft                       # tiny model + char tokenizer, trained on the toy task
-    sgrpo train --model runs/sft --output-dir runs/grpo     # GRPO from that checkpoint, prints accuracy before/after
-    sgrpo bench --preset quick                              # the benchmark suite (from a source checkout)
+    sgrpo sft   --task arith-small --drop-answer-line 0.6 --steps 500 --output-dir runs/sft
+                # a tiny model + char tokenizer, supervised warm start on demonstrations that often omit the answer
+    sgrpo train --task arith-small --model runs/sft --output-dir runs/grpo --steps 30 --prompts 16 --lr 1e-4
+                # sentence-level GRPO from that checkpoint; prints held-out accuracy before and after
+    sgrpo bench --preset quick
+                # the benchmark suite (from a source checkout)
 """
 
 from __future__ import annotations
@@ -15,29 +18,34 @@ import sys
 
 import torch
 
-TASKS = ("arith",)
+TASKS = ("arith", "arith-small")
 
 
 def _task(name: str):
-    if name == "arith":
+    """The task module and the keyword arguments of its ``make_dataset``."""
+    if name in TASKS:
         from .trainer.tasks import arith
-        return arith
+        return arith, arith.SIZES[name]
     raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
 
 
-def _datasets(task, data_dir: str, seed: int, train_size: int, eval_size: int):
-    """The task's JSONL files in ``data_dir`` (written on first use from a fixed seed), read back."""
+def _datasets(task_name: str, data_dir: str | None, seed: int, train_size: int, eval_size: int):
+    """The task's JSONL files in ``data_dir`` (default ``data/<task>``; written on first use from a fixed
+    seed), read back."""
+    task, sizes = _task(task_name)
+    data_dir = data_dir or os.path.join("data", task_name)
     os.makedirs(data_dir, exist_ok=True)
     paths = {split: os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "test")}
     if not all(os.path.exists(path) for path in paths.values()):
-        task.write_jsonl(task.make_dataset(train_size, seed=seed), paths["train"])
-        task.write_jsonl(task.make_dataset(eval_size, seed=seed + 1), paths["test"])
+        task.write_jsonl(task.make_dataset(train_size, seed=seed, **sizes), paths["train"])
+        task.write_jsonl(task.make_dataset(eval_size, seed=seed + 1, **sizes), paths["test"])
     return task.read_jsonl(paths["train"]), task.read_jsonl(paths["test"])
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=TASKS, default="arith", help="the problem set (default: arith)")
-    parser.add_argument("--data-dir", default="data/arith", help="JSONL question/answer files (made if missing)")
+    parser.add_argument("--task", choices=TASKS, default="arith",
+                        help="the problem set: arith (operands <= 20) or arith-small (operands <= 9) (default: arith)")
+    parser.add_argument("--data-dir", help="JSONL question/answer files, made if missing (default: data/<task>)")
     parser.add_argument("--output-dir", required=True, help="where the checkpoint, metrics and plots go")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--eval-size", type=int, default=300, help="held-out problems for greedy accuracy")
@@ -57,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
     sft.add_argument("--batch-size", type=int, default=64, help="problems per step (default: 64)")
     sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    sft.add_argument("--drop-answer-line", type=float, default=0.0, metavar="FRACTION",
+                     help="share of demonstrations whose final 'Answer:' sentence is removed (default: 0)")
 
     train = commands.add_parser("train", help="sentence-level GRPO from a checkpoint",
                                 description="GRPO with per-sentence rewards (correctness, logic, format), group "
@@ -99,8 +109,10 @@ def run_sft(args) -> dict:
     from .trainer.tiny import char_tokenizer, load_pretrained, tiny_model
 
     _threads(args.threads)
-    task = _task(args.task)
-    train, held_out = _datasets(task, args.data_dir, args.seed, 20000, args.eval_size)
+    task, _ = _task(args.task)
+    train, held_out = _datasets(args.task, args.data_dir, args.seed, 20000, args.eval_size)
+    if args.drop_answer_line:
+        train = task.drop_answer_lines(train, args.drop_answer_line, seed=args.seed)
     if args.model:
         model, tokenizer = load_pretrained(args.model)
     else:
@@ -119,8 +131,8 @@ def run_train(args) -> dict:
     from .trainer.tiny import load_pretrained
 
     _threads(args.threads)
-    task = _task(args.task)
-    train, held_out = _datasets(task, args.data_dir, args.seed, 20000, args.eval_size)
+    task, _ = _task(args.task)
+    train, held_out = _datasets(args.task, args.data_dir, args.seed, 20000, args.eval_size)
     model, tokenizer = load_pretrained(args.resume or args.model)
     config = GRPOConfig(level=args.level, ratio_level=args.ratio_level, steps=args.steps,
                         prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu, beta=args.beta,
@@ -131,6 +143,9 @@ def run_train(args) -> dict:
     summary = trainer.train()
     plot_metrics(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "training.png"),
                  title=f"sentence-level GRPO, level={args.level}")
+    if "accuracy_before" in summary:
+        print(f"held-out greedy accuracy ({len(held_out)} problems): {summary['accuracy_before']:.3f} before, "
+              f"{summary['accuracy_after']:.3f} after {args.steps} GRPO steps")
     print(json.dumps(summary))
     return summary
 

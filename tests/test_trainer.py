@@ -49,6 +49,35 @@ def test_task_rewards_close_the_doors_a_policy_found():
     # an attempted subtraction with a slip keeps its logic credit: 0.3 + 0.2 = 0.5 > 0.4
     assert scores["arith"][1].item() == pytest.approx(0.5)
     assert scores["extra"][3].item() == pytest.approx(0.2)               # a step beyond the question: format only
+    # after the slip, "24 - 15 = 9" is the right next step from where it stands: full marks; the final answer
+    # 9 is wrong (correctness 0) but repeats the last result (logic 1)
+    assert scores["arith"][2:].tolist() == pytest.approx([1.0, 0.5])
+
+
+def test_step_correctness_judges_each_step_from_where_it_stands():
+    question, reference = "Compute 15 + 18 - 8 - 15.", "10"
+    local, chained = arith.StepCorrectness(), arith.StepCorrectness(chained=True)
+    slip_then_right = ["15 + 18 = 33.", " 33 - 8 = 24.", " 24 - 15 = 9.", " Answer: 9"]
+    assert local.score(question, slip_then_right, reference) == [1.0, 0.0, 1.0, 0.0]
+    assert chained.score(question, slip_then_right, reference) == [1.0, 0.0, 0.0, 0.0]
+    wrong_left = ["15 + 18 = 33.", " 33 - 8 = 25.", " 26 - 15 = 11.", " Answer: 11"]    # does not use 25
+    wrong_operand = ["15 + 18 = 33.", " 33 - 9 = 24.", " 24 - 15 = 9.", " Answer: 9"]   # 9 is not the question's 8
+    assert local.score(question, wrong_left, reference) == [1.0, 1.0, 0.0, 0.0]
+    assert local.score(question, wrong_operand, reference) == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_sizes_and_answer_line_dropping():
+    small = arith.make_dataset(300, seed=2, **arith.SIZES["arith-small"])
+    assert max(max(n for _, n in arith.question_operations(p.question)[1]) for p in small) <= 9
+    assert all(0 <= int(p.answer) <= 49 for p in small)
+    dropped = arith.drop_answer_lines(small, 0.6, seed=1)
+    without = [p for p in dropped if arith.final_answer(p.solution) is None]
+    assert 0.5 < len(without) / len(small) < 0.7
+    for original, kept in zip(small, dropped):
+        assert kept.question == original.question and kept.answer == original.answer
+        assert kept.solution in (original.solution, original.solution.rsplit(" Answer:", 1)[0])
+    with pytest.raises(ValueError, match="fraction"):
+        arith.drop_answer_lines(small, 1.5)
 
 
 def test_char_tokenizer_round_trip_survives_save_and_load(tmp_path):
@@ -145,15 +174,19 @@ def test_cli_help_and_a_tiny_sft_then_train(tmp_path, capsys):
     for option in ("task", "level", "steps", "group_size", "beta", "epsilon", "mu", "model", "output_dir", "seed"):
         assert option in train_help
     data, sft_dir, grpo_dir = tmp_path / "data", tmp_path / "sft", tmp_path / "grpo"
-    main(["sft", "--output-dir", str(sft_dir), "--data-dir", str(data), "--steps", "2", "--batch-size", "4",
-          "--eval-size", "4"])
+    common = ["--task", "arith-small", "--data-dir", str(data), "--eval-size", "4"]       # as `make demo` runs it
+    main(["sft", "--output-dir", str(sft_dir), "--steps", "2", "--batch-size", "4", "--drop-answer-line", "0.6",
+          *common])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output_dir"] == str(sft_dir)
-    main(["train", "--model", str(sft_dir), "--output-dir", str(grpo_dir), "--data-dir", str(data), "--steps", "1",
-          "--group-size", "2", "--prompts", "2", "--eval-size", "4"])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    main(["train", "--model", str(sft_dir), "--output-dir", str(grpo_dir), "--steps", "1", "--group-size", "2",
+          "--prompts", "2", *common])
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
     assert set(summary) == {"accuracy_before", "accuracy_after"}
+    assert lines[-2].startswith("held-out greedy accuracy (4 problems):")
     assert os.path.getsize(grpo_dir / "training.png") > 5000 and (grpo_dir / "metrics.jsonl").exists()
-    assert len((data / "train.jsonl").read_text().splitlines()) == 20000
+    problems = arith.read_jsonl(str(data / "train.jsonl"))
+    assert len(problems) == 20000 and all(0 <= int(problem.answer) <= 49 for problem in problems)
 
 
 def test_bad_config():

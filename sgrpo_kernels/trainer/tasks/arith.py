@@ -12,6 +12,10 @@ A looser logic rule (any number seen before is fine) is easy to game: a policy t
 append extra, correct but pointless steps such as ``29 + 15 = 44.`` that dilute the penalty of a wrong
 answer; and with correctness = "the equation holds" alone it learned to replace every subtraction by an
 addition (right arithmetic, wrong problem). Both rules below close those doors.
+
+``SIZES`` names two problem sizes: ``"arith"`` (operands up to 20, values up to 99) and ``"arith-small"``
+(operands up to 9, values up to 49: fewer facts, so a tiny model learns them in a couple of CPU minutes).
+``drop_answer_lines`` makes demonstrations that stop after the last step, as scraped solutions often do.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ...rewards import CompositeReward, FormatReward, SentenceReward, equation_holds
 
 STEP_PATTERN = r"^\s*\d+ [+-] \d+ = \d+\.$"
 FINAL_PATTERN = r"^\s*Answer: -?\d+$"
 DEFAULT_WEIGHTS = {"correctness": 0.5, "logic": 0.3, "format": 0.2}
+SIZES = {"arith": {"max_operand": 20, "max_value": 99}, "arith-small": {"max_operand": 9, "max_value": 49}}
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)\s*$")
 _QUESTION = re.compile(r"Compute (\d+)((?: [+-] \d+)+)\.")
 _OPERATION = re.compile(r"([+-]) (\d+)")
@@ -54,9 +59,19 @@ def make_problem(rng: random.Random, max_operand: int = 20, max_value: int = 99)
                    answer=str(value))
 
 
-def make_dataset(count: int, seed: int) -> list[Problem]:
+def make_dataset(count: int, seed: int, max_operand: int = 20, max_value: int = 99) -> list[Problem]:
     rng = random.Random(seed)
-    return [make_problem(rng) for _ in range(count)]
+    return [make_problem(rng, max_operand, max_value) for _ in range(count)]
+
+
+def drop_answer_lines(problems: list[Problem], fraction: float, seed: int = 0) -> list[Problem]:
+    """A copy in which a random ``fraction`` of the solutions lose their final ``Answer:`` sentence (the
+    question and reference answer stay): demonstrations that never state the result."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    rng = random.Random(seed)
+    return [replace(problem, solution=problem.solution.rsplit(" Answer:", 1)[0]) if rng.random() < fraction
+            else problem for problem in problems]
 
 
 def write_jsonl(problems: list[Problem], path: str) -> None:
@@ -117,13 +132,19 @@ class StepLogic(SentenceReward):
 
 
 class StepCorrectness(SentenceReward):
-    """Step ``k`` scores 1 when its equation holds and its result is the question's running value after
-    ``k + 1`` operations (a process label: after a wrong step, later results are wrong too); the ``Answer:``
-    sentence scores 1 when it equals the reference. Anything else scores 0."""
+    """Step ``k`` scores 1 when it does the right thing from where it stands: it applies the question's
+    ``k``-th operation to the previous step's written result (the question's first number for ``k = 0``) and
+    its equation holds. A step after a slip can therefore still score 1, so each step is judged on its own
+    (with ``chained=True``, the older process label, a step scores 1 only when its result is also the
+    question's running value, so everything after a slip scores 0). The ``Answer:`` sentence scores 1 when it
+    equals the reference. Anything else scores 0."""
+
+    def __init__(self, chained: bool = False):
+        self.chained = chained
 
     def score(self, question: str, sentences: list[str], reference) -> list[float]:
         value, operations = question_operations(question)
-        running = []
+        left_expected, running = value, []
         for sign, operand in operations:
             value = value + operand if sign == "+" else value - operand
             running.append(value)
@@ -138,15 +159,20 @@ class StepCorrectness(SentenceReward):
                 scores.append(0.0)
                 continue
             left, sign, right, result = match.groups()
-            holds = equation_holds([f"{left} {sign} {right}", result])
-            scores.append(float(bool(holds) and int(result) == running[step]))
-            step += 1
+            holds = bool(equation_holds([f"{left} {sign} {right}", result]))
+            if self.chained:
+                scores.append(float(holds and int(result) == running[step]))
+            else:
+                follows = int(left) == left_expected and (sign, int(right)) == operations[step]
+                scores.append(float(holds and follows))
+            left_expected, step = int(result), step + 1
         return scores
 
 
-def reward(weights: dict | None = None) -> CompositeReward:
-    """The composite sentence reward of this task (weights default to correctness 0.5, logic 0.3, format 0.2)."""
-    return CompositeReward({"correctness": StepCorrectness(), "logic": StepLogic(),
+def reward(weights: dict | None = None, chained: bool = False) -> CompositeReward:
+    """The composite sentence reward of this task (weights default to correctness 0.5, logic 0.3, format 0.2;
+    ``chained`` selects the older correctness rule, see :class:`StepCorrectness`)."""
+    return CompositeReward({"correctness": StepCorrectness(chained), "logic": StepLogic(),
                             "format": FormatReward(step_pattern=STEP_PATTERN, final_pattern=FINAL_PATTERN,
                                                    answer_patterns=(r"Answer: -?\d+\s*$",))},
                            weights or DEFAULT_WEIGHTS)
