@@ -105,6 +105,28 @@ def question_operations(question: str) -> tuple[int, list[tuple[str, int]]]:
     return int(match.group(1)), [(sign, int(number)) for sign, number in _OPERATION.findall(match.group(2))]
 
 
+def _walk(question: str, sentences: list[str]):
+    """Read an answer the way the question prescribes. Yields one item per sentence:
+    ``("answer", stated, last)`` for an ``Answer:`` sentence (``last``: the previous step's written result, or
+    the question's first number); ``("step", k, left_expected, (left, sign, right, result), operation)`` for
+    the ``k``-th parsable step within the question's operations (its four parts as written, strings);
+    ``("other",)`` for anything else."""
+    left_expected, operations = question_operations(question)
+    step = 0
+    for sentence in sentences:
+        stated = final_answer(sentence)
+        if stated is not None:
+            yield "answer", stated, left_expected
+            continue
+        match = _STEP.match(sentence)
+        if match is None or step >= len(operations):
+            yield ("other",)
+            continue
+        left, sign, right, result = match.groups()
+        yield "step", step, left_expected, (left, sign, right, result), operations[step]
+        left_expected, step = int(result), step + 1
+
+
 class StepLogic(SentenceReward):
     """Step ``k`` scores the share of its three parts that follow from the question and the previous step:
     left operand = the previous step's written result (the question's first number for ``k = 0``), operator
@@ -112,22 +134,17 @@ class StepLogic(SentenceReward):
     the last step's result. Steps beyond the question's operations, and unparsable sentences, score 0."""
 
     def score(self, question: str, sentences: list[str], reference) -> list[float]:
-        expected_left, operations = question_operations(question)
-        scores, step = [], 0
-        for sentence in sentences:
-            final = final_answer(sentence)
-            if final is not None:
-                scores.append(float(final == str(expected_left)))
-                continue
-            match = _STEP.match(sentence)
-            if match is None or step >= len(operations):
+        scores = []
+        for kind, *fields in _walk(question, sentences):
+            if kind == "answer":
+                stated, last = fields
+                scores.append(float(stated == str(last)))
+            elif kind == "step":
+                _, left_expected, (left, sign, right, _), (wanted_sign, wanted_right) = fields
+                scores.append((int(left) == left_expected) / 3 + (sign == wanted_sign) / 3
+                              + (int(right) == wanted_right) / 3)
+            else:
                 scores.append(0.0)
-                continue
-            left, sign, right, result = match.groups()
-            wanted_sign, wanted_right = operations[step]
-            scores.append((int(left) == expected_left) / 3 + (sign == wanted_sign) / 3
-                          + (int(right) == wanted_right) / 3)
-            expected_left, step = int(result), step + 1
         return scores
 
 
@@ -144,28 +161,24 @@ class StepCorrectness(SentenceReward):
 
     def score(self, question: str, sentences: list[str], reference) -> list[float]:
         value, operations = question_operations(question)
-        left_expected, running = value, []
+        running = []
         for sign, operand in operations:
             value = value + operand if sign == "+" else value - operand
             running.append(value)
-        scores, step = [], 0
-        for sentence in sentences:
-            final = final_answer(sentence)
-            if final is not None:
-                scores.append(float(final == str(reference)))
-                continue
-            match = _STEP.match(sentence)
-            if match is None or step >= len(running):
-                scores.append(0.0)
-                continue
-            left, sign, right, result = match.groups()
-            holds = bool(equation_holds([f"{left} {sign} {right}", result]))
-            if self.chained:
-                scores.append(float(holds and int(result) == running[step]))
+        scores = []
+        for kind, *fields in _walk(question, sentences):
+            if kind == "answer":
+                scores.append(float(fields[0] == str(reference)))
+            elif kind == "step":
+                step, left_expected, (left, sign, right, result), operation = fields
+                holds = bool(equation_holds([f"{left} {sign} {right}", result]))
+                if self.chained:
+                    scores.append(float(holds and int(result) == running[step]))
+                else:
+                    follows = int(left) == left_expected and (sign, int(right)) == operation
+                    scores.append(float(holds and follows))
             else:
-                follows = int(left) == left_expected and (sign, int(right)) == operations[step]
-                scores.append(float(holds and follows))
-            left_expected, step = int(result), step + 1
+                scores.append(0.0)
         return scores
 
 
