@@ -99,10 +99,9 @@ class SentenceGRPOTrainer(GRPOTrainer):
         self._scored, self._head_checked = None, False
         if sentence_reward is not None:
             reward_funcs = [self._mean_sentence_reward]
-        if args is not None:
+        if args is not None:            # before TRL loads anything; TRL's default GRPOConfig is supported
             _check_supported(args)
         super().__init__(model, reward_funcs, args, **kwargs)
-        _check_supported(self.args)
         self.segmenter = segmenter or Segmenter(self.processing_class, "sentence")
         self.loss_segmenter = None if level == "sentence" else Segmenter(self.processing_class, level)
 
