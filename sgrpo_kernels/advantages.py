@@ -14,7 +14,6 @@ import torch
 from . import reference
 from .config import ADVANTAGE_MODES, ADVANTAGE_SCALES, ADVANTAGE_WEIGHTINGS, _check_choice, _check_real
 from .distributed import gather_rows
-from .ops.common import new_output
 
 
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, *,
@@ -77,10 +76,6 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
                                                weighting=weighting, scale=scale, mode=mode)
 
 
-# One program per group holds the whole [G, S_max] block; larger groups use the PyTorch statement.
-_MAX_BLOCK_ELEMENTS = 2**16
-
-
 def _use_triton(rewards: torch.Tensor) -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
@@ -88,21 +83,9 @@ def _use_triton(rewards: torch.Tensor) -> bool:
 
 
 def _triton_group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode):
-    import triton
+    from .ops.group_advantages import group_advantages_pass
 
-    from .ops.group_advantages import group_advantages_kernel
-
-    batch, num_slots = rewards.shape
-    block_groups, block_slots = triton.next_power_of_2(group_size), triton.next_power_of_2(max(num_slots, 1))
-    if block_groups * block_slots > _MAX_BLOCK_ELEMENTS or batch == 0:
-        return None
-    out = new_output(rewards.shape, rewards.dtype, rewards.device)
-    group_advantages_kernel[(batch // group_size,)](
-        rewards.contiguous(), num_sentences.contiguous(), out, num_slots, group_size, eps,
-        OUTPUT_WEIGHTING=weighting == "output", SCALE_STD=scale == "std", CUMULATIVE=mode == "cumulative",
-        ACC_DTYPE=triton.language.float64 if rewards.dtype == torch.float64 else triton.language.float32,
-        BLOCK_G=block_groups, BLOCK_S=block_slots)
-    return out
+    return group_advantages_pass(rewards, num_sentences, group_size, eps, weighting, scale, mode)
 
 
 def _across_ranks(rewards, num_sentences, group_size, process_group, **options):

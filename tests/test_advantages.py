@@ -124,3 +124,27 @@ def test_random_groups_match_loop_statement(weighting, scale, mode):
 def test_float32_rewards_stay_float32():
     advantages = compute(torch.rand(4, 3), torch.tensor([1, 2, 3, 3]), 2)
     assert advantages.dtype == torch.float32 and advantages.shape == (4, 3)
+
+
+@pytest.mark.parametrize("group_size, num_slots", [(70, 5), (20, 40), (3, 1100)],
+                         ids=["group-over-two-tiles", "wide-rows-two-tiles", "one-row-per-tile"])
+@pytest.mark.parametrize("mode", ["sentence", "cumulative"])
+def test_groups_larger_than_a_tile(group_size, num_slots, mode):
+    generator = torch.Generator().manual_seed(group_size)
+    batch = 2 * group_size
+    rewards = torch.rand(batch, num_slots, generator=generator, dtype=torch.float64)
+    num_sentences = torch.randint(0, num_slots + 1, (batch,), generator=generator, dtype=torch.int32)
+    advantages = compute(rewards, num_sentences, group_size, mode=mode)
+    expected = loop_advantages(rewards, num_sentences, group_size, 1e-4, "output", "std", mode)
+    torch.testing.assert_close(advantages, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rewards_are_normalised_in_float32(dtype):
+    generator = torch.Generator().manual_seed(5)
+    rewards = torch.rand(6, 4, generator=generator).to(dtype)
+    num_sentences = torch.tensor([4, 2, 3, 1, 4, 4], dtype=torch.int16)
+    advantages = compute(rewards, num_sentences, 3)
+    expected = loop_advantages(rewards.double(), num_sentences, 3, 1e-4, "output", "std", "sentence")
+    assert advantages.dtype == dtype
+    torch.testing.assert_close(advantages.double(), expected.to(dtype).double(), rtol=0, atol=0.02)

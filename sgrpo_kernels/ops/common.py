@@ -34,6 +34,20 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def index_vector(tensor: torch.Tensor) -> torch.Tensor:
+    """Flat contiguous int64 copy (or view) of token ids, segment ids or counts of any integer dtype.
+
+    The kernels are compiled once per pointer type: giving them one index dtype and one float dtype (below)
+    for the small per-token tensors keeps the number of compiled specialisations small and known.
+    """
+    return tensor.reshape(-1).to(torch.int64).contiguous()
+
+
+def float_vector(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Flat contiguous ``dtype`` (the accumulator dtype) copy (or view) of a per-token or per-sentence tensor."""
+    return tensor.reshape(-1).to(dtype).contiguous()
+
+
 def check_row_layout(name: str, tensor: torch.Tensor) -> None:
     """The kernels address ``[B, T, V]`` rows by two strides and need the vocabulary dimension contiguous."""
     if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:

@@ -1,40 +1,114 @@
-"""Group advantage normalisation (DESIGN.md §1) as one Triton program per group of ``G`` outputs."""
+"""Group advantage normalisation (DESIGN.md §1) in Triton: one program per group of ``G`` outputs.
 
+A program walks its group in tiles of ``BLOCK_G`` outputs × ``BLOCK_S`` sentence slots (``BLOCK_S >= S_max``,
+so that a whole row sits in one tile for the cumulative mode) four times: the largest reward (a shift that
+makes equal rewards centre to exactly 0), the weighted mean, the weighted variance, then the output.
+The options (weighting, scale, mode) are runtime flags: they select a few scalar operations, and one compiled
+kernel per tile shape serves all eight combinations.
+"""
+
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
+from .common import accumulator_dtype, float_vector, index_vector, new_output
+
+MAX_SLOTS = 4096        # more sentence slots per answer than this: the caller uses the PyTorch statement
+TILE_ELEMENTS = 1024    # smallest tile; a tile holds at least one whole row
+
+
+def group_launch_config(num_slots: int) -> dict:
+    """Tile shape and ``num_warps`` for answers of ``num_slots`` sentence slots (``1 <= num_slots <= MAX_SLOTS``)."""
+    block_slots = max(triton.next_power_of_2(num_slots), 16)
+    tile = max(block_slots, TILE_ELEMENTS)
+    return dict(BLOCK_G=tile // block_slots, BLOCK_S=block_slots, num_warps=max(4, tile // 256))
+
+
+def launch_choices() -> dict[str, list[dict]]:
+    """Every ``group_launch_config`` the launcher can pick, for ``S_max`` in ``1 .. MAX_SLOTS``."""
+    configs = {tuple(sorted(group_launch_config(slots).items())) for slots in range(1, MAX_SLOTS + 1)}
+    return {"group_advantages_kernel": [dict(config) for config in sorted(configs)]}
+
 
 @triton.jit
-def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, group_size, eps,
-                            OUTPUT_WEIGHTING: tl.constexpr, SCALE_STD: tl.constexpr, CUMULATIVE: tl.constexpr,
-                            ACC_DTYPE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
-    """rewards, out: ``[B, S]``; num_sentences: ``[B]``; needs ``BLOCK_G >= G`` and ``BLOCK_S >= S``."""
-    group = tl.program_id(0).to(tl.int64)
-    members = tl.arange(0, BLOCK_G)
-    rows = group * group_size + members
+def _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots, group_size,
+          BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets, existence mask, rewards and sentence counts of the tile of members ``start .. start+BLOCK_G``."""
+    members = start + tl.arange(0, BLOCK_G)
+    rows = first_row + members
     in_group = members < group_size
     slots = tl.arange(0, BLOCK_S)
     count = tl.load(num_sentences_ptr + rows, mask=in_group, other=0)
     exists = (slots[None, :] < count[:, None]) & in_group[:, None]
     offsets = rows[:, None] * num_slots + slots[None, :]
-    rewards = tl.load(rewards_ptr + offsets, mask=exists, other=0.0).to(ACC_DTYPE)
+    rewards = tl.load(rewards_ptr + offsets, mask=exists, other=0.0)
+    in_row = in_group[:, None] & (slots[None, :] < num_slots)
+    return offsets, exists, in_row, rewards, count
 
-    # Shift by the group's largest reward so that equal rewards centre to exactly 0.
-    shift = tl.max(tl.max(tl.where(exists, rewards, float("-inf")), 1), 0)
+
+@triton.jit
+def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, group_size, eps,
+                            output_weighting, scale_std, cumulative, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """rewards, out: flat ``[B * S]`` in the accumulator dtype; num_sentences: ``[B]`` int64; ``BLOCK_S >= S``."""
+    first_row = tl.program_id(0).to(tl.int64) * group_size
+    zero = tl.zeros([], out_ptr.dtype.element_ty)
+    shift = zero - float("inf")
+    for start in range(0, group_size, BLOCK_G):
+        _, exists, _, rewards, _ = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots, group_size,
+                                         BLOCK_G, BLOCK_S)
+        shift = tl.maximum(shift, tl.max(tl.max(tl.where(exists, rewards, float("-inf")), 1), 0))
     shift = tl.where(shift == float("-inf"), 0.0, shift)
-    values = tl.where(exists, rewards - shift, 0.0)
-    if OUTPUT_WEIGHTING:   # every output weighs 1, split evenly over its sentences
-        weight = tl.where(exists, 1.0 / tl.maximum(count, 1).to(ACC_DTYPE)[:, None], 0.0)
-    else:                  # every sentence weighs 1
-        weight = tl.where(exists, 1.0, 0.0).to(ACC_DTYPE)
-    total = tl.maximum(tl.sum(tl.sum(weight, 1), 0), 1.0)
-    mean = tl.sum(tl.sum(weight * values, 1), 0) / total
-    advantages = values - mean
-    if SCALE_STD:
-        variance = tl.sum(tl.sum(weight * advantages * advantages, 1), 0) / total
-        advantages = advantages / (tl.sqrt(variance) + eps)
-    advantages = tl.where(exists, advantages, 0.0)
-    if CUMULATIVE:         # sentence s gets the sum of the normalised rewards of s .. S_i - 1
-        advantages = tl.where(exists, tl.cumsum(advantages, 1, reverse=True), 0.0)
-    tl.store(out_ptr + offsets, advantages.to(out_ptr.dtype.element_ty),
-             mask=in_group[:, None] & (slots[None, :] < num_slots))
+
+    # weight: every output weighs 1, split evenly over its sentences ("output"), or every sentence weighs 1
+    total = zero
+    weighted_sum = zero
+    for start in range(0, group_size, BLOCK_G):
+        _, exists, _, rewards, count = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
+                                             group_size, BLOCK_G, BLOCK_S)
+        per_sentence = tl.where(output_weighting != 0, 1.0 / tl.maximum(count, 1).to(zero.dtype), 1.0)
+        weight = tl.where(exists, per_sentence[:, None], 0.0)
+        total += tl.sum(tl.sum(weight, 1), 0)
+        weighted_sum += tl.sum(tl.sum(weight * tl.where(exists, rewards - shift, 0.0), 1), 0)
+    total = tl.maximum(total, 1.0)
+    mean = weighted_sum / total
+
+    squares = zero
+    for start in range(0, group_size, BLOCK_G):
+        _, exists, _, rewards, count = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
+                                             group_size, BLOCK_G, BLOCK_S)
+        per_sentence = tl.where(output_weighting != 0, 1.0 / tl.maximum(count, 1).to(zero.dtype), 1.0)
+        centred = tl.where(exists, rewards - shift - mean, 0.0)
+        squares += tl.sum(tl.sum(tl.where(exists, per_sentence[:, None], 0.0) * centred * centred, 1), 0)
+    scale = tl.where(scale_std != 0, tl.sqrt(squares / total) + eps, 1.0)
+
+    for start in range(0, group_size, BLOCK_G):
+        offsets, exists, in_row, rewards, _ = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
+                                                    group_size, BLOCK_G, BLOCK_S)
+        advantages = tl.where(exists, (rewards - shift - mean) / scale, 0.0)
+        # cumulative: sentence s gets the sum of the normalised rewards of s .. S_i - 1
+        advantages = tl.where(cumulative != 0, tl.where(exists, tl.cumsum(advantages, 1, reverse=True), 0.0),
+                              advantages)
+        tl.store(out_ptr + offsets, advantages, mask=in_row)
+
+
+def group_advantages_pass(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, eps: float,
+                          weighting: str, scale: str, mode: str) -> torch.Tensor | None:
+    """The kernel on validated inputs: rewards ``[B, S]`` float, num_sentences ``[B]`` int, ``G | B``.
+
+    Returns ``[B, S]`` advantages in the dtype of ``rewards``, or ``None`` when ``S`` exceeds ``MAX_SLOTS``.
+    """
+    batch, num_slots = rewards.shape
+    if num_slots > MAX_SLOTS:
+        return None
+    dtype = accumulator_dtype(rewards.dtype)
+    out = new_output((batch * num_slots,), dtype, rewards.device)
+    if batch and num_slots:
+        group_advantages_kernel[(batch // group_size,)](
+            float_vector(rewards, dtype), index_vector(num_sentences), out, num_slots, group_size, float(eps),
+            int(weighting == "output"), int(scale == "std"), int(mode == "cumulative"),
+            **group_launch_config(num_slots))
+    else:
+        out.zero_()
+    return out.view(batch, num_slots).to(rewards.dtype)

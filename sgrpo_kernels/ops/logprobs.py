@@ -11,13 +11,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import accumulator_dtype, check_row_layout, new_output
+from .common import accumulator_dtype, check_row_layout, float_vector, index_vector, new_output
 
-NEG_INF: tl.constexpr = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
-def vocab_block(vocab: int) -> int:
-    return min(triton.next_power_of_2(max(vocab, 16)), 4096)
+MIN_BLOCK_V = 256
+MAX_BLOCK_V = 4096
+MAX_VOCAB = 262_144   # the largest vocabulary whose launch choices the build check sweeps (ops/kernel_builds.py)
+
+
+def vocab_launch_config(vocab: int) -> dict:
+    """Tile width ``BLOCK_V`` and ``num_warps`` of passes A and C for a vocabulary of ``vocab`` entries."""
+    return dict(BLOCK_V=min(max(triton.next_power_of_2(vocab), MIN_BLOCK_V), MAX_BLOCK_V), num_warps=8)
+
+
+def launch_choices() -> dict[str, list[dict]]:
+    """Every ``vocab_launch_config`` the launchers below can pick for ``V`` in ``1 .. MAX_VOCAB``, per kernel."""
+    configs = {tuple(sorted(vocab_launch_config(vocab).items())) for vocab in range(1, MAX_VOCAB + 1)}
+    choices = [dict(config) for config in sorted(configs)]
+    return {"_logsumexp_kernel": choices, "_logits_grad_kernel": choices}
 
 
 @triton.jit
@@ -115,12 +128,12 @@ def logsumexp_pass(logits: torch.Tensor, ids: torch.Tensor, temperature: float, 
     entropy = new_output((rows,), dtype, logits.device) if with_entropy else None
     if rows == 0:
         return logp, lse, entropy
-    ids = ids.reshape(rows).contiguous()
-    segments = ids if segment_ids is None else segment_ids.reshape(rows).contiguous()
+    ids = index_vector(ids)
+    segments = ids if segment_ids is None else index_vector(segment_ids)
     _logsumexp_kernel[(rows,)](
         logits, ids, segments, logp, lse, entropy if with_entropy else lse,
         length, vocab, logits.stride(0), logits.stride(1), float(temperature),
-        ONLY_SCORED=segment_ids is not None, WITH_ENTROPY=with_entropy, BLOCK_V=vocab_block(vocab), num_warps=8)
+        ONLY_SCORED=segment_ids is not None, WITH_ENTROPY=with_entropy, **vocab_launch_config(vocab))
     return logp, lse, entropy
 
 
@@ -140,8 +153,8 @@ def logits_grad_pass(logits: torch.Tensor, ids: torch.Tensor, logp_coef: torch.T
         return out
     with_entropy = entropy_coef is not None
     _logits_grad_kernel[(rows,)](
-        logits, out, ids.reshape(rows).contiguous(), logp_coef.contiguous(), lse,
-        entropy_coef.contiguous() if with_entropy else lse, entropy if with_entropy else lse,
+        logits, out, index_vector(ids), float_vector(logp_coef, lse.dtype), lse,
+        float_vector(entropy_coef, lse.dtype) if with_entropy else lse, entropy if with_entropy else lse,
         length, vocab, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), float(temperature),
-        WITH_ENTROPY_GRAD=with_entropy, BLOCK_V=vocab_block(vocab), num_warps=8)
+        WITH_ENTROPY_GRAD=with_entropy, **vocab_launch_config(vocab))
     return out

@@ -14,16 +14,15 @@ the tokens of one chunk; log-probs and segment ids are always addressed by flat 
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ..config import LossConfig
-from .common import Passes, new_output
+from .common import Passes, float_vector, index_vector, new_output
 from .logprobs import logits_grad_pass, logsumexp_pass
 from .sentence_layout import SentenceLayout, SentenceTerms
 
-NAN: tl.constexpr = tl.PropagateNan.ALL   # a NaN log-prob must give a NaN loss, as torch.clamp/minimum do
+NAN = tl.constexpr(tl.PropagateNan.ALL)  # a NaN log-prob must give a NaN loss, as torch.clamp/minimum do
 TOKEN_BLOCK = 1024
 SLOT_BLOCK = 256
 
@@ -62,8 +61,9 @@ def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, segment_ids_ptr, tokens_pt
 def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr, advantages_ptr,
                            weighted_loss_ptr, ratio_ptr, ratio_coef_ptr, kl_coef_ptr,
                            total_slots, num_slots, eps_low, eps_high, beta, delta, clamp_log_ratio,
-                           ROW_ADVANTAGES: tl.constexpr, RATIO_MEAN: tl.constexpr, KL_MEAN: tl.constexpr,
-                           HAS_KL: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                           row_advantages, ratio_mean, kl_mean, has_kl, has_delta, BLOCK: tl.constexpr):
+    # The options are runtime flags (0/1): this kernel touches a few values per sentence, so selecting with
+    # tl.where costs nothing measurable, and one build serves every option set.
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = index < total_slots
     count = tl.load(count_ptr + index, mask=in_range, other=0)
@@ -73,23 +73,16 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
     divisor = tl.maximum(count, 1).to(acc_dtype)
 
     log_ratio = tl.load(log_ratio_sum_ptr + index, mask=in_range, other=0.0).to(acc_dtype)
-    if RATIO_MEAN:
-        log_ratio = log_ratio / divisor
+    log_ratio = tl.where(ratio_mean != 0, log_ratio / divisor, log_ratio)
     inside_clamp = (log_ratio >= -clamp_log_ratio) & (log_ratio <= clamp_log_ratio)
     ratio = tl.exp(tl.clamp(log_ratio, -clamp_log_ratio, clamp_log_ratio, propagate_nan=NAN))
-    if ROW_ADVANTAGES:
-        advantage = tl.load(advantages_ptr + index // num_slots, mask=in_range & exists, other=0.0)
-    else:
-        advantage = tl.load(advantages_ptr + index, mask=in_range & exists, other=0.0)
-    advantage = advantage.to(acc_dtype)
+    advantage_index = tl.where(row_advantages != 0, index // num_slots, index)
+    advantage = tl.load(advantages_ptr + advantage_index, mask=in_range & exists, other=0.0).to(acc_dtype)
 
     # surrogate = min(ρ_u·Â, clip(ρ)·Â) and its derivative with respect to log ρ; on a tie the
     # two branches share the gradient equally, as torch.minimum does.
-    unclipped = ratio
-    unclipped_slope = ratio
-    if HAS_DELTA:
-        unclipped = tl.minimum(ratio, delta, propagate_nan=NAN)
-        unclipped_slope = tl.where(ratio <= delta, ratio, 0.0)
+    unclipped = tl.where(has_delta != 0, tl.minimum(ratio, delta, propagate_nan=NAN), ratio)
+    unclipped_slope = tl.where((has_delta == 0) | (ratio <= delta), ratio, 0.0)
     clipped = tl.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high, propagate_nan=NAN)
     clipped_slope = tl.where((ratio >= 1.0 - eps_low) & (ratio <= 1.0 + eps_high), ratio, 0.0)
     unclipped_term = unclipped * advantage
@@ -99,18 +92,14 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
                                tl.where(unclipped_term > clipped_term, clipped_slope,
                                         0.5 * (unclipped_slope + clipped_slope))) * advantage
     per_token_slope = tl.where(inside_clamp, 1.0, 0.0)       # ∂ log ρ / ∂ logp_t
-    if RATIO_MEAN:
-        per_token_slope = per_token_slope / divisor
+    per_token_slope = tl.where(ratio_mean != 0, per_token_slope / divisor, per_token_slope)
 
     loss = -surrogate
-    if HAS_KL:
-        kl = tl.load(kl_sum_ptr + index, mask=in_range, other=0.0).to(acc_dtype)
-        kl_weight = tl.full([BLOCK], beta, acc_dtype)
-        if KL_MEAN:
-            kl = kl / divisor
-            kl_weight = kl_weight / divisor
-        loss += beta * kl
-        tl.store(kl_coef_ptr + index, tl.where(exists, weight * kl_weight, 0.0), mask=in_range)
+    kl_slots = tl.where(has_kl != 0, in_range, False)
+    kl = tl.load(kl_sum_ptr + index, mask=kl_slots, other=0.0).to(acc_dtype)
+    kl_weight = tl.where(kl_mean != 0, beta / divisor, beta)
+    loss += tl.where(has_kl != 0, kl_weight * kl, 0.0)
+    tl.store(kl_coef_ptr + index, tl.where(exists, weight * kl_weight, 0.0), mask=kl_slots)
     tl.store(weighted_loss_ptr + index, tl.where(exists, weight * loss, 0.0), mask=in_range)
     tl.store(ratio_ptr + index, ratio, mask=in_range)
     tl.store(ratio_coef_ptr + index, tl.where(exists, -weight * surrogate_slope * per_token_slope, 0.0),
@@ -132,10 +121,6 @@ def _token_coef_kernel(logp_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, ratio_coe
     tl.store(coef_ptr + position, tl.where(scored, coef, 0.0), mask=in_range)
 
 
-def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.reshape(-1).contiguous()
-
-
 def triton_sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, log_ratio_sum, kl_sum,
                          tokens=None) -> None:
     """Add ``Δ_t`` (if ``old_logps`` is given) and ``k3_t`` (if ``kl_sum`` is given) of the listed tokens (all
@@ -144,10 +129,11 @@ def triton_sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int
     count = batch * length if tokens is None else tokens.numel()
     if count == 0 or (old_logps is None and kl_sum is None):
         return
-    segments = _flat(segment_ids)
+    segments = index_vector(segment_ids)
     _sentence_sums_kernel[(triton.cdiv(count, TOKEN_BLOCK),)](
-        logp, _flat(old_logps) if old_logps is not None else logp, _flat(ref_logps) if kl_sum is not None else logp,
-        segments, tokens if tokens is not None else segments, log_ratio_sum,
+        logp, float_vector(old_logps, logp.dtype) if old_logps is not None else logp,
+        float_vector(ref_logps, logp.dtype) if kl_sum is not None else logp,
+        segments, index_vector(tokens) if tokens is not None else segments, log_ratio_sum,
         kl_sum if kl_sum is not None else log_ratio_sum, count, length, num_slots,
         HAS_INDEX=tokens is not None, HAS_OLD=old_logps is not None, HAS_KL=kl_sum is not None, BLOCK=TOKEN_BLOCK)
 
@@ -163,13 +149,13 @@ def triton_sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advanta
                           kl_coef=new_output((total,), dtype, device) if has_kl else None)
     if total:
         _sentence_terms_kernel[(triton.cdiv(total, SLOT_BLOCK),)](
-            layout.count, layout.weight, log_ratio_sum, kl_sum if has_kl else log_ratio_sum, advantages.contiguous(),
+            layout.count, layout.weight, log_ratio_sum, kl_sum if has_kl else log_ratio_sum,
+            float_vector(advantages, dtype),
             terms.weighted_loss, terms.ratio, terms.ratio_coef, terms.kl_coef if has_kl else terms.ratio_coef,
             total, layout.num_slots, config.eps_low, config.eps_high, config.beta,
             config.delta if config.delta is not None else 0.0, config.clamp_log_ratio,
-            ROW_ADVANTAGES=advantages.dim() == 1, RATIO_MEAN=config.ratio_level == "mean",
-            KL_MEAN=config.kl_reduction == "mean", HAS_KL=has_kl, HAS_DELTA=config.delta is not None,
-            BLOCK=SLOT_BLOCK)
+            int(advantages.dim() == 1), int(config.ratio_level == "mean"), int(config.kl_reduction == "mean"),
+            int(has_kl), int(config.delta is not None), BLOCK=SLOT_BLOCK)
     return terms
 
 
@@ -179,10 +165,11 @@ def triton_token_coef(logp, ref_logps, segment_ids, num_slots: int, terms: Sente
     count = batch * length if tokens is None else tokens.numel()
     coef = new_output((count,), logp.dtype, logp.device)
     if count:
-        segments = _flat(segment_ids)
+        segments = index_vector(segment_ids)
         has_kl = terms.kl_coef is not None
         _token_coef_kernel[(triton.cdiv(count, TOKEN_BLOCK),)](
-            logp, _flat(ref_logps) if has_kl else logp, segments, tokens if tokens is not None else segments,
+            logp, float_vector(ref_logps, logp.dtype) if has_kl else logp, segments,
+            index_vector(tokens) if tokens is not None else segments,
             terms.ratio_coef, terms.kl_coef if has_kl else terms.ratio_coef, coef, count, length, num_slots,
             HAS_INDEX=tokens is not None, HAS_KL=has_kl, BLOCK=TOKEN_BLOCK)
     return coef

@@ -36,7 +36,9 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
     segments = segment_ids.reshape(-1).long()
     rows = torch.arange(segments.numel(), device=segments.device) // max(length, 1)
     slots = torch.where(segments >= 0, rows * num_slots + segments, batch * num_slots)   # unscored -> spare bin
-    count = torch.bincount(slots, minlength=batch * num_slots + 1)[:batch * num_slots]
+    # a bincount of known length (bincount's length depends on the data: no meta tensors, no torch.compile graph)
+    count = torch.zeros(batch * num_slots + 1, dtype=torch.int64, device=segments.device)
+    count = count.scatter_add_(0, slots, torch.ones_like(slots))[:batch * num_slots]
     exists = count > 0
     if reduction == "sentence_mean":     # 1 / (S_i · B')
         sentences_per_row = exists.view(batch, num_slots).sum(1)
