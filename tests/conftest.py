@@ -1,5 +1,6 @@
 """Test setup: without a CUDA device, Triton kernels run on the CPU through the interpreter."""
 
+import importlib.util
 import os
 
 import torch
@@ -28,3 +29,19 @@ def backend(request):
         if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
             pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
     return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_launches():
+    """Every Triton kernel launch of the session: the build test (run last) compiles them for real GPUs."""
+    if importlib.util.find_spec("triton") is None:
+        yield set()
+        return
+    from sgrpo_kernels.ops.kernel_builds import recorded_launches
+    with recorded_launches() as launches:
+        yield launches
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``build`` run last, after every other test has launched its kernels."""
+    items.sort(key=lambda item: item.get_closest_marker("build") is not None)

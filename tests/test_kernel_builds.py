@@ -1,0 +1,225 @@
+"""Every kernel specialisation the public API can launch compiles with the real Triton compiler for sm_80, sm_90
+and gfx942 (no GPU needed; the interpreter that runs the other tests accepts code the compiler rejects).
+
+The launches come from (1) a dry run of the public API over every option, dtype and a few shapes, (2) every launch
+the rest of this test session made (``conftest.py`` records them; this test runs last), then (3) every launch
+configuration the launchers' own choice functions can pick and 64-bit integer variants (``kernel_builds.expand``).
+They are built in separate processes without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from cases import KERNEL_DEVICE
+
+import sgrpo_kernels as sk
+from sgrpo_kernels.ops import kernel_builds
+from sgrpo_kernels.ops.kernel_builds import Launch, expand, recorded_launches
+
+pytest.importorskip("triton", reason="building Triton kernels needs triton")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# (B, T, V): odd sizes, sizes divisible by 16, and sizes equal to 1 (Triton specialises integers on these)
+SHAPES = ((2, 3, 5), (2, 16, 32), (1, 1, 1))
+BUILD_SECONDS = 600
+
+
+def loss_inputs(batch, length, vocab, dtype, *, per_row_advantages=False, sliced=False, index_dtype=torch.int64):
+    """Small loss inputs on the kernel device; ``sliced`` gives ``logits[:, 1:]`` (strided, unaligned start)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, length + sliced, vocab, generator=generator).to(dtype)
+    logits = logits[:, 1:] if sliced else logits
+    segment_ids = torch.arange(length).repeat(batch, 1) // 2
+    segment_ids[0, -1] = -1
+    num_slots = int(segment_ids.max()) + 1
+    logps = torch.randn(batch, length, generator=generator)
+    advantages = torch.randn((batch,) if per_row_advantages else (batch, num_slots), generator=generator)
+    tensors = dict(logits=logits, completion_ids=torch.randint(0, vocab, (batch, length), generator=generator),
+                   segment_ids=segment_ids.to(index_dtype), advantages=advantages, old_logps=logps - 0.1,
+                   ref_logps=logps + 0.1)
+    return {name: value.to(KERNEL_DEVICE) for name, value in tensors.items()}
+
+
+LOSS_OPTIONS = dict(per_row_advantages=[False, True], beta=[0.0, 0.1], with_old=[False, True], delta=[None, 1.5],
+                    ratio_level=["sum", "mean"], kl_reduction=["mean", "sum"], return_metrics=[False, True],
+                    requires_grad=[False, True], inplace=[False, True])
+
+
+def option_grid(options: dict):
+    for values in itertools.product(*options.values()):
+        yield dict(zip(options, values))
+
+
+def call_loss(inputs, *, fused=False, per_row_advantages, with_old, requires_grad, inplace, bias=False,
+              chunk_size=None, **options):
+    old_logps = inputs["old_logps"] if with_old else None
+    ref_logps = inputs["ref_logps"] if options["beta"] > 0 else None
+    ids, segments, advantages = inputs["completion_ids"], inputs["segment_ids"], inputs["advantages"]
+    if not fused:
+        logits = inputs["logits"].detach().clone().requires_grad_(requires_grad)
+        sk.sentence_grpo_loss(logits, ids, segments, advantages, old_logps, ref_logps, inplace=inplace,
+                              backend="triton", **options)
+        return
+    batch, length, vocab = inputs["logits"].shape
+    hidden = torch.randn(batch, length, 8, dtype=inputs["logits"].dtype, device=KERNEL_DEVICE)
+    weight = torch.randn(vocab, 8, dtype=hidden.dtype, device=KERNEL_DEVICE)
+    bias = torch.randn(vocab, dtype=hidden.dtype, device=KERNEL_DEVICE) if bias else None
+    for tensor in (hidden, weight) + ((bias,) if bias is not None else ()):
+        tensor.requires_grad_(requires_grad)
+    sk.fused_linear_sentence_grpo_loss(hidden, weight, ids, segments, advantages, old_logps, ref_logps, bias=bias,
+                                       chunk_size=chunk_size, inplace=inplace, backend="triton", **options)
+
+
+def call_logprobs(inputs, *, fused, return_entropy, requires_grad, entropy_grad):
+    logits, ids = inputs["logits"].detach().clone().requires_grad_(requires_grad), inputs["completion_ids"]
+    if fused:
+        hidden = torch.randn(*ids.shape, 8, dtype=logits.dtype, device=KERNEL_DEVICE).requires_grad_(requires_grad)
+        weight = torch.randn(logits.shape[-1], 8, dtype=logits.dtype, device=KERNEL_DEVICE)
+        result = sk.fused_linear_token_logprobs(hidden, weight, ids, return_entropy=return_entropy, chunk_size=2,
+                                                backend="triton")
+    else:
+        result = sk.token_logprobs(logits, ids, return_entropy=return_entropy, backend="triton")
+    if requires_grad:
+        logp, entropy = result if return_entropy else (result, None)
+        total = logp.sum() + (entropy.sum() if entropy_grad and entropy is not None else 0)
+        total.backward()
+
+
+def public_api_launches() -> set[Launch]:
+    """Dry run (kernels recorded, not run) of every public entry point over its options, dtypes and shapes."""
+    with recorded_launches(execute=False) as launches:
+        for dtype, options in itertools.product(DTYPES, option_grid(LOSS_OPTIONS)):
+            inputs = loss_inputs(2, 3, 5, dtype, per_row_advantages=options["per_row_advantages"])
+            call_loss(inputs, **options)
+        fused_options = LOSS_OPTIONS | dict(bias=[False, True], chunk_size=[None, 1], inplace=[False])
+        for dtype, options in itertools.product(DTYPES, option_grid(fused_options)):
+            inputs = loss_inputs(2, 3, 5, dtype, per_row_advantages=options["per_row_advantages"])
+            call_loss(inputs, fused=True, **options)
+        for dtype, shape, sliced, index_dtype, fused in itertools.product(
+                DTYPES, SHAPES, [False, True], [torch.int64, torch.int32], [False, True]):
+            inputs = loss_inputs(*shape, dtype, sliced=sliced, index_dtype=index_dtype)
+            call_loss(inputs, fused=fused, per_row_advantages=False, with_old=True, requires_grad=True,
+                      inplace=False, beta=0.1, return_metrics=True)
+            for return_entropy, requires_grad, entropy_grad in itertools.product([False, True], repeat=3):
+                call_logprobs(inputs, fused=fused, return_entropy=return_entropy, requires_grad=requires_grad,
+                              entropy_grad=entropy_grad)
+        for dtype, (batch, num_slots), weighting, scale, mode in itertools.product(
+                DTYPES, [(4, 3), (2, 40), (1, 1)], ["output", "sentence"], ["std", "none"], ["sentence", "cumulative"]):
+            rewards = torch.rand(batch, num_slots, dtype=dtype, device=KERNEL_DEVICE)
+            counts = torch.full((batch,), num_slots, dtype=torch.int32, device=KERNEL_DEVICE)
+            sk.group_sentence_advantages(rewards, counts, batch // 2 or 1, weighting=weighting, scale=scale, mode=mode)
+    return launches
+
+
+def build_in_subprocess(launches, tmp_path) -> dict:
+    launches_file, results_file = tmp_path / "launches.json", tmp_path / "results.json"
+    kernel_builds.save_launches(launches, str(launches_file))
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "sgrpo_kernels.ops.kernel_builds", str(launches_file), "--results",
+         str(results_file), "--jobs", str(max(2, os.cpu_count() or 1))],
+        env=environment, capture_output=True, text=True, timeout=BUILD_SECONDS)
+    print(completed.stdout[-4000:])
+    assert results_file.exists(), f"the build process wrote no results:\n{completed.stdout}\n{completed.stderr}"
+    return json.loads(results_file.read_text()) | {"returncode": completed.returncode, "stdout": completed.stdout}
+
+
+def test_public_api_launches_cover_every_option():
+    """The dry run reaches every kernel with both values of every constexpr flag (else the matrix is stale)."""
+    launches = public_api_launches()
+    flags = {}
+    for launch in launches:
+        for name, description in launch.arguments:
+            if name.isupper() and description[0] == "bool":
+                flags.setdefault((launch.kernel, name), set()).add(description[1])
+    assert not kernel_builds.unbuilt_kernels({launch.kernel for launch in launches})
+    one_sided = {key: values for key, values in flags.items() if values != {False, True}}
+    assert not one_sided, f"flags the public API dry run sets one way only: {one_sided}"
+
+
+@pytest.mark.build
+def test_every_launch_builds_for_real_targets(suite_launches, tmp_path):
+    launches = expand(public_api_launches() | suite_launches)
+    outcome = build_in_subprocess(launches, tmp_path)
+    failures = [f"{result['target']} {result['label']}: {result['error'][:600]}"
+                for result in outcome["results"] if not result["ok"]]
+    assert not failures, f"{len(failures)} builds failed:\n" + "\n".join(failures[:20])
+    assert not outcome["unbuilt"], f"jit functions that no built kernel reaches: {outcome['unbuilt']}"
+    built = {(result["kernel"], result["target"]) for result in outcome["results"]}
+    kernels = {launch.kernel for launch in launches}
+    assert built == {(kernel, target) for kernel in kernels for target in kernel_builds.TARGETS}
+    assert outcome["returncode"] == 0, outcome["stdout"]
+
+
+def test_compile_report_at_the_gpu_presets(tmp_path):
+    """The static report builds what the GPU presets launch and reads registers and spills from the binaries."""
+    from benchmarks import compile_report
+    where = compile_report.preset_launches()
+    kernels = {launch.kernel.split(":")[1] for launch in where}
+    assert kernels == {"_logsumexp_kernel", "_sentence_sums_kernel", "_sentence_terms_kernel", "_token_coef_kernel",
+                       "_logits_grad_kernel"}
+    logits_launches = [launch for launch in where if launch.kernel.endswith("_logsumexp_kernel")]
+    assert {dict(launch.arguments)["logits_ptr"][1] for launch in logits_launches} == {"bfloat16"}
+    assert {dict(launch.arguments)["BLOCK_V"][1] for launch in logits_launches} == {4096}
+
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--out", str(tmp_path), "--jobs",
+                                "2"], env=environment, capture_output=True, text=True, timeout=BUILD_SECONDS)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    with open(tmp_path / "compile_report.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert {row["target"] for row in rows} == set(kernel_builds.TARGETS)
+    assert {row["kernel"] for row in rows} == kernels
+    for row in rows:
+        assert 8 <= int(row["registers"]) <= 512 and int(row["num_warps"]) in (4, 8), row
+        assert int(row["spill_stores"]) >= 0 and int(row["stack_bytes"]) >= 0, row
+    assert "**Verdict**" in (tmp_path / "compile_report.md").read_text()
+
+
+BROKEN_KERNEL = '''
+import triton
+import triton.language as tl
+
+SCALE: tl.constexpr = 2.0      # accepted by the interpreter, refused by the compiler
+
+
+@triton.jit
+def scale_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) * SCALE, mask=offsets < n)
+'''
+
+
+def test_a_kernel_the_compiler_refuses_fails_the_build(tmp_path):
+    (tmp_path / "broken_kernels.py").write_text(BROKEN_KERNEL)
+    launch = Launch("broken_kernels:scale_kernel", (("x_ptr", ("tensor", "float32", True)), ("n", ("int", 7)),
+                                                   ("BLOCK", ("int", 8))), ())
+    kernel_builds.save_launches([launch], str(tmp_path / "launches.json"))
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.getcwd(), environment.get("PYTHONPATH", "")])
+    completed = subprocess.run([sys.executable, "-m", "sgrpo_kernels.ops.kernel_builds", "launches.json",
+                                "--targets", "sm90", "gfx942", "--jobs", "1"], cwd=tmp_path, env=environment,
+                               capture_output=True, text=True, timeout=BUILD_SECONDS)
+    assert completed.returncode == 1
+    assert "2 failed" in completed.stdout
+    assert "FAILED sm90 scale_kernel(" in completed.stdout and "FAILED gfx942 scale_kernel(" in completed.stdout
+    assert "Cannot access global variable SCALE" in completed.stdout
+
+
+def test_a_kernel_no_launch_reaches_is_reported():
+    kernels = set(kernel_builds.package_kernels())
+    launched = {name for name in kernels if not name.endswith(("_listed_tokens", "_tile"))}
+    assert kernel_builds.unbuilt_kernels(launched) == []
+    missing = "sgrpo_kernels.ops.sentence_grpo:_token_coef_kernel"
+    assert kernel_builds.unbuilt_kernels(launched - {missing}) == [missing]
+    # a helper counts as built only through a built kernel that calls it
+    assert "sgrpo_kernels.ops.group_advantages:_tile" in kernel_builds.unbuilt_kernels(
+        launched - {"sgrpo_kernels.ops.group_advantages:group_advantages_kernel"})
