@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) each holding half of a global batch give the single-process loss and gradients."""
 
 import os
+import sys
 import traceback
 
 import pytest
@@ -25,6 +26,12 @@ def _worker(rank, init_file, test, errors):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Leave without running C++ static destructors: after an FSDP2 step on gloo, about one exit in eight aborts
+    # there ("terminate called without an active exception", no Python frame), after the test has passed and
+    # reported. Errors are already in the queue (SimpleQueue writes synchronously).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_two_ranks(test, tmp_path):
