@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from cases import KERNEL_DEVICE, assert_relative_close, device_of, moved, random_case
 
 import sgrpo_kernels as sk
 from sgrpo_kernels import reference
 from sgrpo_kernels.config import LossConfig
+from sgrpo_kernels.ops.sentence_grpo import _k3
 
 
 def call(backend, case, **options):
@@ -264,3 +267,66 @@ def test_full_size_bf16_on_cuda(inplace):
     assert_relative_close(loss.detach().cpu(), gold_loss, 1e-4, "loss")
     assert (loss.detach().cpu().double() - gold_loss).abs() <= 2 * (reference_loss.double() - gold_loss).abs() + 1e-6
     assert (grad.double() - gold_grad).abs().max() <= 2 * (reference_grad.double() - gold_grad).abs().max()
+
+
+def test_float64_with_scalars_that_fp32_cannot_hold(backend):
+    """Every scalar option reaches the fp64 kernels exactly (on a GPU a Python float would arrive as fp32 unless
+    the kernel declares it fp64): 1e-12 of the reference, gradients included."""
+    case = random_case(batch=3, length=9, vocab=301, num_slots=5, dtype=torch.float64, seed=21, old_spread=0.4)
+    check_against_gold(case, backend, rel=1e-12, temperature=0.7, eps_low=0.1, eps_high=0.3, beta=0.07, delta=1.7,
+                       clamp_log_ratio=0.9, ratio_level="mean")
+
+
+@triton.jit
+def _k3_test_kernel(x_ptr, out_ptr, count, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < count)
+    tl.store(out_ptr + offsets, _k3(x), mask=offsets < count)
+
+
+def test_k3_is_accurate_where_the_direct_form_cancels():
+    """fp32 k3 = exp(x) − x − 1 within 1e-6 of an fp64 evaluation for |x| in [1e-6, 1e-2] (the direct form is off
+    by percents there), and within a few ulps of it elsewhere."""
+    small = torch.logspace(-6, -2, 41, dtype=torch.float64)
+    large = torch.tensor([0.3, 0.49, 0.5, 0.51, 0.9, 2.0, 7.0], dtype=torch.float64)
+    x = torch.cat([small, -small, large, -large]).float()
+    out = torch.empty_like(x).to(KERNEL_DEVICE)
+    _k3_test_kernel[(1,)](x.to(KERNEL_DEVICE), out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    gold = torch.tensor([math.expm1(v) - v for v in x.double().tolist()], dtype=torch.float64)
+    relative = ((out.cpu().double() - gold) / gold).abs()
+    in_range = x.abs() <= 1e-2
+    assert relative[in_range].max() <= 1e-6
+    assert relative[~in_range].max() <= 1e-5
+    direct = (torch.exp(x) - x - 1).double()
+    assert ((direct - gold) / gold).abs()[in_range].max() > 1e-2       # what the series avoids
+
+
+def _laid_out(kind: str, values: torch.Tensor) -> torch.Tensor:
+    """``values [B, T, V]`` in a view laid out as ``kind`` says, in a storage of its own."""
+    if kind == "contiguous":
+        return values.clone()
+    if kind == "sliced_start":      # logits[:, 1:] of [B, T + 1, V]: rows start off 16-byte boundaries
+        return torch.cat([torch.randn_like(values[:, :1]), values], 1)[:, 1:]
+    if kind == "sliced_vocab":      # logits[..., :V] of a wider head (a tokenizer smaller than the embedding)
+        return torch.cat([values, torch.randn_like(values[..., :5])], -1)[..., :values.shape[-1]]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "sliced_start", "sliced_vocab"])
+@pytest.mark.parametrize("vocab", [3, 4101])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rows_off_16_byte_boundaries(backend, kind, vocab, dtype, inplace):
+    """Odd V, sliced starts and sliced vocabularies put row starts anywhere in a 16-byte line: the kernels read
+    an unaligned head, aligned tiles and a masked remainder (two tiles when V is just above a tile), and write
+    the gradient with the same split when its rows line up with the logits' (else a plain one)."""
+    case = random_case(batch=2, length=5, vocab=vocab, num_slots=3, dtype=dtype, seed=vocab)
+    arguments = moved(case, device_of(backend))
+    logits = _laid_out(kind, arguments["logits"].detach()).requires_grad_()
+    values = logits.detach().clone()
+    loss = call(backend, dict(arguments, logits=logits), beta=0.1, inplace=inplace)
+    loss.backward()
+    gold_loss, gold_grad, _ = loss_and_grad(gold_of(dict(case, logits=values.cpu())), "reference", beta=0.1)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_relative_close(loss.detach().cpu(), gold_loss, tolerance, "loss")
+    assert_relative_close(logits.grad.cpu(), gold_grad, tolerance, "logits.grad")

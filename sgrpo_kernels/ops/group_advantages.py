@@ -14,16 +14,17 @@ import triton
 import triton.language as tl
 
 from .common import accumulator_dtype, float_vector, index_vector, new_output
+from .triton_common import COMPILE_OPTIONS, as_dtype
 
 MAX_SLOTS = 4096        # more sentence slots per answer than this: the caller uses the PyTorch statement
-TILE_ELEMENTS = 1024    # smallest tile; a tile holds at least one whole row
+TILE_ELEMENTS = 512     # smallest tile; a tile holds at least one whole row
 
 
 def group_launch_config(num_slots: int) -> dict:
     """Tile shape and ``num_warps`` for answers of ``num_slots`` sentence slots (``1 <= num_slots <= MAX_SLOTS``)."""
     block_slots = max(triton.next_power_of_2(num_slots), 16)
     tile = max(block_slots, TILE_ELEMENTS)
-    return dict(BLOCK_G=tile // block_slots, BLOCK_S=block_slots, num_warps=max(4, tile // 256))
+    return dict(BLOCK_G=tile // block_slots, BLOCK_S=block_slots, num_warps=max(4, tile // 256), **COMPILE_OPTIONS)
 
 
 def launch_choices() -> dict[str, list[dict]]:
@@ -48,8 +49,8 @@ def _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots, group_siz
     return offsets, exists, in_row, rewards, count
 
 
-@triton.jit
-def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, group_size, eps,
+@triton.jit(do_not_specialize=["num_slots", "group_size", "output_weighting", "scale_std", "cumulative"])
+def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, group_size, eps: tl.float64,
                             output_weighting, scale_std, cumulative, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     """rewards, out: flat ``[B * S]`` in the accumulator dtype; num_sentences: ``[B]`` int64; ``BLOCK_S >= S``."""
     first_row = tl.program_id(0).to(tl.int64) * group_size
@@ -81,7 +82,7 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
         per_sentence = tl.where(output_weighting != 0, 1.0 / tl.maximum(count, 1).to(zero.dtype), 1.0)
         centred = tl.where(exists, rewards - shift - mean, 0.0)
         squares += tl.sum(tl.sum(tl.where(exists, per_sentence[:, None], 0.0) * centred * centred, 1), 0)
-    scale = tl.where(scale_std != 0, tl.sqrt(squares / total) + eps, 1.0)
+    scale = tl.where(scale_std != 0, tl.sqrt(squares / total) + as_dtype(eps, zero.dtype), 1.0)
 
     for start in range(0, group_size, BLOCK_G):
         offsets, exists, in_row, rewards, _ = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,

@@ -21,6 +21,7 @@ from ..config import LossConfig
 from .common import Passes, float_vector, index_vector, new_output
 from .logprobs import logits_grad_pass, logsumexp_pass
 from .sentence_layout import SentenceLayout, SentenceTerms
+from .triton_common import COMPILE_OPTIONS, as_dtype
 
 NAN = tl.constexpr(tl.PropagateNan.ALL)  # a NaN log-prob must give a NaN loss, as torch.clamp/minimum do
 TOKEN_BLOCK = 1024
@@ -42,6 +43,18 @@ def _listed_tokens(tokens_ptr, segment_ids_ptr, num_tokens, length, num_slots, H
 
 
 @triton.jit
+def _k3(x):
+    """DeepSeekMath's ``k3 = exp(x) − x − 1`` at ``x = ref − logp``, accurate near 0, where k3 ≈ x²/2 and the
+    direct form cancels (10–40 % off in fp32 at |x| ≈ 1e-3): the Taylor series ``x² Σ_k x^k/(k+2)!`` (to x¹⁷,
+    below fp64 rounding) for |x| < 1/2, the direct form beyond (where it loses at most a few ulps)."""
+    series = 1 / 2 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x * (1 / 5040 + x * (
+        1 / 40320 + x * (1 / 362880 + x * (1 / 3628800 + x * (1 / 39916800 + x * (1 / 479001600 + x * (
+            1 / 6227020800 + x * (1 / 87178291200 + x * (1 / 1307674368000 + x * (
+                1 / 20922789888000 + x / 355687428096000))))))))))))))
+    return tl.where(tl.abs(x) < 0.5, x * x * series, tl.exp(x) - x - 1.0)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "length", "num_slots"])
 def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, log_ratio_sum_ptr, kl_sum_ptr,
                           num_tokens, length, num_slots,
                           HAS_INDEX: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr):
@@ -50,20 +63,21 @@ def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, segment_ids_ptr, tokens_pt
     logp = tl.load(logp_ptr + token, mask=scored, other=0.0)
     if HAS_OLD:
         old = tl.load(old_ptr + token, mask=scored, other=0.0).to(logp.dtype)
-        tl.atomic_add(log_ratio_sum_ptr + slot, (logp - old).to(tl.float64), mask=scored)
+        tl.atomic_add(log_ratio_sum_ptr + slot, (logp - old).to(tl.float64), mask=scored, sem="relaxed")
     if HAS_KL:
         ref_minus_logp = tl.load(ref_ptr + token, mask=scored, other=0.0).to(logp.dtype) - logp
-        k3 = tl.exp(ref_minus_logp) - ref_minus_logp - 1.0
-        tl.atomic_add(kl_sum_ptr + slot, k3.to(tl.float64), mask=scored)
+        tl.atomic_add(kl_sum_ptr + slot, _k3(ref_minus_logp).to(tl.float64), mask=scored, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_slots", "num_slots", "row_advantages", "ratio_mean", "kl_mean", "has_kl",
+                               "has_delta"])
 def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr, advantages_ptr,
-                           weighted_loss_ptr, ratio_ptr, ratio_coef_ptr, kl_coef_ptr,
-                           total_slots, num_slots, eps_low, eps_high, beta, delta, clamp_log_ratio,
-                           row_advantages, ratio_mean, kl_mean, has_kl, has_delta, BLOCK: tl.constexpr):
-    # The options are runtime flags (0/1): this kernel touches a few values per sentence, so selecting with
-    # tl.where costs nothing measurable, and one build serves every option set.
+                           weighted_loss_ptr, ratio_ptr, ratio_coef_ptr, kl_coef_ptr, total_slots, num_slots,
+                           eps_low: tl.float64, eps_high: tl.float64, beta: tl.float64, delta: tl.float64,
+                           clamp_log_ratio: tl.float64, row_advantages, ratio_mean, kl_mean, has_kl, has_delta,
+                           BLOCK: tl.constexpr):
+    # The options are runtime flags (0/1, not specialised on): this kernel touches a few values per sentence, so
+    # selecting with tl.where costs nothing measurable, and one build serves every option set.
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = index < total_slots
     count = tl.load(count_ptr + index, mask=in_range, other=0)
@@ -71,11 +85,19 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
     weight = tl.load(weight_ptr + index, mask=in_range, other=0.0)
     acc_dtype = weight.dtype
     divisor = tl.maximum(count, 1).to(acc_dtype)
+    lower_bound = as_dtype(1.0 - eps_low, acc_dtype)
+    upper_bound = as_dtype(1.0 + eps_high, acc_dtype)
+    beta = as_dtype(beta, acc_dtype)
+    delta = as_dtype(delta, acc_dtype)
+    clamp_log_ratio = as_dtype(clamp_log_ratio, acc_dtype)
 
     log_ratio = tl.load(log_ratio_sum_ptr + index, mask=in_range, other=0.0).to(acc_dtype)
     log_ratio = tl.where(ratio_mean != 0, log_ratio / divisor, log_ratio)
     inside_clamp = (log_ratio >= -clamp_log_ratio) & (log_ratio <= clamp_log_ratio)
-    ratio = tl.exp(tl.clamp(log_ratio, -clamp_log_ratio, clamp_log_ratio, propagate_nan=NAN))
+    # the clamp as selects: NaN passes through, and fp64 builds for sm_90 (Triton lowers tl.clamp with bounds
+    # ±c to an fp32-only intrinsic there)
+    ratio = tl.exp(tl.where(log_ratio < -clamp_log_ratio, -clamp_log_ratio,
+                            tl.where(log_ratio > clamp_log_ratio, clamp_log_ratio, log_ratio)))
     advantage_index = tl.where(row_advantages != 0, index // num_slots, index)
     advantage = tl.load(advantages_ptr + advantage_index, mask=in_range & exists, other=0.0).to(acc_dtype)
 
@@ -83,8 +105,8 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
     # two branches share the gradient equally, as torch.minimum does.
     unclipped = tl.where(has_delta != 0, tl.minimum(ratio, delta, propagate_nan=NAN), ratio)
     unclipped_slope = tl.where((has_delta == 0) | (ratio <= delta), ratio, 0.0)
-    clipped = tl.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high, propagate_nan=NAN)
-    clipped_slope = tl.where((ratio >= 1.0 - eps_low) & (ratio <= 1.0 + eps_high), ratio, 0.0)
+    clipped = tl.clamp(ratio, lower_bound, upper_bound, propagate_nan=NAN)
+    clipped_slope = tl.where((ratio >= lower_bound) & (ratio <= upper_bound), ratio, 0.0)
     unclipped_term = unclipped * advantage
     clipped_term = clipped * advantage
     surrogate = tl.minimum(unclipped_term, clipped_term, propagate_nan=NAN)
@@ -106,7 +128,7 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
              mask=in_range)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "length", "num_slots"])
 def _token_coef_kernel(logp_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, ratio_coef_ptr, kl_coef_ptr, coef_ptr,
                        num_tokens, length, num_slots,
                        HAS_INDEX: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr):
@@ -117,7 +139,8 @@ def _token_coef_kernel(logp_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, ratio_coe
     if HAS_KL:
         logp = tl.load(logp_ptr + token, mask=scored, other=0.0)
         ref = tl.load(ref_ptr + token, mask=scored, other=0.0).to(logp.dtype)
-        coef += tl.load(kl_coef_ptr + slot, mask=scored, other=0.0) * (1.0 - tl.exp(ref - logp))
+        x = ref - logp
+        coef -= tl.load(kl_coef_ptr + slot, mask=scored, other=0.0) * (x + _k3(x))     # 1 − e^x = −(x + k3)
     tl.store(coef_ptr + position, tl.where(scored, coef, 0.0), mask=in_range)
 
 
@@ -135,7 +158,8 @@ def triton_sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int
         float_vector(ref_logps, logp.dtype) if kl_sum is not None else logp,
         segments, index_vector(tokens) if tokens is not None else segments, log_ratio_sum,
         kl_sum if kl_sum is not None else log_ratio_sum, count, length, num_slots,
-        HAS_INDEX=tokens is not None, HAS_OLD=old_logps is not None, HAS_KL=kl_sum is not None, BLOCK=TOKEN_BLOCK)
+        HAS_INDEX=tokens is not None, HAS_OLD=old_logps is not None, HAS_KL=kl_sum is not None, BLOCK=TOKEN_BLOCK,
+        **COMPILE_OPTIONS)
 
 
 def triton_sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantages,
@@ -155,7 +179,7 @@ def triton_sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advanta
             total, layout.num_slots, config.eps_low, config.eps_high, config.beta,
             config.delta if config.delta is not None else 0.0, config.clamp_log_ratio,
             int(advantages.dim() == 1), int(config.ratio_level == "mean"), int(config.kl_reduction == "mean"),
-            int(has_kl), int(config.delta is not None), BLOCK=SLOT_BLOCK)
+            int(has_kl), int(config.delta is not None), BLOCK=SLOT_BLOCK, **COMPILE_OPTIONS)
     return terms
 
 
@@ -171,7 +195,7 @@ def triton_token_coef(logp, ref_logps, segment_ids, num_slots: int, terms: Sente
             logp, float_vector(ref_logps, logp.dtype) if has_kl else logp, segments,
             index_vector(tokens) if tokens is not None else segments,
             terms.ratio_coef, terms.kl_coef if has_kl else terms.ratio_coef, coef, count, length, num_slots,
-            HAS_INDEX=tokens is not None, HAS_KL=has_kl, BLOCK=TOKEN_BLOCK)
+            HAS_INDEX=tokens is not None, HAS_KL=has_kl, BLOCK=TOKEN_BLOCK, **COMPILE_OPTIONS)
     return coef
 
 
