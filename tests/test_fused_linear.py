@@ -10,7 +10,7 @@ import sgrpo_kernels as sk
 from sgrpo_kernels import reference
 from sgrpo_kernels.config import LossConfig
 from sgrpo_kernels.ops import fused_linear
-from sgrpo_kernels.ops.fused_linear import plan_chunks
+from sgrpo_kernels.ops.fused_linear import accumulate_product, plan_chunks
 
 HIDDEN = 24
 
@@ -159,3 +159,21 @@ def test_fused_linear_token_logprobs(backend, with_entropy):
         results[name] = [value.detach().cpu() for value in out] + [leaf.grad.cpu() for leaf in leaves]
     for ours, expected in zip(results["ours"], results["gold"]):
         assert_relative_close(ours, expected, 1e-5, "logprobs, entropy or a gradient")
+
+
+def test_head_gradient_of_bf16_chunks_accumulates_in_fp32():
+    """Two chunks whose weight-gradient products nearly cancel: rounding each product to bf16 before adding it
+    leaves an error of the order of bf16's precision times the parts (here ~40 % of the sum); the fp32
+    accumulation stays at fp32's."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(96, 64, generator=generator).to(torch.bfloat16)
+    grad = torch.randn(96, 80, generator=generator).to(torch.bfloat16)
+    chunks = [(grad, rows), ((-0.99 * grad.double()).to(torch.bfloat16), rows)]
+    accumulator = torch.zeros(80, 64)
+    for chunk_grad, chunk_rows in chunks:
+        accumulate_product(accumulator, chunk_grad.T, chunk_rows)
+    gold = sum(g.double().T @ h.double() for g, h in chunks)
+    rounded = sum((g.T @ h).double() for g, h in chunks)               # what rounding per chunk would give
+    error = lambda value: ((value.double() - gold).norm() / gold.norm()).item()  # noqa: E731
+    assert error(rounded) > 0.05                                       # the case is sensitive to the rounding
+    assert error(accumulator) < 1e-5

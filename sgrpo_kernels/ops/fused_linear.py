@@ -14,6 +14,7 @@ Matmuls run in PyTorch (cuBLAS on GPU); the passes are the backend's (Triton ker
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from .sentence_layout import SentenceArrays, sentence_layout, sentence_metrics
 
 CPU_CHUNK_BYTES = 32 * 2**20
 GPU_CHUNK_BYTES_MAX = 2**30
-VOCAB_BLOCK = 16384        # rows of grad_weight updated per product when it accumulates in a wider dtype
+VOCAB_BLOCK = 16384        # rows of grad_weight per product when the product needs an fp32 temporary
 
 
 def default_chunk_size(vocab: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -72,6 +73,48 @@ def plan_chunks(segment_ids: torch.Tensor, num_slots: int, chunk_size: int) -> C
     return ChunkPlan(whole, long)
 
 
+def accumulate_product(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``accumulator += left @ right`` with the product never rounded to the dtype of bf16/fp16 operands.
+
+    accumulator ``[M, N]`` fp32 (or the operands' dtype), left ``[M, K]``, right ``[K, N]``. Rounding each
+    chunk's ``gᵀh`` to bf16 before adding it would lose what chunks nearly cancel (``tests/test_fused_linear.py``).
+    The fastest form the installed PyTorch and device offer: ``addmm`` into the fp32 accumulator
+    (``out_dtype``), else ``mm`` to fp32 a block of rows at a time, else operands upcast to fp32 (CPU).
+    """
+    if left.dtype == accumulator.dtype:
+        accumulator.addmm_(left, right)                         # no [M, N] temporary
+        return
+    route = _mixed_product_route(accumulator.device)
+    if route == "addmm":
+        torch.addmm(accumulator, left, right, out_dtype=accumulator.dtype, out=accumulator)
+        return
+    for start in range(0, accumulator.shape[0], VOCAB_BLOCK):   # small temporaries: a block of rows at a time
+        block = slice(start, start + VOCAB_BLOCK)
+        if route == "mm":
+            accumulator[block] += torch.mm(left[block], right, out_dtype=accumulator.dtype)
+        else:
+            accumulator[block].addmm_(left[block].to(accumulator.dtype), right.to(accumulator.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_product_route(device: torch.device) -> str:
+    """Which fp32-output product of bf16 operands works on ``device``: "addmm", "mm" or "upcast"."""
+    left = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    accumulator = torch.zeros(2, 2, dtype=torch.float32, device=device)
+    try:
+        torch.addmm(accumulator, left, left, out_dtype=torch.float32, out=accumulator)
+        if accumulator.eq(2).all():
+            return "addmm"
+    except (RuntimeError, TypeError, NotImplementedError):
+        pass
+    try:
+        if torch.mm(left, left, out_dtype=torch.float32).eq(2).all():
+            return "mm"
+    except (RuntimeError, TypeError, NotImplementedError):
+        pass
+    return "upcast"
+
+
 class _LinearHead:
     """``hidden [N, H]`` rows times ``weight [V, H]`` (+ bias), and the gradient buffers of those three."""
 
@@ -97,12 +140,7 @@ class _LinearHead:
         if self.grad_hidden is not None:
             self.grad_hidden[tokens] = grad_logits @ self.weight
         if self.grad_weight is not None:
-            if grad_logits.dtype == self.grad_weight.dtype:
-                self.grad_weight.addmm_(grad_logits.T, rows)          # no [V, H] temporary
-            else:   # bf16/fp16 products summed in fp32, a block of the vocabulary at a time (small temporaries)
-                for start in range(0, self.grad_weight.shape[0], VOCAB_BLOCK):
-                    block = slice(start, start + VOCAB_BLOCK)
-                    self.grad_weight[block] += grad_logits[:, block].T @ rows
+            accumulate_product(self.grad_weight, grad_logits.T, rows)
         if self.grad_bias is not None:
             self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
 
