@@ -159,13 +159,20 @@ def test_every_launch_builds_for_real_targets(suite_launches, tmp_path):
     assert outcome["returncode"] == 0, outcome["stdout"]
 
 
+REPORT_TARGETS = {"sm90": {"_logsumexp_kernel": 10.0, "_logits_grad_kernel": 12.0}}   # instructions per logit, bf16
+
+
+@pytest.mark.build           # after the build test: most of its binaries are then in Triton's cache
 def test_compile_report_at_the_gpu_presets(tmp_path):
-    """The static report builds what the GPU presets launch and reads registers and spills from the binaries."""
+    """The static report builds what the GPU presets launch, reads the binaries, and the kernels hold the limits
+    of docs/design.md ("Kernels on GPUs"): no spills, vectorised vocabulary loops (odd V and sliced rows too) without
+    divisions, one exponential per logit (pass A: plus one per vector), pass A ≤ 10 and pass C ≤ 12 SASS
+    instructions per bf16 logit on sm_90, no fp32→fp64 widening in fp64 kernels."""
     from benchmarks import compile_report
-    where = compile_report.preset_launches()
+    where = compile_report.preset_launches(dtypes=("bfloat16",))
     kernels = {launch.kernel.split(":")[1] for launch in where}
     assert kernels == {"_logsumexp_kernel", "_sentence_sums_kernel", "_sentence_terms_kernel", "_token_coef_kernel",
-                       "_logits_grad_kernel"}
+                       "_logits_grad_kernel", "group_advantages_kernel"}
     logits_launches = [launch for launch in where if launch.kernel.endswith("_logsumexp_kernel")]
     assert {dict(launch.arguments)["logits_ptr"][1] for launch in logits_launches} == {"bfloat16"}
     assert {dict(launch.arguments)["BLOCK_V"][1] for launch in logits_launches} == {4096}
@@ -178,9 +185,29 @@ def test_compile_report_at_the_gpu_presets(tmp_path):
         rows = list(csv.DictReader(file))
     assert {row["target"] for row in rows} == set(kernel_builds.TARGETS)
     assert {row["kernel"] for row in rows} == kernels
+    assert {row["dtype"] for row in rows} == {"float32", "bfloat16", "float16", "float64"}
+    assert any("odd V" in row["presets"] for row in rows) and any("sliced" in row["presets"] for row in rows)
     for row in rows:
-        assert 8 <= int(row["registers"]) <= 512 and int(row["num_warps"]) in (4, 8), row
-        assert int(row["spill_stores"]) >= 0 and int(row["stack_bytes"]) >= 0, row
+        where_ = f"{row['kernel']} {row['dtype']} {row['target']} ({row['presets']})"
+        assert 8 <= int(row["registers"]) <= 255 and int(row["num_warps"]) in (4, 8, 16), where_
+        assert int(row["spill_stores"]) == 0 and int(row["stack_bytes"]) == 0, f"spills: {where_}"
+        if row["spill_loads"]:
+            assert int(row["spill_loads"]) == 0, f"spills: {where_}"
+        if row["dtype"] == "float64":
+            assert int(row["fp64_widenings"]) == 0, f"an fp32 value widened in an fp64 kernel: {where_}"
+        if row["kernel"] not in compile_report.VOCAB_KERNELS:
+            continue
+        assert int(row["loop_wide_loads"]) > 0, f"vocabulary loop without 128-bit loads: {where_}"
+        assert int(row["loop_narrow_loads"]) == 0, f"narrow loads in the vocabulary loop: {where_}"
+        if row["dtype"] == "float64":
+            continue                   # fp64 exp2 is a libdevice polynomial (no MUFU), see docs/design.md
+        assert int(row["loop_divisions"]) == 0, f"division in the vocabulary loop: {where_}"
+        vector = 16 // getattr(torch, row["dtype"]).itemsize
+        exps = 1 + 1 / vector if row["kernel"] == "_logsumexp_kernel" else 1
+        assert float(row["exps_per_element"]) == pytest.approx(exps), where_
+        limit = REPORT_TARGETS.get(row["target"], {}).get(row["kernel"])
+        if limit is not None and row["dtype"] == "bfloat16":
+            assert float(row["instructions_per_element"]) <= limit, f"{where_}: {row['instructions_per_element']}"
     assert "**Verdict**" in (tmp_path / "compile_report.md").read_text()
 
 

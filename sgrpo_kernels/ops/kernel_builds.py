@@ -12,7 +12,7 @@ accepts code that the compiler rejects. This module closes that gap:
 3. :func:`build` compiles a launch for a target exactly as a launch on that GPU would: Triton's own binder
    computes the specialisation (pointer types, 16-byte alignment, integers equal to 1 or divisible by 16),
    then ``triton.compile`` builds PTX/cubin (``cuda``) or AMDGCN/hsaco (``hip``).
-   :func:`resource_usage` reads registers, spills and shared memory from the built binary.
+   ``compiled_code.py`` reads registers, spills, shared memory and the main loop's code off the binary.
 
 Building needs a process without ``TRITON_INTERPRET=1`` (the interpreter replaces ``triton.jit``);
 ``python -m sgrpo_kernels.ops.kernel_builds LAUNCHES.json`` builds a recorded set in worker processes.
@@ -21,6 +21,7 @@ Building needs a process without ``TRITON_INTERPRET=1`` (the interpreter replace
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -28,9 +29,7 @@ import json
 import os
 import pkgutil
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -39,8 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import compiled_code
+
 TARGETS = {"sm80": ("cuda", 80, 32), "sm90": ("cuda", 90, 32), "gfx942": ("hip", "gfx942", 64)}
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 WIDE = 2**32     # added to an integer argument: it then needs int64 and keeps its divisibility by 16
 
 
@@ -297,45 +298,6 @@ def build(launch: Launch, target_name: str):
     return triton.compile(source, target=_target(target_name), options=options.__dict__)
 
 
-def _nvidia_tool(name: str) -> str:
-    from triton.backends.nvidia import compiler as nvidia
-    return os.path.join(os.path.dirname(nvidia.__file__), "bin", name)
-
-
-def resource_usage(compiled) -> dict:
-    """Registers, spills, shared memory and ``num_warps`` of a built kernel, read from the binary.
-
-    cuda: ``cuobjdump -res-usage`` (registers, stack frame) and the SASS (``STL``/``LDL``: local-memory
-    stores and loads, which in these kernels are register spills). hip: the AMDGPU metadata of the
-    AMDGCN code object (``.vgpr_count``, ``.sgpr_count``, ``.vgpr_spill_count``, ``.sgpr_spill_count``).
-    """
-    metadata = compiled.metadata
-    usage = {"num_warps": metadata.num_warps, "shared_bytes": metadata.shared}
-    if "cubin" in compiled.asm:
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
-            file.write(compiled.asm["cubin"])
-        try:
-            resources = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", file.name], check=True,
-                                       capture_output=True, text=True).stdout
-            sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", file.name], check=True,
-                                  capture_output=True, text=True).stdout
-        finally:
-            os.unlink(file.name)
-        fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", resources))
-        usage |= {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-                  "spill_stores": len(re.findall(r"\bSTL\b", sass)),
-                  "spill_loads": len(re.findall(r"\bLDL\b", sass))}
-    else:
-        code = compiled.asm["amdgcn"]
-
-        def field(name):
-            return int(re.search(rf"\.{name}:\s+(\d+)", code).group(1))
-        usage |= {"registers": field("vgpr_count"), "sgprs": field("sgpr_count"),
-                  "stack_bytes": field("private_segment_fixed_size"),
-                  "spill_stores": field("vgpr_spill_count") + field("sgpr_spill_count"), "spill_loads": None}
-    return usage
-
-
 def _build_one(job) -> dict:
     """Worker: build one (launch, target); never raises, reports the error instead."""
     launch_json, target_name, with_resources = job
@@ -345,7 +307,10 @@ def _build_one(job) -> dict:
     try:
         compiled = build(launch, target_name)
         if with_resources:
-            result["resources"] = resource_usage(compiled)
+            result["resources"] = compiled_code.resource_usage(compiled)
+            loop = compiled_code.hot_loop(compiled)
+            result["loop"] = None if loop is None else dataclasses.asdict(loop)
+            result["fp64_widenings"] = compiled_code.scalar_widenings(compiled)
         result["ok"] = True
     except Exception as error:   # noqa: BLE001 - every failure is reported with its kernel and target
         result["ok"] = False
@@ -365,7 +330,8 @@ def build_all(launches: Iterable[Launch], targets: Iterable[str], *, jobs: int =
 
     Launches that Triton would compile to the same binary (same source hash and options) are built once.
     Returns one result dict per build: ``kernel``, ``label``, ``target``, ``ok``, ``error``, ``seconds``,
-    ``resources`` (with ``with_resources``), ``launch`` (the first launch of that binary) and ``launches`` (all).
+    with ``with_resources`` also ``resources``, ``loop`` and ``fp64_widenings`` (see ``compiled_code.py``),
+    ``launch`` (the first launch of that binary) and ``launches`` (all).
     """
     unique: dict[tuple, list[Launch]] = {}
     for launch in sorted(set(launches), key=_sort_key):
@@ -393,15 +359,15 @@ def build_all(launches: Iterable[Launch], targets: Iterable[str], *, jobs: int =
 def unbuilt_kernels(built_kernels: Iterable[str]) -> list[str]:
     """Package jit functions that are neither a built kernel nor called (directly or not) by one."""
     kernels = package_kernels()
-    reached = set(built_kernels)
+    reached = set(built_kernels) & kernels.keys()
     sources = {name: inspect.getsource(kernel.fn) for name, kernel in kernels.items()}
     changed = True
     while changed:
         changed = False
         for name in kernels.keys() - reached:
-            module, function = name.split(":")
-            if any(caller.split(":")[0] == module and re.search(rf"\b{function}\s*\(", sources[caller])
-                   for caller in reached):
+            function = name.split(":")[1]
+            if any(kernels[caller].fn.__globals__.get(function) is kernels[name]
+                   and re.search(rf"\b{function}\s*\(", sources[caller]) for caller in reached):
                 reached.add(name)
                 changed = True
     return sorted(kernels.keys() - reached)
