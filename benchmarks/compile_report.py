@@ -9,7 +9,7 @@ on ``meta`` tensors of exact shapes: the logits path of ``bench_loss --preset gp
 call that prepares its inputs) and one chunk of ``bench_fused_linear --preset gpu``, each in fp32, bf16, fp16 and
 fp64; passes A and C on rows that start off a 16-byte boundary (GPT-2's V = 50 257, and logits sliced to a
 tokenizer's 151 665 of 151 936 entries); the group advantage kernel at each of its tile shapes.
-Facts come from ``sgrpo_kernels/ops/compiled_code.py``; ``tests/test_kernel_builds.py`` holds them as limits.
+Facts come from ``sgrpo_kernels/ops/triton/compiled_code.py``; ``tests/test_kernel_builds.py`` holds them as limits.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ if __package__ in (None, ""):
 from benchmarks import bench_fused_linear, bench_loss  # noqa: E402
 from benchmarks.runner import Shape  # noqa: E402
 from sgrpo_kernels.config import LossConfig  # noqa: E402
-from sgrpo_kernels.ops import kernel_builds  # noqa: E402
-from sgrpo_kernels.ops.common import run_sentence_grpo_loss, run_token_logprobs  # noqa: E402
+from sgrpo_kernels.ops import triton as TRITON_PASSES  # noqa: E402  (the Triton backend: an ops.passes.Passes)
+from sgrpo_kernels.ops.driver import run_sentence_grpo_loss  # noqa: E402
 from sgrpo_kernels.ops.fused_linear import GPU_CHUNK_BYTES_MAX  # noqa: E402
-from sgrpo_kernels.ops.group_advantages import MAX_SLOTS, group_advantages_pass  # noqa: E402
-from sgrpo_kernels.ops.logprobs import LOAD_BYTES  # noqa: E402
-from sgrpo_kernels.ops.sentence_grpo import TRITON_PASSES  # noqa: E402
-from sgrpo_kernels.ops.sentence_layout import SentenceLayout  # noqa: E402
+from sgrpo_kernels.ops.layout import SentenceLayout  # noqa: E402
+from sgrpo_kernels.ops.triton import kernel_builds  # noqa: E402
+from sgrpo_kernels.ops.triton.group_advantages import MAX_SLOTS, group_advantages  # noqa: E402
+from sgrpo_kernels.ops.triton.logprobs import LOAD_BYTES  # noqa: E402
 
 OUT = os.path.join("benchmarks", "results", "compile")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -65,12 +65,13 @@ def logits_path_launches(shape: Shape, logits: torch.Tensor | None = None) -> se
     ids = meta(batch, length, dtype=torch.int64)
     with kernel_builds.recorded_launches(execute=False) as launches:
         with torch.no_grad():
-            run_token_logprobs(TRITON_PASSES, meta(batch, length, vocab, dtype=shape.torch_dtype), ids, 1.0, False)
+            TRITON_PASSES.token_scores(meta(batch, length, vocab, dtype=shape.torch_dtype), ids, 1.0)
         for inplace in (False, True):
-            logits = meta(batch, length, vocab, dtype=shape.torch_dtype).requires_grad_()
+            logits = meta(batch, length, vocab, dtype=shape.torch_dtype)
             run_sentence_grpo_loss(TRITON_PASSES, logits, ids, ids, meta(batch, slots, dtype=floats),
                                    meta(batch, length, dtype=floats), meta(batch, length, dtype=floats),
-                                   LossConfig(beta=bench_loss.BETA), slots, inplace=inplace, return_metrics=False)
+                                   LossConfig(beta=bench_loss.BETA), slots,
+                                   gradient_out=logits if inplace else torch.empty_like(logits), with_metrics=False)
     return launches
 
 
@@ -86,15 +87,15 @@ def fused_linear_chunk_launches(shape: Shape) -> set:
     with kernel_builds.recorded_launches(execute=False) as launches:
         logits = meta(1, chunk, vocab, dtype=shape.torch_dtype)
         chunk_ids = meta(1, chunk, dtype=torch.int64)
-        passes.logsumexp(logits, chunk_ids, config.temperature)
+        passes.token_scores(logits, chunk_ids, config.temperature)
         logp = meta(rows, dtype=floats)   # the driver copies each chunk's log-probs into flat [B*T] buffers
         layout = SentenceLayout(batch, length, slots, meta(batch * slots, dtype=torch.int32),
                                 meta(batch * slots, dtype=floats))
         sums = meta(batch * slots, dtype=torch.float64), meta(batch * slots, dtype=torch.float64)
         passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, slots, *sums, tokens)
         terms = passes.sentence_terms(layout, *sums, meta(batch, slots, dtype=floats), config)
-        coef = passes.token_coef(logp, ref_logps, segment_ids, slots, terms, tokens)
-        passes.logits_grad(logits, chunk_ids, coef, meta(chunk, dtype=floats), config.temperature, logits)
+        coef = passes.token_coefficients(logp, ref_logps, segment_ids, slots, terms, tokens)
+        passes.logits_gradient(logits, chunk_ids, coef, meta(chunk, dtype=floats), config.temperature, logits)
     return launches
 
 
@@ -108,8 +109,8 @@ def unaligned_row_launches(dtype: str) -> dict:
         full = meta(sliced.batch, sliced.length, 151936, dtype=sliced.torch_dtype)
         view = full[..., :sliced.vocab]
         ids = meta(sliced.batch, sliced.length, dtype=torch.int64)
-        logp, lse, _ = TRITON_PASSES.logsumexp(view, ids, 1.0)
-        TRITON_PASSES.logits_grad(view, ids, logp, lse, 1.0, view)
+        logp, lse, _ = TRITON_PASSES.token_scores(view, ids, 1.0)
+        TRITON_PASSES.logits_gradient(view, ids, logp, lse, 1.0, view)
     cases["sliced V=151665 of 151936"] = launches
     return cases
 
@@ -120,7 +121,7 @@ def group_launches() -> dict:
     slots = 1
     while slots <= MAX_SLOTS:
         with kernel_builds.recorded_launches(execute=False) as launches:
-            group_advantages_pass(meta(64, slots), meta(64, dtype=torch.int64), 16, 1e-4, "output", "std", "sentence")
+            group_advantages(meta(64, slots), meta(64, dtype=torch.int64), 16, 1e-4, "output", "std", "sentence")
         cases[f"group S={slots}"] = launches
         slots = max(slots * 2, 16)
     return cases
@@ -188,7 +189,7 @@ def report_rows(where: dict, results: list[dict]) -> list[dict]:
 
 
 def _loop(values: dict):
-    from sgrpo_kernels.ops.compiled_code import LoopCode
+    from sgrpo_kernels.ops.triton.compiled_code import LoopCode
     return LoopCode(**values)
 
 

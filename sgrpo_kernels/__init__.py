@@ -1,7 +1,9 @@
 """Fused kernels for sentence-level GRPO: per-sentence ratios, clipping, KL and group advantages.
 
-Public API (DESIGN.md §2); everything else is internal.
+The public API is the names below (``docs/design.md`` describes them); everything else is internal.
 """
+
+from importlib.metadata import PackageNotFoundError, version
 
 from .advantages import group_sentence_advantages
 from .loss import (
@@ -13,7 +15,10 @@ from .loss import (
 )
 from .segmentation import Segmentation, Segmenter
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("sgrpo-kernels")     # one version: pyproject.toml's
+except PackageNotFoundError:                    # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Segmentation",

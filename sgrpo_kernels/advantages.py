@@ -1,24 +1,23 @@
-"""Group-relative sentence advantages (DESIGN.md §1, "Group advantages").
+"""Group-relative sentence advantages (``reference.group_sentence_advantages`` states them).
 
-CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) use the Triton kernel of
-``ops/group_advantages.py``; other tensors use the PyTorch statement of ``reference.py``.
+The backend is chosen like the loss's (``backends.py``): CUDA tensors (and CPU tensors under
+``TRITON_INTERPRET=1``) use the Triton kernel of ``ops/triton/group_advantages.py``; other tensors the torch
+backend, whose group advantages are the vectorised statement of ``reference.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from . import reference
+from .backends import resolve_backend
 from .config import ADVANTAGE_MODES, ADVANTAGE_SCALES, ADVANTAGE_WEIGHTINGS, _check_choice, _check_real
 from .distributed import gather_rows
 
 
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, *,
                               eps: float = 1e-4, weighting: str = "output", scale: str = "std",
-                              mode: str = "sentence", process_group=None) -> torch.Tensor:
+                              mode: str = "sentence", backend: str = "auto", process_group=None) -> torch.Tensor:
     """Normalise sentence rewards within each group of ``group_size`` consecutive outputs.
 
     Args:
@@ -32,6 +31,7 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
         scale: ``"std"`` divides by ``σ + eps``; ``"none"`` only subtracts the group mean.
         mode: ``"sentence"`` (each sentence its own normalised reward) or ``"cumulative"`` (sentence
             ``s`` gets the sum of the normalised rewards of sentences ``s .. S_b - 1``).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"torch"`` (``sgrpo_kernels.backends``).
         process_group: a ``torch.distributed`` group whose ranks each hold a contiguous slice of the global
             batch (rank 0 the first rows), so that a group of ``G`` answers may straddle two ranks; the
             statistics are then computed on the gathered global batch.
@@ -65,27 +65,16 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     _check_choice("scale", scale, ADVANTAGE_SCALES)
     _check_choice("mode", mode, ADVANTAGE_MODES)
     eps = _check_real("eps", eps, low=0.0, low_inclusive=scale != "std")
+    chosen = resolve_backend(backend, rewards.device)
     if process_group is not None:      # every rank checked its own rows above; the global batch is checked there
         return _across_ranks(rewards, num_sentences, group_size, process_group, eps=eps, weighting=weighting,
-                             scale=scale, mode=mode)
-    if _use_triton(rewards):
-        out = _triton_group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode)
+                             scale=scale, mode=mode, backend=chosen.name)
+    if chosen.name != "reference":
+        out = chosen.passes().group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode)
         if out is not None:
             return out
     return reference.group_sentence_advantages(rewards, num_sentences.long(), group_size, eps=eps,
                                                weighting=weighting, scale=scale, mode=mode)
-
-
-def _use_triton(rewards: torch.Tensor) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return rewards.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode):
-    from .ops.group_advantages import group_advantages_pass
-
-    return group_advantages_pass(rewards, num_sentences, group_size, eps, weighting, scale, mode)
 
 
 def _across_ranks(rewards, num_sentences, group_size, process_group, **options):

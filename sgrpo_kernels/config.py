@@ -15,7 +15,6 @@ import torch
 RATIO_LEVELS = ("sum", "mean")
 KL_REDUCTIONS = ("mean", "sum")
 REDUCTIONS = ("sentence_mean", "token_mean", "sum")
-BACKENDS = ("auto", "reference", "triton", "torch", "native")
 ADVANTAGE_WEIGHTINGS = ("output", "sentence")
 ADVANTAGE_SCALES = ("std", "none")
 ADVANTAGE_MODES = ("sentence", "cumulative")
@@ -40,17 +39,38 @@ def _check_real(name: str, value, *, low=None, low_inclusive=True, allow_inf=Fal
     return value
 
 
+# The one description of every loss option; the docstrings of the public functions are built from it.
+OPTION_DOCS = {
+    "eps_low": "clip range ``[1 - eps_low, 1 + eps_high]`` of the sentence ratio; ``0 <= eps_low < 1``.",
+    "eps_high": "upper clip ``1 + eps_high``; ``>= 0``.",
+    "beta": "weight of the k3 KL term to the reference policy; ``> 0`` needs ``ref_logps``.",
+    "delta": "cap of the unclipped ratio, ``min(ρ, delta)`` (two-sided clipping: it acts where ``Â < 0``); "
+             "``None`` = no cap.",
+    "temperature": "the logits are divided by it before the softmax; ``> 0``.",
+    "ratio_level": '``"sum"`` (product of the token ratios) or ``"mean"`` (their geometric mean) per sentence.',
+    "kl_reduction": '``"mean"`` or ``"sum"`` of the token k3 values of a sentence.',
+    "reduction": '``"sentence_mean"`` (mean over answers of the mean over their sentences), ``"token_mean"`` '
+                 '(sentences weighted by their tokens) or ``"sum"``.',
+    "clamp_log_ratio": "the sentence log-ratio is clamped to ``±clamp_log_ratio`` (``inf``: no clamp).",
+}
+
+
+def option_docs(indent: int = 8) -> str:
+    """``name: text`` lines of every option, for docstrings (``{options}`` in the public functions' docs)."""
+    pad = " " * indent
+    return "\n".join(f"{pad}{name}: {text}" for name, text in OPTION_DOCS.items())
+
+
+def documented(function):
+    """Fill ``{options}`` in ``function``'s docstring with :func:`option_docs`."""
+    function.__doc__ = function.__doc__.replace("{options}", option_docs().lstrip())
+    return function
+
+
 @dataclass(frozen=True)
 class LossConfig:
-    """The scalar options of DESIGN.md §1, validated on construction.
-
-    ``eps_low``/``eps_high``: clip range ``[1 - eps_low, 1 + eps_high]`` of the sentence ratio.
-    ``beta``: weight of the k3 KL term. ``delta``: upper cap of the unclipped ratio (two-sided
-    clipping) or ``None``. ``temperature``: logits are divided by it. ``ratio_level``: ``"sum"`` or
-    ``"mean"`` of the token log-ratios of a sentence. ``kl_reduction``: ``"mean"`` or ``"sum"`` of the
-    token k3 values of a sentence. ``reduction``: ``"sentence_mean"``, ``"token_mean"`` or ``"sum"``
-    over the batch. ``clamp_log_ratio``: the sentence log-ratio is clamped to ``±clamp_log_ratio``.
-    """
+    """The scalar options of the loss (``OPTION_DOCS``), validated on construction; the defaults of every
+    public entry point are these (a test holds them equal)."""
 
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -115,11 +135,11 @@ def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, where: torch.
 
 def check_loss_inputs(logits_shape, logits_dtype, logits_device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config: LossConfig, *, logits_name: str = "logits") -> None:
-    """Validate the inputs of the sentence-level GRPO loss (DESIGN.md §2); raise before any kernel runs.
+    """Validate the shapes, dtypes and devices of the loss's inputs; raise before any kernel runs.
 
+    Reads no tensor's values (so ``torch.compile`` traces it); :func:`check_loss_values` checks the ids.
     ``logits_shape`` is ``(B, T, V)``: the logits themselves are never read here, so the fused
-    linear path can pass the shape of logits it never materialises. Token ids are checked only
-    where ``segment_ids >= 0``: unscored positions (padding) may hold any id, e.g. ``-100``.
+    linear path can pass the shape of logits it never materialises.
     """
     if len(logits_shape) != 3:
         raise ValueError(f"{logits_name} must have shape [B, T, V], got {tuple(logits_shape)}")
@@ -144,6 +164,14 @@ def check_loss_inputs(logits_shape, logits_dtype, logits_device, completion_ids,
     _check_same_device(logits_name, logits_device, completion_ids=completion_ids, segment_ids=segment_ids,
                        advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
 
+
+def check_loss_values(completion_ids: torch.Tensor, segment_ids: torch.Tensor, advantages: torch.Tensor,
+                      vocab: int) -> None:
+    """Raise ``ValueError`` for segment ids outside ``[-1, S_max)`` or scored token ids outside ``[0, V)``.
+
+    Token ids are checked only where ``segment_ids >= 0``: unscored positions (padding) may hold any id,
+    e.g. ``-100``. Reads the small ``[B, T]`` tensors (one host sync); the custom ops run it before any kernel.
+    """
     if segment_ids.numel():
         lowest = int(segment_ids.min())
         if lowest < -1:

@@ -48,3 +48,20 @@ def gather_rows(tensor: torch.Tensor, process_group) -> tuple[torch.Tensor, int]
     rank = dist.get_rank(process_group)
     rows = [int(each[0]) for each in shapes]
     return torch.cat([piece[:count] for piece, count in zip(pieces, rows)]), sum(rows[:rank])
+
+
+_GROUPS_BY_NAME: dict[str, object] = {}
+
+
+def group_name(process_group) -> str | None:
+    """A string that stands for ``process_group`` in a custom op's arguments (ops take no process groups)."""
+    if process_group is None:
+        return None
+    name = f"{type(process_group).__name__}:{id(process_group)}"
+    _GROUPS_BY_NAME[name] = process_group
+    return name
+
+
+def group_from_name(name: str | None):
+    """The process group :func:`group_name` named (``None`` for ``None``)."""
+    return None if name is None else _GROUPS_BY_NAME[name]

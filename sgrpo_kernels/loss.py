@@ -1,58 +1,20 @@
 """Public entry points of the loss: option handling, input checks and backend dispatch.
 
-Each public function validates once (``config.py``), resolves ``backend`` and calls one
-implementation. Implementations receive validated tensors and a :class:`LossConfig`.
+Each public function validates once (``config.py``), resolves ``backend`` (``backends.py``) and calls either
+``reference.py`` or a custom op of a kernel backend (``ops/custom_ops.py``), which ``torch.compile`` sees as one
+node. Options and their defaults are ``LossConfig``'s (a test holds the keyword defaults below equal to them).
 """
 
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import torch
 from torch import nn
 
 from . import reference
-from .config import BACKENDS, LossConfig, _check_choice, check_loss_inputs, check_token_ids
-from .ops.common import run_sentence_grpo_loss, run_token_logprobs
-from .ops.fused_linear import run_fused_linear_loss, run_fused_linear_token_logprobs
-
-_BUILT_BACKENDS = ("reference", "triton", "torch")
-
-
-def _triton_interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` to the implementation that runs for tensors on ``device``.
-
-    ``"auto"``: CUDA tensors -> ``"triton"``; CPU tensors -> ``"triton"`` under ``TRITON_INTERPRET=1``,
-    else ``"torch"`` (the chunked PyTorch path).
-    """
-    _check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        if device.type == "cuda" or (_triton_interpreter_on() and importlib.util.find_spec("triton")):
-            return "triton"
-        return "torch"
-    if backend not in _BUILT_BACKENDS:
-        raise NotImplementedError(f"backend={backend!r} is not built yet; available: "
-                                  f"{', '.join(map(repr, ('auto',) + _BUILT_BACKENDS))}")
-    if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            raise ValueError("backend='triton' needs the triton package (Linux); use backend='torch' on this machine")
-        if device.type != "cuda" and not _triton_interpreter_on():
-            raise ValueError(f"backend='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1; "
-                             "use backend='torch' for CPU tensors")
-    return backend
-
-
-def _passes(backend: str):
-    if backend == "triton":
-        from .ops.sentence_grpo import TRITON_PASSES
-        return TRITON_PASSES
-    from .ops.torch_chunked import TORCH_PASSES
-    return TORCH_PASSES
+from .backends import check_backend_name, resolve_backend
+from .config import LossConfig, check_loss_inputs, check_loss_values, check_token_ids, documented
+from .ops import custom_ops
+from .ops.driver import sentence_grpo_loss_inplace
 
 
 def _check_constant_inputs(backend: str, **tensors) -> None:
@@ -61,12 +23,6 @@ def _check_constant_inputs(backend: str, **tensors) -> None:
         if tensor is not None and tensor.requires_grad:
             raise ValueError(f"{name} requires grad, but backend={backend!r} treats it as a constant; "
                              f"pass {name}.detach(), or backend='reference' to differentiate through it")
-
-
-def _num_slots(segment_ids: torch.Tensor, advantages: torch.Tensor) -> int:
-    if advantages.dim() == 2:
-        return advantages.shape[1]
-    return max(int(segment_ids.max()) + 1, 1) if segment_ids.numel() else 1
 
 
 def _check_flag(name: str, value) -> None:
@@ -78,11 +34,12 @@ def _output_logp_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+@documented
 def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None, *,
                        eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                        kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
                        backend="auto", return_metrics=False, process_group=None):
-    """Sentence-level GRPO loss (DESIGN.md §1) from logits.
+    """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
 
     Args:
         logits: ``[B, T, V]`` fp32/bf16/fp16/fp64; ``logits[b, t]`` scores ``completion_ids[b, t]``
@@ -94,10 +51,10 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
         old_logps: ``[B, T]`` log-probs of the sampling policy, or ``None`` (on-policy: ratio 1,
             gradient still flows).
         ref_logps: ``[B, T]`` log-probs of the reference policy; required when ``beta > 0``.
-        eps_low, eps_high, beta, delta, temperature, ratio_level, kl_reduction, reduction,
-            clamp_log_ratio: the options of :class:`~sgrpo_kernels.config.LossConfig`.
-        inplace: kernel backends may write the gradient into ``logits`` (ignored by ``"reference"``).
-        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"torch"`` or ``"native"``.
+        {options}
+        inplace: kernel backends may write the gradient into ``logits`` (ignored by ``"reference"`` and under
+            ``torch.compile``, where the gradient goes to a new buffer).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"torch"`` (``sgrpo_kernels.backends``).
         return_metrics: also return a dict of detached 0-dim tensors: ``clip_fraction``,
             ``ratio_mean``, ``kl_mean`` (when ``beta > 0``), ``entropy_mean``, ``num_sentences``,
             ``num_tokens`` (of this rank's rows).
@@ -111,20 +68,37 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
     config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
                         ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
                         clamp_log_ratio=clamp_log_ratio)
+    return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
+                            inplace=inplace, backend=backend, return_metrics=return_metrics,
+                            process_group=process_group)
+
+
+def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config: LossConfig, *,
+                     inplace: bool, backend: str, return_metrics: bool, process_group):
+    """:func:`sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("inplace", inplace)
     _check_flag("return_metrics", return_metrics)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config)
-    backend = resolve_backend(backend, logits.device)
-    if backend == "reference":
+    chosen = resolve_backend(backend, logits.device)
+    if chosen.name == "reference":
+        check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
         return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                             config, return_metrics=return_metrics, process_group=process_group)
-    _check_constant_inputs(backend, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
-    return run_sentence_grpo_loss(_passes(backend), logits, completion_ids, segment_ids, advantages, old_logps,
-                                  ref_logps, config, _num_slots(segment_ids, advantages), inplace=inplace,
-                                  return_metrics=return_metrics, process_group=process_group)
+    _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
+    if inplace and logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
+        loss, metrics = sentence_grpo_loss_inplace(chosen.passes(), logits, completion_ids, segment_ids, advantages,
+                                                   old_logps, ref_logps, config,
+                                                   custom_ops.num_slots(segment_ids, advantages),
+                                                   with_metrics=return_metrics, process_group=process_group)
+    else:
+        loss, metrics = custom_ops.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps,
+                                                      ref_logps, config, chosen.name, with_metrics=return_metrics,
+                                                      process_group=process_group)
+    return (loss, metrics) if return_metrics else loss
 
 
 def _check_linear_inputs(hidden, weight, bias, chunk_size) -> None:
@@ -156,6 +130,7 @@ def _materialised_logits(hidden, weight, bias):
     return logits if bias is None else logits + bias
 
 
+@documented
 def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids, advantages, old_logps=None,
                                     ref_logps=None, *, bias=None, chunk_size=None, eps_low=0.2, eps_high=0.2,
                                     beta=0.0, delta=None, temperature=1.0, ratio_level="sum", kl_reduction="mean",
@@ -168,6 +143,7 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
         weight: ``[V, H]`` output-embedding weight; bias: ``[V]`` or ``None``.
         chunk_size: tokens per chunk of logits for the fused backends (``None``: chosen from the vocabulary
             size and the free memory). Chunks hold whole sentences; a longer sentence is recomputed.
+        {options}
         Every other argument as :func:`sentence_grpo_loss`; ``inplace`` has no effect here (the fused
         backends always overwrite their chunk of logits with its gradient; ``"reference"`` materialises
         the full logits).
@@ -179,20 +155,30 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                         ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
                         clamp_log_ratio=clamp_log_ratio)
     _check_flag("inplace", inplace)
+    return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                            config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
+                            process_group=process_group)
+
+
+def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                     config: LossConfig, *, chunk_size, backend: str, return_metrics: bool, process_group):
+    """:func:`fused_linear_sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("return_metrics", return_metrics)
     _check_linear_inputs(hidden, weight, bias, chunk_size)
     logits_shape = (*hidden.shape[:2], weight.shape[0])
     check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config, logits_name="hidden")
-    backend = resolve_backend(backend, hidden.device)
-    if backend == "reference":
+    chosen = resolve_backend(backend, hidden.device)
+    if chosen.name == "reference":
+        check_loss_values(completion_ids, segment_ids, advantages, weight.shape[0])
         return reference.sentence_grpo_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids,
                                             advantages, old_logps, ref_logps, config, return_metrics=return_metrics,
                                             process_group=process_group)
-    _check_constant_inputs(backend, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
-    return run_fused_linear_loss(_passes(backend), hidden, weight, bias, completion_ids, segment_ids, advantages,
-                                 old_logps, ref_logps, config, _num_slots(segment_ids, advantages), chunk_size,
-                                 return_metrics=return_metrics, process_group=process_group)
+    _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
+    loss, metrics = custom_ops.fused_linear_sentence_grpo_loss(
+        hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, chosen.name,
+        chunk_size, with_metrics=return_metrics, process_group=process_group)
+    return (loss, metrics) if return_metrics else loss
 
 
 def _check_logprob_options(ids, temperature, return_entropy):
@@ -223,10 +209,15 @@ def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backen
         raise ValueError(f"ids must have shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(ids.shape)}")
     if ids.device != logits.device:
         raise ValueError(f"ids is on {ids.device} but logits is on {logits.device}")
+    chosen = resolve_backend(backend, logits.device)
+    if chosen.name != "reference":
+        vocab = logits.shape[-1]
+        if logits.dim() != 3 or logits.stride(-1) != 1:
+            logits = logits.reshape(-1, 1, vocab).contiguous()
+        logp, entropy = custom_ops.token_logprobs(logits, ids.reshape(logits.shape[:-1]), float(temperature),
+                                                  return_entropy, chosen.name)
+        return (logp.view(ids.shape), entropy.view(ids.shape)) if return_entropy else logp.view(ids.shape)
     check_token_ids("ids", ids, logits.shape[-1])
-    backend = resolve_backend(backend, logits.device)
-    if backend != "reference":
-        return run_token_logprobs(_passes(backend), logits, ids, float(temperature), return_entropy)
     result = reference.token_logprobs(logits, ids, float(temperature), return_entropy)
     out_dtype = _output_logp_dtype(logits.dtype)
     if return_entropy:
@@ -246,13 +237,13 @@ def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1
         raise ValueError(f"ids must have shape {tuple(hidden.shape[:2])} (hidden without H), got {tuple(ids.shape)}")
     if ids.device != hidden.device:
         raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
-    check_token_ids("ids", ids, weight.shape[0])
-    backend = resolve_backend(backend, hidden.device)
-    if backend == "reference":
+    chosen = resolve_backend(backend, hidden.device)
+    if chosen.name == "reference":
         return token_logprobs(_materialised_logits(hidden, weight, bias), ids, temperature=temperature,
                               return_entropy=return_entropy, backend="reference")
-    return run_fused_linear_token_logprobs(_passes(backend), hidden, weight, bias, ids, float(temperature),
-                                           return_entropy, chunk_size)
+    logp, entropy = custom_ops.fused_linear_token_logprobs(hidden, weight, bias, ids, float(temperature),
+                                                           return_entropy, chunk_size, chosen.name)
+    return (logp.view(ids.shape), entropy.view(ids.shape)) if return_entropy else logp.view(ids.shape)
 
 
 class SentenceGRPOLoss(nn.Module):
@@ -267,27 +258,30 @@ class SentenceGRPOLoss(nn.Module):
                  backend="auto", return_metrics=False, chunk_size=None, process_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
-        LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
-                   ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
-                   clamp_log_ratio=clamp_log_ratio)
-        _check_choice("backend", backend, BACKENDS)
-        self.options = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
-                            ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
-                            clamp_log_ratio=clamp_log_ratio, inplace=inplace, backend=backend,
-                            return_metrics=return_metrics, process_group=process_group)
-        self.chunk_size = chunk_size
+        self.config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta,
+                                 temperature=temperature, ratio_level=ratio_level, kl_reduction=kl_reduction,
+                                 reduction=reduction, clamp_log_ratio=clamp_log_ratio)
+        check_backend_name(backend)
+        _check_flag("inplace", inplace)
+        _check_flag("return_metrics", return_metrics)
+        self.inplace, self.backend, self.return_metrics = inplace, backend, return_metrics
+        self.chunk_size, self.process_group = chunk_size, process_group
 
     def forward(self, logits=None, completion_ids=None, segment_ids=None, advantages=None, old_logps=None,
                 ref_logps=None, *, hidden=None, weight=None, bias=None):
         if (logits is None) == (hidden is None and weight is None):
             raise ValueError("pass either logits or hidden and weight, not both and not neither")
         if logits is not None:
-            return sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                      **self.options)
+            return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                                    self.config, inplace=self.inplace, backend=self.backend,
+                                    return_metrics=self.return_metrics, process_group=self.process_group)
         if hidden is None or weight is None:
             raise ValueError("the fused linear path needs both hidden and weight")
-        return fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids, advantages, old_logps,
-                                               ref_logps, bias=bias, chunk_size=self.chunk_size, **self.options)
+        return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                                self.config, chunk_size=self.chunk_size, backend=self.backend,
+                                return_metrics=self.return_metrics, process_group=self.process_group)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+        options = dict(vars(self.config), inplace=self.inplace, backend=self.backend,
+                       return_metrics=self.return_metrics, chunk_size=self.chunk_size)
+        return ", ".join(f"{key}={value!r}" for key, value in options.items())

@@ -1,4 +1,4 @@
-"""DESIGN.md §1 in plain PyTorch: the specification every backend is tested against.
+"""The loss in plain PyTorch (``docs/design.md``, "The loss"): the specification every backend is tested against.
 
 Readable next to the formulas, vectorised (no Python loop over tokens: sentences are reduced with
 ``index_add``), and exact in float64, which is how the tests use it as gold. It materialises
@@ -34,7 +34,7 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
                        advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
                        ref_logps: torch.Tensor | None = None, config: LossConfig = LossConfig(),
                        return_metrics: bool = False, process_group=None):
-    """Sentence-level GRPO loss of DESIGN.md §1.
+    """Sentence-level GRPO loss (``docs/design.md``, "The loss").
 
     logits ``[B, T, V]``; completion_ids ``[B, T]`` int; segment_ids ``[B, T]`` int (``-1`` = unscored);
     advantages ``[B, S_max]`` or ``[B]``; old_logps, ref_logps ``[B, T]`` or ``None``.
@@ -127,7 +127,7 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int,
                               eps: float = 1e-4, weighting: str = "output", scale: str = "std",
                               mode: str = "sentence") -> torch.Tensor:
-    """Group-relative sentence advantages of DESIGN.md §1 ("Group advantages").
+    """Group-relative sentence advantages (``docs/design.md``, "Group advantages").
 
     rewards ``[B, S_max]`` float (entries at ``s >= num_sentences[b]`` are ignored, even NaN);
     num_sentences ``[B]`` int; consecutive blocks of ``group_size`` rows form the groups.

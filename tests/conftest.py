@@ -17,8 +17,8 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def poison_fresh_outputs(monkeypatch):
     """Every buffer a kernel backend allocates starts as NaN: an element it forgets to write fails a test."""
-    from sgrpo_kernels.ops import common
-    monkeypatch.setattr(common, "POISON_FRESH_OUTPUTS", True)
+    from sgrpo_kernels.ops import passes
+    monkeypatch.setattr(passes, "POISON_FRESH_OUTPUTS", True)
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -37,7 +37,7 @@ def suite_launches():
     if importlib.util.find_spec("triton") is None:
         yield set()
         return
-    from sgrpo_kernels.ops.kernel_builds import recorded_launches
+    from sgrpo_kernels.ops.triton.kernel_builds import recorded_launches
     with recorded_launches() as launches:
         yield launches
 

@@ -1,4 +1,4 @@
-"""Group-relative sentence advantages (DESIGN.md §1, "Group advantages")."""
+"""Group-relative sentence advantages (``reference.group_sentence_advantages``), on every backend."""
 
 import math
 
@@ -9,12 +9,13 @@ from cases import KERNEL_DEVICE
 import sgrpo_kernels.advantages as advantages_module
 from sgrpo_kernels import group_sentence_advantages
 
-TESTED_DEVICE = {"device": torch.device("cpu")}
+TESTED_DEVICE = {"device": torch.device("cpu"), "backend": "torch"}
 
 
 def compute(rewards, num_sentences, group_size, **options):
-    """group_sentence_advantages on the device under test, result on the CPU."""
+    """group_sentence_advantages on the device and backend under test, result on the CPU."""
     device = TESTED_DEVICE["device"]
+    options.setdefault("backend", TESTED_DEVICE["backend"])
     return group_sentence_advantages(rewards.to(device), num_sentences.to(device), group_size, **options).cpu()
 
 
@@ -22,16 +23,14 @@ def compute(rewards, num_sentences, group_size, **options):
 def implementation(request, monkeypatch):
     """Run every test on the Triton kernel (CUDA, or interpreted on CPU) and on the PyTorch statement."""
     monkeypatch.setitem(TESTED_DEVICE, "device", torch.device("cpu"))
+    monkeypatch.setitem(TESTED_DEVICE, "backend", request.param)
     if request.param == "triton":
         pytest.importorskip("triton", reason="the Triton kernel needs triton")
         monkeypatch.setitem(TESTED_DEVICE, "device", KERNEL_DEVICE)
-        monkeypatch.setattr(advantages_module, "_use_triton", lambda rewards: True)
 
         def refuse(*args, **kwargs):
             raise AssertionError("the Triton kernel was expected to handle this case")
         monkeypatch.setattr(advantages_module.reference, "group_sentence_advantages", refuse)
-    else:
-        monkeypatch.setattr(advantages_module, "_use_triton", lambda rewards: False)
     return request.param
 
 

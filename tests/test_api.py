@@ -1,4 +1,4 @@
-"""The public API of DESIGN.md §2: names, metrics, module form, fused-linear form, dtypes."""
+"""The public API: names, metrics, module form, fused-linear form, dtypes."""
 
 import pytest
 import torch
@@ -95,3 +95,12 @@ def test_auto_backend_runs_and_equals_reference():
     case = random_case(seed=10)
     torch.testing.assert_close(sk.sentence_grpo_loss(*case.values(), backend="auto"),
                                sk.sentence_grpo_loss(*case.values(), backend="reference"), rtol=1e-12, atol=0)
+
+
+def test_one_version_from_the_package_metadata():
+    import importlib.metadata
+    import pathlib
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    pyproject = pathlib.Path(__file__).parents[1] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+    assert sk.__version__ == importlib.metadata.version("sgrpo-kernels") == declared

@@ -15,14 +15,16 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 from cases import KERNEL_DEVICE
 
 import sgrpo_kernels as sk
-from sgrpo_kernels.ops import kernel_builds
-from sgrpo_kernels.ops.kernel_builds import Launch, expand, recorded_launches
+from sgrpo_kernels.ops import custom_ops
+from sgrpo_kernels.ops.triton import kernel_builds
+from sgrpo_kernels.ops.triton.kernel_builds import Launch, expand, recorded_launches
 
 pytest.importorskip("triton", reason="building Triton kernels needs triton")
 
@@ -65,8 +67,9 @@ def call_loss(inputs, *, fused=False, per_row_advantages, with_old, requires_gra
     ids, segments, advantages = inputs["completion_ids"], inputs["segment_ids"], inputs["advantages"]
     if not fused:
         logits = inputs["logits"].detach().clone().requires_grad_(requires_grad)
-        sk.sentence_grpo_loss(logits, ids, segments, advantages, old_logps, ref_logps, inplace=inplace,
-                              backend="triton", **options)
+        loss = sk.sentence_grpo_loss(logits, ids, segments, advantages, old_logps, ref_logps, inplace=inplace,
+                                     backend="triton", **options)
+        backward(loss, options)
         return
     batch, length, vocab = inputs["logits"].shape
     hidden = torch.randn(batch, length, 8, dtype=inputs["logits"].dtype, device=KERNEL_DEVICE)
@@ -74,8 +77,19 @@ def call_loss(inputs, *, fused=False, per_row_advantages, with_old, requires_gra
     bias = torch.randn(vocab, dtype=hidden.dtype, device=KERNEL_DEVICE) if bias else None
     for tensor in (hidden, weight) + ((bias,) if bias is not None else ()):
         tensor.requires_grad_(requires_grad)
-    sk.fused_linear_sentence_grpo_loss(hidden, weight, ids, segments, advantages, old_logps, ref_logps, bias=bias,
-                                       chunk_size=chunk_size, inplace=inplace, backend="triton", **options)
+    loss = sk.fused_linear_sentence_grpo_loss(hidden, weight, ids, segments, advantages, old_logps, ref_logps,
+                                              bias=bias, chunk_size=chunk_size, inplace=inplace, backend="triton",
+                                              **options)
+    backward(loss, options)
+
+
+def backward(loss, options):
+    """Backward scales the finished gradients (by 2: not skipped), as on CUDA: with the Triton kernel."""
+    if options["return_metrics"]:
+        loss = loss[0]
+    if loss.requires_grad:
+        with mock.patch.object(custom_ops, "_scaled_on_device", lambda gradient: gradient.is_contiguous()):
+            (2 * loss).backward()
 
 
 def call_logprobs(inputs, *, fused, return_entropy, requires_grad, entropy_grad):
@@ -124,7 +138,7 @@ def build_in_subprocess(launches, tmp_path) -> dict:
     kernel_builds.save_launches(launches, str(launches_file))
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     completed = subprocess.run(
-        [sys.executable, "-m", "sgrpo_kernels.ops.kernel_builds", str(launches_file), "--results",
+        [sys.executable, "-m", "sgrpo_kernels.ops.triton.kernel_builds", str(launches_file), "--results",
          str(results_file), "--jobs", str(max(2, os.cpu_count() or 1))],
         env=environment, capture_output=True, text=True, timeout=BUILD_SECONDS)
     print(completed.stdout[-4000:])
@@ -232,7 +246,7 @@ def test_a_kernel_the_compiler_refuses_fails_the_build(tmp_path):
     kernel_builds.save_launches([launch], str(tmp_path / "launches.json"))
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.getcwd(), environment.get("PYTHONPATH", "")])
-    completed = subprocess.run([sys.executable, "-m", "sgrpo_kernels.ops.kernel_builds", "launches.json",
+    completed = subprocess.run([sys.executable, "-m", "sgrpo_kernels.ops.triton.kernel_builds", "launches.json",
                                 "--targets", "sm90", "gfx942", "--jobs", "1"], cwd=tmp_path, env=environment,
                                capture_output=True, text=True, timeout=BUILD_SECONDS)
     assert completed.returncode == 1
@@ -245,8 +259,8 @@ def test_a_kernel_no_launch_reaches_is_reported():
     kernels = set(kernel_builds.package_kernels())
     launched = {name for name in kernels if not name.endswith(("_listed_tokens", "_tile"))}
     assert kernel_builds.unbuilt_kernels(launched) == []
-    missing = "sgrpo_kernels.ops.sentence_grpo:_token_coef_kernel"
+    missing = "sgrpo_kernels.ops.triton.sentence_grpo:_token_coef_kernel"
     assert kernel_builds.unbuilt_kernels(launched - {missing}) == [missing]
     # a helper counts as built only through a built kernel that calls it
-    assert "sgrpo_kernels.ops.group_advantages:_tile" in kernel_builds.unbuilt_kernels(
-        launched - {"sgrpo_kernels.ops.group_advantages:group_advantages_kernel"})
+    assert "sgrpo_kernels.ops.triton.group_advantages:_tile" in kernel_builds.unbuilt_kernels(
+        launched - {"sgrpo_kernels.ops.triton.group_advantages:group_advantages_kernel"})

@@ -1,6 +1,5 @@
 """The fused backends ("triton" under TRITON_INTERPRET=1, and "torch") against reference.py in float64."""
 
-import dataclasses
 import itertools
 import math
 
@@ -12,8 +11,9 @@ from cases import KERNEL_DEVICE, assert_relative_close, device_of, moved, random
 
 import sgrpo_kernels as sk
 from sgrpo_kernels import reference
+from sgrpo_kernels.backends import resolve_backend
 from sgrpo_kernels.config import LossConfig
-from sgrpo_kernels.ops.sentence_grpo import _k3
+from sgrpo_kernels.ops.triton.sentence_grpo import _k3
 
 
 def call(backend, case, **options):
@@ -118,13 +118,11 @@ def test_grad_output_scales_and_second_backward_refuses(backend):
 
 
 def test_no_gradient_needed_runs_no_gradient_pass(backend, monkeypatch):
-    from sgrpo_kernels.ops.sentence_grpo import TRITON_PASSES
-    from sgrpo_kernels.ops.torch_chunked import TORCH_PASSES
-    passes = TRITON_PASSES if backend == "triton" else TORCH_PASSES
+    passes = resolve_backend(backend, "cpu").passes()
 
     def refuse(*args, **kwargs):
         raise AssertionError("pass C ran although no gradient was needed")
-    monkeypatch.setattr(sk.loss, "_passes", lambda name: dataclasses.replace(passes, logits_grad=refuse))
+    monkeypatch.setattr(passes, "logits_gradient", refuse)
     case = random_case(batch=2, length=6, vocab=1000, num_slots=3, dtype=torch.float32, seed=4)
     gold = reference.sentence_grpo_loss(*gold_of(case).values(), LossConfig())
     arguments = moved(case, device_of(backend))
@@ -226,17 +224,6 @@ def test_huge_offsets_do_not_wrap(backend, tmp_path):
     assert_relative_close(written.unsqueeze(0), gold_logits.grad, 1e-2, "gradient written in place")
 
 
-def test_auto_backend_resolution(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert sk.loss.resolve_backend("auto", cpu) == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert sk.loss.resolve_backend("auto", cpu) == "torch"
-    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
-        sk.loss.resolve_backend("triton", cpu)
-    assert sk.loss.resolve_backend("reference", cpu) == "reference"
-
-
 @pytest.mark.parametrize("name", ["advantages", "old_logps", "ref_logps"])
 def test_fused_backends_refuse_to_drop_gradients(backend, name):
     case = moved(random_case(batch=2, length=4, vocab=1000, dtype=torch.float32), device_of(backend))
@@ -330,3 +317,17 @@ def test_rows_off_16_byte_boundaries(backend, kind, vocab, dtype, inplace):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert_relative_close(loss.detach().cpu(), gold_loss, tolerance, "loss")
     assert_relative_close(logits.grad.cpu(), gold_grad, tolerance, "logits.grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_triton_scale_leaves_the_gradient_alone_at_one_and_scales_otherwise(dtype):
+    from sgrpo_kernels.ops.triton.scale import BLOCK, scale_unless_one_
+    values = torch.randn(BLOCK + 3, dtype=dtype, device=KERNEL_DEVICE)   # two programs, the second masked
+    original = values.clone()
+    scale_unless_one_(values, torch.tensor(1.0, device=KERNEL_DEVICE))
+    assert torch.equal(values, original)
+    scale = torch.tensor(-2.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=KERNEL_DEVICE)
+    scale_unless_one_(values, scale)
+    exact = dtype != torch.bfloat16     # bf16 rounding of the interpreter may differ by one unit in the last place
+    torch.testing.assert_close(values, (original.to(scale.dtype) * scale).to(dtype), rtol=0 if exact else 2**-7,
+                               atol=0)

@@ -1,4 +1,4 @@
-"""Token-level GRPO and output-level GSPO are special cases of the sentence-level loss (DESIGN.md §1).
+"""Token-level GRPO and output-level GSPO are special cases of the sentence-level loss (``docs/design.md``).
 
 Checked against an independent per-token formula written here (TRL's loss_type="grpo") and against
 Liger-Kernel's triton_grpo_loss run under TRITON_INTERPRET=1.

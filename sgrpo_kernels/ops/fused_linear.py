@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import EagerGradient, Passes, accumulator_dtype, new_output, sentence_sums_buffers
-from .sentence_layout import SentenceArrays, sentence_layout, sentence_metrics
+from .driver import data_parallel_layout, sentence_sums_buffers
+from .layout import SentenceArrays, sentence_layout, sentence_metrics
+from .passes import Passes, accumulator_dtype, new_output
 
 CPU_CHUNK_BYTES = 32 * 2**20
 GPU_CHUNK_BYTES_MAX = 2**30
@@ -144,17 +145,13 @@ class _LinearHead:
         if self.grad_bias is not None:
             self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
 
-    def attach(self, value: torch.Tensor, hidden, weight, bias) -> torch.Tensor:
-        """Return ``value`` wired to autograd so that backward hands over the accumulated gradients."""
-        inputs = [hidden, weight] + ([bias] if bias is not None else [])
-        gradients = [None if self.grad_hidden is None else self.grad_hidden.view(hidden.shape),
-                     None if self.grad_weight is None else self.grad_weight.to(weight.dtype)]
-        if bias is not None:
-            gradients.append(None if self.grad_bias is None else self.grad_bias.to(bias.dtype))
-        return EagerGradient.apply(value, gradients, *inputs)
+    def gradients(self) -> tuple:
+        """``(grad_hidden [N, H], grad_weight [V, H], grad_bias [V])`` in the accumulator dtype, ``None`` where
+        not wanted."""
+        return self.grad_hidden, self.grad_weight, self.grad_bias
 
 
-class _TokenScores:
+class _ScoreBuffers:
     """Flat ``[B*T]`` log-probs, logsumexps and (optionally) entropies, filled chunk by chunk by pass A."""
 
     def __init__(self, rows: int, dtype: torch.dtype, device: torch.device, with_entropy: bool):
@@ -165,8 +162,8 @@ class _TokenScores:
     def score(self, passes: Passes, head: _LinearHead, ids: torch.Tensor, tokens: torch.Tensor, temperature: float):
         """Compute the chunk's logits, run pass A on them, store the results; return ``(rows, logits)``."""
         chunk_rows, logits = head.logits(tokens)
-        logp, lse, entropy = passes.logsumexp(logits.unsqueeze(0), ids[tokens].unsqueeze(0), temperature,
-                                              with_entropy=self.entropy is not None)
+        logp, lse, entropy = passes.token_scores(logits.unsqueeze(0), ids[tokens].unsqueeze(0), temperature,
+                                                 with_entropy=self.entropy is not None)
         self.logp[tokens], self.lse[tokens] = logp, lse
         if self.entropy is not None:
             self.entropy[tokens] = entropy
@@ -174,26 +171,27 @@ class _TokenScores:
 
 
 def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
-                          ref_logps, config, num_slots: int, chunk_size: int | None, *, return_metrics: bool,
-                          process_group=None):
-    """The loss of DESIGN.md §1 on ``logits = hidden @ weight.T + bias``, one chunk of logits at a time.
+                          ref_logps, config, num_slots: int, chunk_size: int | None, *, wanted: tuple,
+                          with_metrics: bool, process_group=None):
+    """The loss (``reference.sentence_grpo_loss``) on ``logits = hidden @ weight.T + bias``, a chunk at a time.
 
     hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``; the rest as ``sentence_grpo_loss``.
+    ``wanted``: which of hidden, weight, bias need a gradient. Returns ``(loss, (grad_hidden [N, H],
+    grad_weight [V, H], grad_bias [V]) in the accumulator dtype with ``None`` where not wanted, metrics or None)``.
     """
     batch, length, _ = hidden.shape
     vocab = weight.shape[0]
     rows = batch * length
     dtype = accumulator_dtype(hidden.dtype)
-    wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     needs_grad = any(wanted)
     chunk_size = chunk_size or default_chunk_size(vocab, hidden.dtype, hidden.device)
     temperature = config.temperature
     with torch.no_grad():
         head = _LinearHead(hidden, weight, bias, wanted)
         ids = completion_ids.reshape(rows)
-        layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, process_group)
+        layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, **data_parallel_layout(process_group))
         log_ratio_sum, kl_sum = sentence_sums_buffers(layout, config.beta > 0)
-        scores = _TokenScores(rows, dtype, hidden.device, return_metrics)
+        scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics)
         logp = scores.logp
 
         def forward(tokens):
@@ -203,9 +201,9 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
 
         def backward(tokens, chunk_rows, logits):
             terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)
-            coef = passes.token_coef(logp, ref_logps, segment_ids, num_slots, terms, tokens)
+            coef = passes.token_coefficients(logp, ref_logps, segment_ids, num_slots, terms, tokens)
             grid = logits.unsqueeze(0)        # the gradient of the logits overwrites them
-            passes.logits_grad(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], temperature, grid)
+            passes.logits_gradient(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], temperature, grid)
             head.accumulate(tokens, chunk_rows, logits)
 
         plan = plan_chunks(segment_ids, num_slots, chunk_size)
@@ -222,56 +220,43 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
                     backward(tokens, *head.logits(tokens))
         terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)
         loss = terms.weighted_loss.sum()
-    if needs_grad:
-        loss = head.attach(loss, hidden, weight, bias)
-    if not return_metrics:
-        return loss
-    arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=kl_sum)
-    return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
+        if not with_metrics:
+            return loss, head.gradients(), None
+        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=kl_sum)
+        metrics = sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
+        return loss, head.gradients(), metrics
 
 
-class FusedLinearTokenLogprobs(torch.autograd.Function):
-    """``logp`` (and entropy) of ``hidden @ weight.T + bias`` chunk by chunk; backward recomputes each chunk."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, temperature, with_entropy, chunk_size, passes):
-        rows = ids.numel()
+def fused_linear_token_scores(passes: Passes, hidden, weight, bias, ids, temperature: float, with_entropy: bool,
+                              chunk_size: int):
+    """Pass A on ``hidden @ weight.T + bias`` a chunk of ``chunk_size`` rows at a time: hidden ``[B, T, H]``,
+    weight ``[V, H]``, bias ``[V]`` or ``None``, ids ``[B, T]`` -> flat ``[B*T]`` ``(logp, lse, entropy or None)``."""
+    rows = ids.numel()
+    with torch.no_grad():
         head = _LinearHead(hidden, weight, bias)
-        scores = _TokenScores(rows, accumulator_dtype(hidden.dtype), hidden.device, with_entropy)
+        scores = _ScoreBuffers(rows, accumulator_dtype(hidden.dtype), hidden.device, with_entropy)
         for tokens in torch.arange(rows, device=hidden.device).split(chunk_size):
             scores.score(passes, head, ids.reshape(rows), tokens, temperature)
-        logp, lse, entropy = scores.logp, scores.lse, scores.entropy
-        ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.passes = temperature, chunk_size, passes
-        if with_entropy:
-            return logp.view(ids.shape), entropy.view(ids.shape)
-        return logp.view(ids.shape)
+    return scores.logp, scores.lse, scores.entropy
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
-        rows = ids.numel()
-        head = _LinearHead(hidden, weight, bias, ctx.needs_input_grad[:3])
+
+def fused_linear_token_scores_backward(passes: Passes, hidden, weight, bias, ids, grad_logp, grad_entropy, lse,
+                                       entropy, temperature: float, chunk_size: int, wanted: tuple) -> tuple:
+    """The gradients of ``Σ grad_logp · logp (+ grad_entropy · H)`` for hidden, weight and bias (``wanted``),
+    recomputing each chunk's logits; ``(grad_hidden [N, H], grad_weight [V, H], grad_bias [V])`` in the
+    accumulator dtype, ``None`` where not wanted. ``grad_logp``/``grad_entropy``: flat ``[B*T]`` or ``None``."""
+    rows = ids.numel()
+    with torch.no_grad():
+        head = _LinearHead(hidden, weight, bias, wanted)
         flat_ids = ids.reshape(rows)
         logp_coef = (torch.zeros(rows, dtype=lse.dtype, device=lse.device) if grad_logp is None
                      else grad_logp.reshape(rows).to(lse.dtype))
         entropy_coef = None if grad_entropy is None else grad_entropy.reshape(rows).to(lse.dtype)
-        for tokens in torch.arange(rows, device=hidden.device).split(ctx.chunk_size):
+        for tokens in torch.arange(rows, device=hidden.device).split(chunk_size):
             chunk_rows, logits = head.logits(tokens)
             grid = logits.unsqueeze(0)
-            ctx.passes.logits_grad(grid, flat_ids[tokens].unsqueeze(0), logp_coef[tokens], lse[tokens],
-                                   ctx.temperature, grid,
-                                   entropy_coef=None if entropy_coef is None else entropy_coef[tokens],
+            passes.logits_gradient(grid, flat_ids[tokens].unsqueeze(0), logp_coef[tokens], lse[tokens], temperature,
+                                   grid, entropy_coef=None if entropy_coef is None else entropy_coef[tokens],
                                    entropy=None if entropy_coef is None else entropy[tokens])
             head.accumulate(tokens, chunk_rows, logits)
-        grad_hidden = None if head.grad_hidden is None else head.grad_hidden.view(hidden.shape)
-        grad_weight = None if head.grad_weight is None else head.grad_weight.to(weight.dtype)
-        grad_bias = None if head.grad_bias is None else head.grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
-
-
-def run_fused_linear_token_logprobs(passes: Passes, hidden, weight, bias, ids, temperature: float,
-                                   return_entropy: bool, chunk_size: int | None):
-    """``[B, T]`` log-probs (and entropies) of ``hidden @ weight.T + bias`` without the full logits."""
-    chunk_size = chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
-    return FusedLinearTokenLogprobs.apply(hidden, weight, bias, ids, temperature, return_entropy, chunk_size, passes)
+    return head.gradients()

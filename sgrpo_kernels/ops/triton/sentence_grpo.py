@@ -1,6 +1,6 @@
 """Pass B in Triton: per-sentence sums, ratio, clipping, KL, loss terms and the per-token gradient coefficient.
 
-Three small kernels; the reduction weights come from ``sentence_layout.py`` (they need no logits):
+Three small kernels; the reduction weights come from ``ops/layout.py`` (they need no logits):
 
 1. ``_sentence_sums_kernel`` (a program per block of tokens): ``Σ Δ_t`` and ``Σ k3_t`` of every sentence,
    accumulated with fp64 atomics so the fp32 result does not depend on their order.
@@ -17,11 +17,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..config import LossConfig
-from .common import Passes, float_vector, index_vector, new_output
-from .logprobs import logits_grad_pass, logsumexp_pass
-from .sentence_layout import SentenceLayout, SentenceTerms
-from .triton_common import COMPILE_OPTIONS, as_dtype
+from ...config import LossConfig
+from ..layout import SentenceLayout, SentenceTerms
+from ..passes import float_vector, index_vector, new_output
+from .common import COMPILE_OPTIONS, as_dtype
 
 NAN = tl.constexpr(tl.PropagateNan.ALL)  # a NaN log-prob must give a NaN loss, as torch.clamp/minimum do
 TOKEN_BLOCK = 1024
@@ -144,8 +143,8 @@ def _token_coef_kernel(logp_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, ratio_coe
     tl.store(coef_ptr + position, tl.where(scored, coef, 0.0), mask=in_range)
 
 
-def triton_sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, log_ratio_sum, kl_sum,
-                         tokens=None) -> None:
+def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, log_ratio_sum, kl_sum,
+                  tokens=None) -> None:
     """Add ``Δ_t`` (if ``old_logps`` is given) and ``k3_t`` (if ``kl_sum`` is given) of the listed tokens (all
     tokens when ``tokens`` is ``None``) to their sentence's fp64 sums. logp: flat ``[B*T]``; others ``[B, T]``."""
     batch, length = segment_ids.shape
@@ -162,8 +161,8 @@ def triton_sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int
         **COMPILE_OPTIONS)
 
 
-def triton_sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantages,
-                          config: LossConfig) -> SentenceTerms:
+def sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantages,
+                   config: LossConfig) -> SentenceTerms:
     """Ratio, surrogate, ``w · L`` and the gradient factors of every sentence slot."""
     total = layout.count.numel()
     dtype, device = layout.weight.dtype, layout.weight.device
@@ -183,7 +182,7 @@ def triton_sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advanta
     return terms
 
 
-def triton_token_coef(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, tokens=None):
+def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, tokens=None):
     """``c_t = ∂loss/∂logp_t`` of the listed tokens (all when ``tokens`` is ``None``), in list order; 0 if unscored."""
     batch, length = segment_ids.shape
     count = batch * length if tokens is None else tokens.numel()
@@ -198,7 +197,3 @@ def triton_token_coef(logp, ref_logps, segment_ids, num_slots: int, terms: Sente
             HAS_INDEX=tokens is not None, HAS_KL=has_kl, BLOCK=TOKEN_BLOCK, **COMPILE_OPTIONS)
     return coef
 
-
-TRITON_PASSES = Passes(logsumexp=logsumexp_pass, sentence_sums=triton_sentence_sums,
-                       sentence_terms=triton_sentence_terms, token_coef=triton_token_coef,
-                       logits_grad=logits_grad_pass)

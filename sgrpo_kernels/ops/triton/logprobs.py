@@ -24,12 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import accumulator_dtype, check_row_layout, float_vector, index_vector, new_output
-from .triton_common import COMPILE_OPTIONS, LN_2, LOG2_E, NEG_INF, as_dtype
+from ..passes import (
+    TokenScores,
+    check_row_layout,
+    float_vector,
+    index_vector,
+    new_token_scores,
+)
+from .common import COMPILE_OPTIONS, LN_2, LOG2_E, NEG_INF, as_dtype
 
 MIN_BLOCK_V = 256
 MAX_BLOCK_V = 4096
-MAX_VOCAB = 262_144   # the largest vocabulary whose launch choices the build check sweeps (ops/kernel_builds.py)
+MAX_VOCAB = 262_144   # the largest vocabulary whose launch choices the build check sweeps (kernel_builds.py)
 LOAD_BYTES = 16       # one 128-bit load
 
 
@@ -224,22 +230,18 @@ def _inverse_temperature(temperature: float) -> float:
     return 1.0 / float(temperature)
 
 
-def logsumexp_pass(logits: torch.Tensor, ids: torch.Tensor, temperature: float, *,
-                   segment_ids: torch.Tensor | None = None, with_entropy: bool = False):
+def token_scores(logits: torch.Tensor, ids: torch.Tensor, temperature: float, *,
+                 segment_ids: torch.Tensor | None = None, with_entropy: bool = False):
     """Pass A over ``[B, T, V]`` logits (vocabulary dimension contiguous).
 
     Returns flat ``[B*T]`` tensors ``(logp, lse, entropy or None)`` in the accumulator dtype. With
     ``segment_ids``, rows whose segment is ``< 0`` are skipped and their outputs left unwritten.
     """
-    check_row_layout("logits", logits)
+    logp, lse, entropy = new_token_scores(logits, with_entropy)
     batch, length, vocab = logits.shape
     rows = batch * length
-    dtype = accumulator_dtype(logits.dtype)
-    logp = new_output((rows,), dtype, logits.device)
-    lse = new_output((rows,), dtype, logits.device)
-    entropy = new_output((rows,), dtype, logits.device) if with_entropy else None
     if rows == 0:
-        return logp, lse, entropy
+        return TokenScores(logp, lse, entropy)
     ids = index_vector(ids)
     segments = ids if segment_ids is None else index_vector(segment_ids)
     base, base_offset = _aligned_base(logits)
@@ -248,12 +250,12 @@ def logsumexp_pass(logits: torch.Tensor, ids: torch.Tensor, temperature: float, 
         length, vocab, logits.stride(0), logits.stride(1), base_offset, _inverse_temperature(temperature),
         ONLY_SCORED=segment_ids is not None, WITH_ENTROPY=with_entropy, VEC=_vector_width(logits.dtype),
         **vocab_launch_config(vocab))
-    return logp, lse, entropy
+    return TokenScores(logp, lse, entropy)
 
 
-def logits_grad_pass(logits: torch.Tensor, ids: torch.Tensor, logp_coef: torch.Tensor, lse: torch.Tensor,
-                     temperature: float, out: torch.Tensor, *, entropy_coef: torch.Tensor | None = None,
-                     entropy: torch.Tensor | None = None) -> torch.Tensor:
+def logits_gradient(logits: torch.Tensor, ids: torch.Tensor, logp_coef: torch.Tensor, lse: torch.Tensor,
+                    temperature: float, out: torch.Tensor, *, entropy_coef: torch.Tensor | None = None,
+                    entropy: torch.Tensor | None = None) -> torch.Tensor:
     """Pass C: ``out[b, t] = ∂/∂logits[b, t]`` of ``Σ_t logp_coef[t] · logp_t (+ entropy_coef[t] · H_t)``.
 
     logits, out: ``[B, T, V]`` (``out`` may be ``logits`` itself: the update is row-local);

@@ -1,4 +1,4 @@
-"""Group advantage normalisation (DESIGN.md §1) in Triton: one program per group of ``G`` outputs.
+"""Group advantage normalisation (``reference.group_sentence_advantages``) in Triton: a program per group.
 
 A program walks its group in tiles of ``BLOCK_G`` outputs × ``BLOCK_S`` sentence slots (``BLOCK_S >= S_max``,
 so that a whole row sits in one tile for the cumulative mode) four times: the largest reward (a shift that
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import accumulator_dtype, float_vector, index_vector, new_output
-from .triton_common import COMPILE_OPTIONS, as_dtype
+from ..passes import accumulator_dtype, float_vector, index_vector, new_output
+from .common import COMPILE_OPTIONS, as_dtype
 
 MAX_SLOTS = 4096        # more sentence slots per answer than this: the caller uses the PyTorch statement
 TILE_ELEMENTS = 512     # smallest tile; a tile holds at least one whole row
@@ -94,8 +94,8 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
         tl.store(out_ptr + offsets, advantages, mask=in_row)
 
 
-def group_advantages_pass(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, eps: float,
-                          weighting: str, scale: str, mode: str) -> torch.Tensor | None:
+def group_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, eps: float,
+                     weighting: str, scale: str, mode: str) -> torch.Tensor | None:
     """The kernel on validated inputs: rewards ``[B, S]`` float, num_sentences ``[B]`` int, ``G | B``.
 
     Returns ``[B, S]`` advantages in the dtype of ``rewards``, or ``None`` when ``S`` exceeds ``MAX_SLOTS``.

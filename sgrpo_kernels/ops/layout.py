@@ -1,17 +1,16 @@
 """What pass B needs that depends only on ``segment_ids``: token counts and reduction weights per sentence.
 
-The reduction weight ``w(i, s)`` of DESIGN.md §1 (``1 / (S_i · B')``, ``n(i, s) / Σ n`` or 1) is known before
+The reduction weight ``w(i, s)`` (``reference.py``) (``1 / (S_i · B')``, ``n(i, s) / Σ n`` or 1) is known before
 any logit is read, so ``loss = Σ w · L`` and ``∂loss/∂logp_t`` can be finished sentence by sentence, as the
 fused linear path does chunk by chunk. Plus the metrics, computed from the per-sentence arrays.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from ..distributed import global_sum, world_size
 
 
 @dataclass
@@ -25,12 +24,14 @@ class SentenceLayout:
     weight: torch.Tensor     # accumulator dtype, the reduction weight w(i, s); 0 where the sentence does not exist
 
 
-def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, dtype: torch.dtype,
-                    process_group=None) -> SentenceLayout:
+def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, dtype: torch.dtype, *,
+                    total: Callable[[torch.Tensor], torch.Tensor] = lambda local: local,
+                    ranks: int = 1) -> SentenceLayout:
     """Counts and reduction weights from ``segment_ids [B, T]`` (ids in ``[-1, num_slots)``), no host sync.
 
-    With a ``process_group`` the denominators ``B'`` and ``Σ n`` cover every rank's rows and the weights are
-    multiplied by the world size (see ``sgrpo_kernels.distributed``).
+    ``total`` turns this batch's denominator (``B'`` or ``Σ n``, a 0-dim tensor) into the global one and ``ranks``
+    multiplies the weights: the driver passes a sum over the data-parallel ranks and their number
+    (see ``ops/driver.py``); this module knows nothing of processes.
     """
     batch, length = segment_ids.shape
     segments = segment_ids.reshape(-1).long()
@@ -42,14 +43,14 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
     exists = count > 0
     if reduction == "sentence_mean":     # 1 / (S_i · B')
         sentences_per_row = exists.view(batch, num_slots).sum(1)
-        rows_with_sentences = global_sum((sentences_per_row > 0).sum(), process_group).clamp(min=1)
+        rows_with_sentences = total((sentences_per_row > 0).sum()).clamp(min=1)
         row_weight = 1.0 / (sentences_per_row.clamp(min=1) * rows_with_sentences).to(dtype)
         weight = row_weight.repeat_interleave(num_slots)
     elif reduction == "token_mean":      # n(i, s) / Σ n
-        weight = count.to(dtype) / global_sum(count.sum(), process_group).clamp(min=1).to(dtype)
+        weight = count.to(dtype) / total(count.sum()).clamp(min=1).to(dtype)
     else:
         weight = torch.ones(batch * num_slots, dtype=dtype, device=segments.device)
-    weight = torch.where(exists, weight * world_size(process_group), 0.0)
+    weight = torch.where(exists, weight * ranks, 0.0)
     return SentenceLayout(batch, length, num_slots, count.to(torch.int32), weight)
 
 
@@ -75,7 +76,7 @@ class SentenceArrays:
 
 def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, scored: torch.Tensor,
                      entropy: torch.Tensor | None, config) -> dict:
-    """The metrics of DESIGN.md §2 as detached 0-dim tensors (no host sync).
+    """The metrics of ``sentence_grpo_loss(return_metrics=True)`` as detached 0-dim tensors (no host sync).
 
     ``scored``: flat ``[B*T]`` bool; ``entropy``: flat ``[B*T]`` (read only where scored) or ``None``.
     """

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import LossConfig
-from .common import Passes, accumulator_dtype, check_row_layout, new_output
-from .sentence_layout import SentenceLayout, SentenceTerms
+from ... import reference
+from ...config import LossConfig
+from ..layout import SentenceLayout, SentenceTerms
+from ..passes import TokenScores, check_row_layout, new_token_scores
 
 CHUNK_BYTES = 16 * 2**20
 
@@ -28,16 +29,13 @@ def _row_chunks(selected: torch.Tensor, length: int, vocab: int):
         yield flat_rows, flat_rows // length, flat_rows % length
 
 
-def torch_logsumexp_pass(logits: torch.Tensor, ids: torch.Tensor, temperature: float, *,
-                         segment_ids: torch.Tensor | None = None, with_entropy: bool = False):
-    """Pass A; same contract as ``ops.logprobs.logsumexp_pass``."""
-    check_row_layout("logits", logits)
+def token_scores(logits: torch.Tensor, ids: torch.Tensor, temperature: float, *,
+                 segment_ids: torch.Tensor | None = None, with_entropy: bool = False):
+    """Pass A; the contract of ``ops.passes.Passes.token_scores``."""
+    logp, lse, entropy = new_token_scores(logits, with_entropy)
     batch, length, vocab = logits.shape
     rows = batch * length
-    dtype = accumulator_dtype(logits.dtype)
-    logp = new_output((rows,), dtype, logits.device)
-    lse = new_output((rows,), dtype, logits.device)
-    entropy = new_output((rows,), dtype, logits.device) if with_entropy else None
+    dtype = lse.dtype
     flat_ids = ids.reshape(rows)
     if segment_ids is None:
         selected = torch.arange(rows, device=logits.device)
@@ -55,13 +53,13 @@ def torch_logsumexp_pass(logits: torch.Tensor, ids: torch.Tensor, temperature: f
         lse[flat_rows] = chunk_lse
         if with_entropy:   # H = lse − Σ p z, with p z = 0 where p = 0
             entropy[flat_rows] = chunk_lse - (shifted * torch.where(shifted > 0, z, 0.0)).sum(-1) / total
-    return logp, lse, entropy
+    return TokenScores(logp, lse, entropy)
 
 
-def torch_logits_grad_pass(logits: torch.Tensor, ids: torch.Tensor, logp_coef: torch.Tensor, lse: torch.Tensor,
-                           temperature: float, out: torch.Tensor, *, entropy_coef: torch.Tensor | None = None,
-                           entropy: torch.Tensor | None = None) -> torch.Tensor:
-    """Pass C; same contract as ``ops.logprobs.logits_grad_pass`` (``out`` may be ``logits``)."""
+def logits_gradient(logits: torch.Tensor, ids: torch.Tensor, logp_coef: torch.Tensor, lse: torch.Tensor,
+                    temperature: float, out: torch.Tensor, *, entropy_coef: torch.Tensor | None = None,
+                    entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """Pass C; the contract of ``ops.passes.Passes.logits_gradient`` (``out`` may be ``logits``)."""
     check_row_layout("logits", logits)
     batch, length, vocab = logits.shape
     rows = batch * length
@@ -95,9 +93,9 @@ def _token_slots(segment_ids: torch.Tensor, num_slots: int, tokens: torch.Tensor
     return positions, list_positions, (positions // length) * num_slots + segments[positions].long()
 
 
-def torch_sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, log_ratio_sum, kl_sum,
-                        tokens=None) -> None:
-    """Pass B, sums; same contract as ``ops.sentence_grpo.triton_sentence_sums``."""
+def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, log_ratio_sum, kl_sum,
+                  tokens=None) -> None:
+    """Pass B, sums; the contract of ``ops.passes.Passes.sentence_sums``."""
     positions, _, slots = _token_slots(segment_ids, num_slots, tokens)
     token_logp = logp[positions]
     if old_logps is not None:
@@ -107,9 +105,9 @@ def torch_sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int,
         kl_sum.index_add_(0, slots, (torch.exp(ref_minus_logp) - ref_minus_logp - 1).double())
 
 
-def torch_sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantages,
-                         config: LossConfig) -> SentenceTerms:
-    """Pass B, per-sentence terms; the same arithmetic as ``ops.sentence_grpo._sentence_terms_kernel``."""
+def sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantages,
+                   config: LossConfig) -> SentenceTerms:
+    """Pass B, per-sentence terms; the same arithmetic as ``ops/triton/sentence_grpo.py``."""
     dtype = layout.weight.dtype
     exists = layout.count > 0
     divisor = layout.count.clamp(min=1).to(dtype)
@@ -155,8 +153,8 @@ def torch_sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantag
                          kl_coef=kl_coef)
 
 
-def torch_token_coef(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, tokens=None):
-    """Pass B, per-token coefficient; same contract as ``ops.sentence_grpo.triton_token_coef``."""
+def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, tokens=None):
+    """Pass B, per-token coefficient; the contract of ``ops.passes.Passes.token_coefficients``."""
     count = segment_ids.numel() if tokens is None else tokens.numel()
     coef = torch.zeros(count, dtype=logp.dtype, device=logp.device)
     positions, list_positions, slots = _token_slots(segment_ids, num_slots, tokens)
@@ -168,6 +166,8 @@ def torch_token_coef(logp, ref_logps, segment_ids, num_slots: int, terms: Senten
     return coef
 
 
-TORCH_PASSES = Passes(logsumexp=torch_logsumexp_pass, sentence_sums=torch_sentence_sums,
-                      sentence_terms=torch_sentence_terms, token_coef=torch_token_coef,
-                      logits_grad=torch_logits_grad_pass)
+def group_advantages(rewards, num_sentences, group_size: int, eps: float, weighting: str, scale: str,
+                     mode: str) -> torch.Tensor:
+    """Group advantages: the vectorised statement of ``reference.py`` is already one pass of a few ATen ops."""
+    return reference.group_sentence_advantages(rewards, num_sentences.long(), group_size, eps=eps,
+                                               weighting=weighting, scale=scale, mode=mode)

@@ -1,0 +1,13 @@
+"""The PyTorch backend: the passes in chunked PyTorch for CPU (or any) tensors; an ``ops.passes.Passes``."""
+
+from .passes import (
+    group_advantages,
+    logits_gradient,
+    sentence_sums,
+    sentence_terms,
+    token_coefficients,
+    token_scores,
+)
+
+__all__ = ["group_advantages", "logits_gradient", "sentence_sums", "sentence_terms", "token_coefficients",
+           "token_scores"]

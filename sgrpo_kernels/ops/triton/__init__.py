@@ -1,0 +1,13 @@
+"""The Triton backend: fused kernels for CUDA (and CPU under ``TRITON_INTERPRET=1``); an ``ops.passes.Passes``.
+
+``logprobs.py``: passes A and C over the vocabulary; ``sentence_grpo.py``: pass B; ``group_advantages.py``: the
+group-relative advantages; ``common.py``: what the kernels share. ``kernel_builds.py`` and ``compiled_code.py``
+build every kernel for real GPU targets without a GPU and read the binaries (tests and ``benchmarks/``).
+"""
+
+from .group_advantages import group_advantages
+from .logprobs import logits_gradient, token_scores
+from .sentence_grpo import sentence_sums, sentence_terms, token_coefficients
+
+__all__ = ["group_advantages", "logits_gradient", "sentence_sums", "sentence_terms", "token_coefficients",
+           "token_scores"]
