@@ -1,5 +1,7 @@
 """Sentence rewards on real inputs, English and Chinese: correctness, logic, format, composite, verifier."""
 
+import shutil
+
 import pytest
 import torch
 from cases import train_byte_level_bpe
@@ -13,11 +15,13 @@ from sgrpo_kernels.rewards import (
     GenerativeVerifier,
     MathStepCorrectness,
     NumberProvenanceLogic,
+    SandboxUnavailableError,
     answers_match,
     equation_holds,
     equations,
     extract_code,
     safe_eval,
+    sandbox,
 )
 
 QUESTION = "Tom has 12 apples and buys 30 more. He gives away 7. How many apples does he have?"
@@ -106,6 +110,7 @@ def test_composite_validates():
         wrong_length(["q"], [["one sentence"]])
 
 
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
 def test_code_correctness_runs_tests_in_the_sandbox():
     answer = ["Read two numbers and print their sum.", "\n```python\na, b = map(int, input().split())\n",
               "print(a + b)\n```"]
@@ -116,6 +121,18 @@ def test_code_correctness_runs_tests_in_the_sandbox():
     assert CodeTestCorrectness(timeout_s=10)(["sum"], [answer], [tests]) == [[0.5, 0.5, 0.5]]
     looping = ["```python\nwhile True:\n    pass\n```"]
     assert CodeTestCorrectness(timeout_s=1)(["loop"], [looping], [[{"stdin": "", "stdout": ""}]]) == [[0.0]]
+
+
+def test_code_correctness_without_bubblewrap_fails_at_construction_unless_told_it_is_unsafe(monkeypatch):
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sandbox, "_warned_without_bwrap", False)
+    with pytest.raises(SandboxUnavailableError, match="apt-get install bubblewrap.*unsafe_allow_without_sandbox"):
+        CodeTestCorrectness()
+    with pytest.warns(RuntimeWarning, match="UNSAFE"):
+        reward = CodeTestCorrectness(timeout_s=10, unsafe_allow_without_sandbox=True)
+    answer = ["Print the sum.", "\n```python\nprint(sum(map(int, input().split())))\n```"]
+    tests = [{"stdin": "1 2", "stdout": "3"}, {"stdin": "2 2", "stdout": "5"}]
+    assert reward(["sum"], [answer], [tests]) == [[0.5, 0.5]]
 
 
 MODEL_CORPUS = [QUESTION, "".join(GOOD), "".join(BAD), "Question: Solution steps: Is the last step above correct "

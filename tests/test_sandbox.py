@@ -13,7 +13,7 @@ import warnings
 import pytest
 
 from sgrpo_kernels.rewards import sandbox
-from sgrpo_kernels.rewards.sandbox import run_python
+from sgrpo_kernels.rewards.sandbox import SandboxUnavailableError, run_python
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
 
@@ -28,11 +28,33 @@ def limits_before():
     return [resource.getrlimit(limit) for limit in (resource.RLIMIT_NPROC, resource.RLIMIT_AS)]
 
 
+@pytest.fixture
+def without_bwrap(monkeypatch):
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sandbox, "_warned_without_bwrap", False)
+
+
+@pytest.fixture
+def unusable_bwrap(monkeypatch, tmp_path):
+    """A bwrap that fails the way it does where unprivileged user namespaces are disabled."""
+    fake_bwrap = tmp_path / "bwrap"
+    fake_bwrap.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake_bwrap.chmod(0o755)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: str(fake_bwrap))
+    monkeypatch.setattr(sandbox, "_warned_without_bwrap", False)
+
+
+def writes_marker(marker) -> str:
+    return f"open({str(marker)!r}, 'w').write('ran')\nprint('ran')\n"
+
+
+@needs_bwrap
 def test_runs_a_program_with_input():
     result = run_python("import sys\nprint(input()[::-1])\nprint('err', file=sys.stderr)", stdin="hello")
     assert (result.returncode, result.stdout, result.stderr.strip(), result.timed_out) == (0, "olleh\n", "err", False)
 
 
+@needs_bwrap
 def test_infinite_loop_is_stopped_within_the_timeout(limits_before):
     start = time.monotonic()
     result = run_python("while True:\n    pass\n", timeout_s=1)
@@ -41,6 +63,7 @@ def test_infinite_loop_is_stopped_within_the_timeout(limits_before):
     host_is_unaffected(limits_before)
 
 
+@needs_bwrap
 def test_memory_bomb_is_contained(limits_before):
     result = run_python("blocks = []\nwhile True:\n    blocks.append(bytearray(2**26))\n", memory_mb=256, timeout_s=10)
     assert result.returncode != 0 and "MemoryError" in result.stderr and not result.timed_out
@@ -98,17 +121,51 @@ def test_environment_is_empty(monkeypatch):
     assert result.stdout.strip() == "[]"
 
 
-def test_without_bubblewrap_limits_still_apply_and_it_warns(monkeypatch, limits_before):
-    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
-    monkeypatch.setattr(sandbox, "_warned_without_bwrap", False)
-    with pytest.warns(RuntimeWarning, match="bubblewrap"):
-        looping = run_python("while True:\n    pass\n", timeout_s=1)
+@needs_bwrap
+def test_unsafe_flag_changes_nothing_with_bubblewrap(tmp_path):
+    marker = tmp_path / "marker.txt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                 # no warning: the sandbox is there
+        result = run_python(writes_marker(marker), unsafe_allow_without_sandbox=True)
+    assert result.returncode != 0 and result.stdout == "" and not marker.exists()   # its /tmp is private
+
+
+def test_without_bubblewrap_it_raises_before_running_anything(without_bwrap, tmp_path):
+    marker = tmp_path / "marker.txt"
+    with pytest.raises(SandboxUnavailableError, match="apt-get install bubblewrap") as raised:
+        run_python(writes_marker(marker))
+    assert "dnf install bubblewrap" in str(raised.value)
+    assert "unsafe_allow_without_sandbox=True" in str(raised.value)
+    assert not marker.exists()
+
+
+def test_unusable_bubblewrap_raises_before_running_anything(unusable_bwrap, tmp_path):
+    marker = tmp_path / "marker.txt"
+    with pytest.raises(SandboxUnavailableError, match="No permissions to create new namespace") as raised:
+        run_python(writes_marker(marker))
+    assert "user namespaces" in str(raised.value) and "unsafe_allow_without_sandbox=True" in str(raised.value)
+    assert not marker.exists()
+
+
+def test_unusable_bubblewrap_with_the_unsafe_flag_runs_without_it(unusable_bwrap, tmp_path):
+    marker = tmp_path / "marker.txt"
+    with pytest.warns(RuntimeWarning, match="UNSAFE"):
+        result = run_python(writes_marker(marker), unsafe_allow_without_sandbox=True)
+    assert (result.returncode, result.stdout) == (0, "ran\n") and marker.exists()
+
+
+def test_without_bubblewrap_the_unsafe_flag_keeps_the_limits_and_warns(without_bwrap, limits_before, tmp_path):
+    marker = tmp_path / "marker.txt"
+    with pytest.warns(RuntimeWarning, match="bubblewrap.*UNSAFE"):
+        looping = run_python("while True:\n    pass\n", timeout_s=1, unsafe_allow_without_sandbox=True)
     assert looping.timed_out
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                 # warned once, not again
-        bomb = run_python("x = bytearray(2**33)\n", memory_mb=256)
+        bomb = run_python("x = bytearray(2**33)\n", memory_mb=256, unsafe_allow_without_sandbox=True)
+        escaped = run_python(writes_marker(marker), unsafe_allow_without_sandbox=True)
     assert "MemoryError" in bomb.stderr
-    result = run_python("import os\nprint(os.getcwd(), sorted(os.environ))\n")
+    assert escaped.stdout == "ran\n" and marker.exists()              # what the flag gives up: host files
+    result = run_python("import os\nprint(os.getcwd(), sorted(os.environ))\n", unsafe_allow_without_sandbox=True)
     assert "sgrpo-sandbox-" in result.stdout and os.getcwd() not in result.stdout.split()[0]
     host_is_unaffected(limits_before)
 

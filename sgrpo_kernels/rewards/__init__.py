@@ -10,8 +10,9 @@ from .correctness import CodeTestCorrectness, MathStepCorrectness, answers_match
 from .format import ANSWER_LINE, THINK_BLOCK, FormatReward
 from .logic import GenerativeVerifier, NumberProvenanceLogic
 from .safe_math import equation_holds, equations, safe_eval
-from .sandbox import SandboxResult, run_python
+from .sandbox import SandboxResult, SandboxUnavailableError, require_sandbox, run_python
 
 __all__ = ["ANSWER_LINE", "THINK_BLOCK", "CodeTestCorrectness", "CompositeReward", "FormatReward",
-           "GenerativeVerifier", "MathStepCorrectness", "NumberProvenanceLogic", "SandboxResult", "SentenceReward",
-           "answers_match", "equation_holds", "equations", "extract_code", "run_python", "safe_eval"]
+           "GenerativeVerifier", "MathStepCorrectness", "NumberProvenanceLogic", "SandboxResult",
+           "SandboxUnavailableError", "SentenceReward", "answers_match", "equation_holds", "equations",
+           "extract_code", "require_sandbox", "run_python", "safe_eval"]

@@ -8,7 +8,7 @@ import unicodedata
 
 from .base import SentenceReward
 from .safe_math import equation_holds, equations
-from .sandbox import run_python
+from .sandbox import SandboxResult, require_sandbox, run_python
 
 # A sentence that states the final answer: "Answer: 42", "the answer is 42", "答案是 42", "\boxed{42}".
 FINAL_ANSWER = re.compile(r"(?i)(\banswer\b\s*(?:is|[:：=])|答案|最终结果|\\boxed\{)")
@@ -67,17 +67,29 @@ class CodeTestCorrectness(SentenceReward):
 
     ``reference``: a list of tests, each ``{"stdin": str, "stdout": str}`` (output compared after stripping
     trailing whitespace) or ``{"assert": str}`` (Python appended to the program; passing = exit status 0).
+
+    Programs run through :func:`~sgrpo_kernels.rewards.sandbox.run_python`: bubblewrap isolates the
+    filesystem, network and processes, rlimits bound time and memory. The constructor raises
+    :class:`~sgrpo_kernels.rewards.sandbox.SandboxUnavailableError` when bubblewrap is missing or unusable,
+    so that training fails at setup rather than at the first reward. ``unsafe_allow_without_sandbox=True``
+    runs the programs with resource limits only instead (with a warning): they can then read and write the
+    user's files and reach the network.
     """
 
-    def __init__(self, timeout_s: float = 5, memory_mb: int = 512):
+    def __init__(self, timeout_s: float = 5, memory_mb: int = 512, *, unsafe_allow_without_sandbox: bool = False):
+        require_sandbox(unsafe_allow_without_sandbox=unsafe_allow_without_sandbox)
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
+        self.unsafe_allow_without_sandbox = unsafe_allow_without_sandbox
+
+    def _run(self, code: str, stdin: str = "") -> SandboxResult:
+        return run_python(code, stdin=stdin, timeout_s=self.timeout_s, memory_mb=self.memory_mb,
+                          unsafe_allow_without_sandbox=self.unsafe_allow_without_sandbox)
 
     def passed(self, code: str, test: dict) -> bool:
         if "assert" in test:
-            result = run_python(code + "\n\n" + test["assert"] + "\n", timeout_s=self.timeout_s,
-                                memory_mb=self.memory_mb)
+            result = self._run(code + "\n\n" + test["assert"] + "\n")
             return result.returncode == 0 and not result.timed_out
-        result = run_python(code, stdin=test.get("stdin", ""), timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        result = self._run(code, stdin=test.get("stdin", ""))
         return (result.returncode == 0 and not result.timed_out
                 and result.stdout.rstrip() == str(test["stdout"]).rstrip())
 
