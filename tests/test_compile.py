@@ -11,8 +11,8 @@ import sgrpo_kernels as sk
 from sgrpo_kernels.ops import custom_ops
 
 B, T, V, H = 2, 6, 40, 8
-ENTRY_POINTS = ["sentence_grpo_loss", "fused_linear_sentence_grpo_loss", "token_logprobs",
-                "fused_linear_token_logprobs", "module"]
+ENTRY_POINTS = ["sentence_grpo_loss", "sentence_grpo_loss_inplace", "fused_linear_sentence_grpo_loss",
+                "token_logprobs", "fused_linear_token_logprobs", "module"]
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +40,9 @@ def tiny_step(entry_point: str, backend: str):
     def loss_of(hidden):
         if entry_point == "sentence_grpo_loss":
             return sk.sentence_grpo_loss(head(hidden), ids, segment_ids, advantages, old_logps, ref_logps, **options)
+        if entry_point == "sentence_grpo_loss_inplace":   # compiled: the gradient goes to a new buffer
+            return sk.sentence_grpo_loss(head(hidden), ids, segment_ids, advantages, old_logps, ref_logps,
+                                         inplace=True, **options)
         if entry_point == "module":
             return module(head(hidden), ids, segment_ids, advantages, old_logps, ref_logps)
         if entry_point == "fused_linear_sentence_grpo_loss":
