@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-from sgrpo_kernels.trainer.grpo import GRPOConfig, GRPOTrainer
+from sgrpo_kernels.trainer.grpo import GRPOLoop, GRPOLoopConfig
 from sgrpo_kernels.trainer.tasks import arith
 from sgrpo_kernels.trainer.tiny import load_pretrained
 
@@ -30,13 +30,13 @@ def run_variant(name: str, seed: int, args) -> list[dict]:
     level, ratio_level = VARIANTS[name]
     model, tokenizer = load_pretrained(args.model)
     torch.manual_seed(seed)
-    config = GRPOConfig(level=level, ratio_level=ratio_level, steps=args.steps, prompts_per_step=args.prompts,
-                        group_size=args.group_size, lr=args.lr, eval_every=args.eval_every, seed=seed)
+    config = GRPOLoopConfig(level=level, ratio_level=ratio_level, steps=args.steps, prompts_per_step=args.prompts,
+                            group_size=args.group_size, lr=args.lr, eval_every=args.eval_every, seed=seed)
     output_dir = os.path.join(args.work_dir, f"{name}-seed{seed}")       # checkpoints stay out of --out
     train = arith.read_jsonl(os.path.join(args.data_dir, "train.jsonl"))
     held_out = arith.read_jsonl(os.path.join(args.data_dir, "test.jsonl"))
     reward = arith.reward(chained=args.chained_correctness)
-    GRPOTrainer(model, tokenizer, train, held_out, arith.is_correct, reward, config, output_dir).train()
+    GRPOLoop(model, tokenizer, train, held_out, arith.is_correct, reward, config, output_dir).train()
     shutil.copy(os.path.join(output_dir, "metrics.jsonl"), os.path.join(args.out, f"{name}-seed{seed}.metrics.jsonl"))
     with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
         return [json.loads(line) for line in handle]

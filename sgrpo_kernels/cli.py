@@ -18,6 +18,9 @@ import sys
 
 import torch
 
+from .config import RATIO_LEVELS
+from .levels import DEFAULT_SENTENCE_RATIO_LEVEL, LEVELS
+
 TASKS = ("arith", "arith-small")
 
 
@@ -74,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "save_pretrained checkpoints.")
     _common_arguments(train)
     train.add_argument("--model", required=True, help="local model folder, e.g. the output of `sgrpo sft`")
-    train.add_argument("--level", choices=("token", "sentence", "output"), default="sentence",
+    train.add_argument("--level", choices=LEVELS, default="sentence",
                        help="scale of rewards and ratios (default: sentence)")
-    train.add_argument("--ratio-level", choices=("sum", "mean"), default="mean",
-                       help="sentence ratio: sum of token log-ratios or their mean (default: mean)")
+    train.add_argument("--ratio-level", choices=RATIO_LEVELS, default=DEFAULT_SENTENCE_RATIO_LEVEL,
+                       help="sentence level's ratio: exp of the sum of its token log-ratios or of their mean "
+                            f"(default: {DEFAULT_SENTENCE_RATIO_LEVEL}; token level always sums, output level "
+                            "always takes the mean)")
     train.add_argument("--steps", type=int, default=40, help="GRPO steps (default: 40)")
     train.add_argument("--group-size", type=int, default=8, help="answers sampled per prompt, G (default: 8)")
     train.add_argument("--prompts", type=int, default=8, help="prompts per step (default: 8)")
@@ -126,7 +131,7 @@ def run_sft(args) -> dict:
 
 
 def run_train(args) -> dict:
-    from .trainer.grpo import GRPOConfig, GRPOTrainer
+    from .trainer.grpo import GRPOLoop, GRPOLoopConfig
     from .trainer.plots import plot_metrics
     from .trainer.tiny import load_pretrained
 
@@ -134,13 +139,13 @@ def run_train(args) -> dict:
     task, _ = _task(args.task)
     train, held_out = _datasets(args.task, args.data_dir, args.seed, 20000, args.eval_size)
     model, tokenizer = load_pretrained(args.resume or args.model)
-    config = GRPOConfig(level=args.level, ratio_level=args.ratio_level, steps=args.steps,
-                        prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu, beta=args.beta,
-                        epsilon=args.epsilon, scale=args.scale, lr=args.lr, temperature=args.temperature,
-                        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
-    trainer = GRPOTrainer(model, tokenizer, train, held_out, task.is_correct, task.reward(), config, args.output_dir,
-                          resume_from=args.resume)
-    summary = trainer.train()
+    config = GRPOLoopConfig(level=args.level, ratio_level=args.ratio_level, steps=args.steps,
+                            prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu, beta=args.beta,
+                            epsilon=args.epsilon, scale=args.scale, lr=args.lr, temperature=args.temperature,
+                            eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
+    loop = GRPOLoop(model, tokenizer, train, held_out, task.is_correct, task.reward(), config, args.output_dir,
+                    resume_from=args.resume)
+    summary = loop.train()
     plot_metrics(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "training.png"),
                  title=f"sentence-level GRPO, level={args.level}")
     if "accuracy_before" in summary:

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers", reason="the trainer runs tran
 
 from sgrpo_kernels.cli import build_parser, main  # noqa: E402
 from sgrpo_kernels.rewards import CompositeReward  # noqa: E402
-from sgrpo_kernels.trainer.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
+from sgrpo_kernels.trainer.grpo import GRPOLoop, GRPOLoopConfig  # noqa: E402
 from sgrpo_kernels.trainer.tasks import arith  # noqa: E402
 from sgrpo_kernels.trainer.tiny import char_tokenizer, load_pretrained, save_pretrained, tiny_model  # noqa: E402
 
@@ -105,10 +105,10 @@ def trainer(tmp_path, level="sentence", steps=3, resume_from=None, model=None, t
             **options):
     if model is None:
         model, tokenizer = small_model()
-    config = GRPOConfig(level=level, steps=steps, prompts_per_step=2, group_size=3, max_new_tokens=24, eval_every=100,
-                        lr=1e-3, temperature=1.5, **options)
-    return GRPOTrainer(model, tokenizer, arith.make_dataset(50, seed=0), arith.make_dataset(4, seed=1),
-                       arith.is_correct, reward or arith.reward(), config, str(tmp_path), resume_from=resume_from)
+    config = GRPOLoopConfig(level=level, steps=steps, prompts_per_step=2, group_size=3, max_new_tokens=24,
+                            eval_every=100, lr=1e-3, temperature=1.5, **options)
+    return GRPOLoop(model, tokenizer, arith.make_dataset(50, seed=0), arith.make_dataset(4, seed=1),
+                    arith.is_correct, reward or arith.reward(), config, str(tmp_path), resume_from=resume_from)
 
 
 @pytest.mark.parametrize("level", ["token", "sentence", "output"])
@@ -191,6 +191,6 @@ def test_cli_help_and_a_tiny_sft_then_train(tmp_path, capsys):
 
 def test_bad_config():
     with pytest.raises(ValueError, match="level"):
-        GRPOConfig(level="paragraph")
+        GRPOLoopConfig(level="paragraph")
     with pytest.raises(ValueError, match="group_size"):
-        GRPOConfig(group_size=0)
+        GRPOLoopConfig(group_size=0)

@@ -26,13 +26,13 @@ from __future__ import annotations
 import torch
 from trl import GRPOTrainer
 
+from .. import levels
 from ..advantages import group_sentence_advantages
 from ..distributed import world_size
 from ..loss import fused_linear_sentence_grpo_loss
 from ..segmentation import Segmenter
 from .hf import output_projection
 
-LEVELS = ("token", "sentence", "output")
 REDUCTIONS = {"grpo": "sentence_mean", "bnpo": "token_mean", "dr_grpo": "token_mean", "dapo": "token_mean"}
 
 
@@ -77,19 +77,20 @@ class SentenceGRPOTrainer(GRPOTrainer):
     Args (besides ``GRPOTrainer``'s):
         sentence_reward: a ``CompositeReward`` (or any ``(questions, answers, references) -> list[list[float]]``)
             scoring each sentence; required for ``level="sentence"``, optional otherwise.
-        level: ``"sentence"``, ``"token"`` (each token its own segment) or ``"output"`` (one segment per answer).
+        level: ``"sentence"``, ``"token"`` (each token its own segment) or ``"output"`` (one segment per answer);
+            see :mod:`sgrpo_kernels.levels`.
         segmenter: how completions become sentences (default: ``Segmenter(processing_class, "sentence")``).
-        ratio_level: ``"mean"`` or ``"sum"`` of a sentence's token log-ratios (``level="sentence"`` only; token
-            level uses ``"sum"`` and output level ``"mean"``, as TRL's token and sequence importance sampling).
+        ratio_level: ``"mean"`` (default, :data:`~sgrpo_kernels.levels.DEFAULT_SENTENCE_RATIO_LEVEL`) or ``"sum"``
+            of a sentence's token log-ratios (``level="sentence"`` only; token level uses ``"sum"`` and output
+            level ``"mean"``, as TRL's token and sequence importance sampling).
         reference_column: the dataset column handed to ``sentence_reward`` as the reference answer.
         chunk_size: tokens per chunk of logits in the fused loss (``None``: chosen from free memory).
     """
 
     def __init__(self, model, reward_funcs=None, args=None, *, sentence_reward=None, level: str = "sentence",
-                 segmenter: Segmenter | None = None, ratio_level: str = "mean", reference_column: str = "answer",
-                 chunk_size: int | None = None, **kwargs):
-        if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+                 segmenter: Segmenter | None = None, ratio_level: str = levels.DEFAULT_SENTENCE_RATIO_LEVEL,
+                 reference_column: str = "answer", chunk_size: int | None = None, **kwargs):
+        levels.check_level(level, ratio_level)
         if level == "sentence" and sentence_reward is None:
             raise ValueError("level='sentence' needs a sentence_reward (one score per sentence)")
         if reward_funcs is None and sentence_reward is None:
@@ -103,7 +104,7 @@ class SentenceGRPOTrainer(GRPOTrainer):
             _check_supported(args)
         super().__init__(model, reward_funcs, args, **kwargs)
         self.segmenter = segmenter or Segmenter(self.processing_class, "sentence")
-        self.loss_segmenter = None if level == "sentence" else Segmenter(self.processing_class, level)
+        self.loss_segmenter = levels.loss_segmenter(self.processing_class, level)
 
     # -- rewards ------------------------------------------------------------------------------------------------
     def _mean_sentence_reward(self, prompts, completions, completion_ids, **columns):
@@ -116,8 +117,7 @@ class SentenceGRPOTrainer(GRPOTrainer):
             rows = max((len(row) for row in rewards), default=0)
             rewards = torch.tensor([list(row) + [0.0] * (rows - len(row)) for row in rewards], dtype=torch.float32)
         self._scored = (segmentation, rewards)
-        counts = segmentation.num_sentences.clamp(min=1).to(rewards.dtype)
-        return (rewards.sum(1) / counts).tolist()
+        return levels.mean_sentence_reward(rewards, segmentation.num_sentences).tolist()
     _mean_sentence_reward.__name__ = "sentence_reward_mean"
 
     def _pad(self, completion_ids: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +134,7 @@ class SentenceGRPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         completion_ids, mask = output["completion_ids"], output["completion_mask"]
         device = completion_ids.device
-        if self.level == "sentence":
+        if levels.advantages_per_sentence(self.level):
             segmentation, rewards = self._scored
             self._scored = None
             advantages = group_sentence_advantages(rewards.to(device), segmentation.num_sentences.to(device),
@@ -176,7 +176,7 @@ class SentenceGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         hidden = self._completion_hidden(model, inputs)
         weight, bias = output_projection(self.accelerator.unwrap_model(model))
-        ratio_level = {"sentence": self.ratio_level, "token": "sum", "output": "mean"}[self.level]
+        ratio_level = levels.loss_ratio_level(self.level, self.ratio_level)
         loss, metrics = fused_linear_sentence_grpo_loss(
             hidden, weight, inputs["completion_ids"], inputs["segment_ids"], inputs["advantages"].detach(),
             inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,

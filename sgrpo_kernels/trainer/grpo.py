@@ -5,7 +5,8 @@ One step: sample ``G`` answers for each of ``P`` prompts; split them into senten
 a frozen reference when ``beta > 0``) with the fused no-grad path; then ``mu`` updates of the fused
 hidden-state loss with AdamW, gradient clipping and a warm-up/decay schedule. ``level`` picks the scale of
 the policy's observation: ``"sentence"`` (sentence rewards and ratios), ``"token"`` or ``"output"`` (one reward
-per answer — the mean of its sentence rewards — with per-token ratios or one length-normalised ratio).
+per answer — the mean of its sentence rewards — with per-token ratios or one length-normalised ratio); see
+:mod:`sgrpo_kernels.levels`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import levels
 from ..advantages import group_sentence_advantages
 from ..integrations.hf import completion_hidden_states
 from ..loss import fused_linear_sentence_grpo_loss, fused_linear_token_logprobs
@@ -25,13 +27,14 @@ from ..segmentation import Segmenter
 from .common import MetricsLog, decode_completions, evaluate_accuracy, generate, warmup_then_linear_decay
 from .tiny import save_pretrained
 
-LEVELS = ("token", "sentence", "output")
-
 
 @dataclass
-class GRPOConfig:
+class GRPOLoopConfig:
+    """Options of :class:`GRPOLoop`; ``level`` and ``ratio_level`` (the sentence level's) as in
+    :mod:`sgrpo_kernels.levels`."""
+
     level: str = "sentence"
-    ratio_level: str = "sum"          # sentence level only; "output" always uses "mean" (GSPO), "token" is moot
+    ratio_level: str = levels.DEFAULT_SENTENCE_RATIO_LEVEL
     steps: int = 60
     prompts_per_step: int = 8
     group_size: int = 8
@@ -49,30 +52,29 @@ class GRPOConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        levels.check_level(self.level, self.ratio_level)
         for name in ("steps", "prompts_per_step", "group_size", "mu", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-class GRPOTrainer:
+class GRPOLoop:
     """GRPO on a Hugging Face causal LM with sentence-level credit assignment.
 
     Args:
         model, tokenizer: the policy (any causal LM whose head is a plain linear layer) and its tokenizer.
         train, held_out: lists of problems (``.question``, ``.answer``); ``is_correct(text, answer)`` judges one.
-        reward: a ``CompositeReward`` over sentences. config: :class:`GRPOConfig`. output_dir: where
+        reward: a ``CompositeReward`` over sentences. config: :class:`GRPOLoopConfig`. output_dir: where
         ``metrics.jsonl``, plots and checkpoints go. resume_from: a checkpoint folder written by :meth:`save`.
     """
 
-    def __init__(self, model, tokenizer, train, held_out, is_correct, reward, config: GRPOConfig, output_dir: str,
+    def __init__(self, model, tokenizer, train, held_out, is_correct, reward, config: GRPOLoopConfig, output_dir: str,
                  resume_from: str | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.train_set, self.held_out, self.is_correct, self.reward = train, held_out, is_correct, reward
         self.output_dir = output_dir
         self.sentences = Segmenter(tokenizer, "sentence")
-        self.loss_segmenter = None if config.level == "sentence" else Segmenter(tokenizer, config.level)
+        self.loss_segmenter = levels.loss_segmenter(tokenizer, config.level)
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
         self.schedule = warmup_then_linear_decay(self.optimizer, config.warmup_steps, config.steps)
@@ -104,10 +106,10 @@ class GRPOTrainer:
     def advantages(self, batch):
         """Per-sentence advantages (sentence level) or one per answer (token and output levels)."""
         sentences, rewards, group = batch["sentences"], batch["rewards"], self.config.group_size
-        if self.config.level == "sentence":
+        if levels.advantages_per_sentence(self.config.level):
             return sentences.segment_ids, group_sentence_advantages(rewards, sentences.num_sentences, group,
                                                                     scale=self.config.scale)
-        per_answer = rewards.sum(1, keepdim=True) / sentences.num_sentences.clamp(min=1).unsqueeze(1)
+        per_answer = levels.mean_sentence_reward(rewards, sentences.num_sentences).unsqueeze(1)
         has_sentence = (sentences.num_sentences > 0).long()
         segment_ids = self.loss_segmenter(batch["completion_ids"], batch["mask"]).segment_ids
         return segment_ids, group_sentence_advantages(per_answer, has_sentence, group, scale=self.config.scale)[:, 0]
@@ -132,7 +134,7 @@ class GRPOTrainer:
         segment_ids, advantages = self.advantages(batch)
         old_logps = self._logprobs(self.model, batch)
         ref_logps = self._logprobs(self.reference, batch) if self.reference is not None else None
-        ratio_level = {"sentence": config.ratio_level, "token": "sum", "output": "mean"}[config.level]
+        ratio_level = levels.loss_ratio_level(config.level, config.ratio_level)
         for _ in range(config.mu):
             hidden, weight, bias = self._head_inputs(self.model, batch)
             loss, metrics = fused_linear_sentence_grpo_loss(
