@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 trl = pytest.importorskip("trl", reason="the TRL integration needs trl >= 1.0 (the trl extra)")
 datasets = pytest.importorskip("datasets", reason="TRL trains on a datasets.Dataset")
 
-from cases import assert_relative_close  # noqa: E402
+from cases import assert_relative_close, leave_worker  # noqa: E402
 
 from sgrpo_kernels import reference  # noqa: E402
 from sgrpo_kernels.config import LossConfig  # noqa: E402
@@ -187,6 +187,7 @@ def _two_rank_worker(rank, port, tmp_path, errors):
         assert torch.equal(copies[0], copies[1]), "the replicas drifted apart: gradients were not averaged"
     except BaseException:                                    # report to the parent instead of hanging it
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    leave_worker()
 
 
 def test_two_processes_share_groups_across_ranks(tmp_path):
