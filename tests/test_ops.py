@@ -331,3 +331,39 @@ def test_triton_scale_leaves_the_gradient_alone_at_one_and_scales_otherwise(dtyp
     exact = dtype != torch.bfloat16     # bf16 rounding of the interpreter may differ by one unit in the last place
     torch.testing.assert_close(values, (original.to(scale.dtype) * scale).to(dtype), rtol=0 if exact else 2**-7,
                                atol=0)
+
+
+def test_backward_allocates_nothing_the_size_of_the_logits(backend):
+    """The finished gradient is handed over, not copied, and autograd does not materialise zeros for the op's
+    other outputs (a [B, T, V] allocation in backward doubled the peak memory once)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargeAllocations(TorchDispatchMode):
+        def __init__(self, threshold):
+            super().__init__()
+            self.threshold, self.seen = threshold, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for out in torch.utils._pytree.tree_leaves(result):
+                if isinstance(out, torch.Tensor) and out.numel() >= self.threshold and \
+                        out.untyped_storage().data_ptr() not in inputs:
+                    self.seen.append(str(func))
+            return result
+
+    case = random_case(batch=2, length=6, vocab=1000, num_slots=3, dtype=torch.float32, seed=5)
+    arguments = moved(case, device_of(backend))
+    loss = call(backend, arguments)
+    with LargeAllocations(arguments["logits"].numel()) as mode:
+        loss.backward()
+    assert mode.seen == []
+    assert arguments["logits"].grad is not None
+    # the fused linear path: nothing the size of the head's weight [V, H]
+    weight = torch.randn(1000, 16, device=arguments["logits"].device, requires_grad=True)
+    hidden = torch.randn(2, 6, 16, device=weight.device, requires_grad=True)
+    loss = sk.fused_linear_sentence_grpo_loss(hidden, weight, *list(arguments.values())[1:], backend=backend)
+    with LargeAllocations(weight.numel()) as mode:
+        loss.backward()
+    assert mode.seen == [] and weight.grad is not None and hidden.grad is not None

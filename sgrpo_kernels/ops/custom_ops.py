@@ -155,6 +155,7 @@ _define("sentence_grpo_loss",
 
 
 def _loss_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # else autograd hands backward zeros of the [B, T, V] gradient output
     ctx.save_for_backward(output[1])
 
 
@@ -219,6 +220,7 @@ _define("fused_linear_sentence_grpo_loss",
 
 
 def _fused_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # else autograd hands backward zeros of the [V, H] gradient outputs
     hidden, weight, bias = inputs[:3]
     want_hidden, want_weight, want_bias = inputs[-5:-2]   # before with_metrics, group
     ctx.wanted = (want_hidden, want_weight, want_bias and bias is not None)
@@ -282,6 +284,7 @@ _define("token_logprobs_backward", "(Tensor logits, Tensor ids, Tensor? grad_log
 
 
 def _logprobs_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     logits, ids, temperature, with_entropy, backend = inputs
     ctx.save_for_backward(logits, ids, output[1], output[2])
     ctx.temperature, ctx.with_entropy, ctx.backend = temperature, with_entropy, backend
@@ -348,6 +351,7 @@ _define("fused_linear_token_logprobs_backward",
 
 
 def _fused_logprobs_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     hidden, weight, bias, ids, temperature, with_entropy, chunk_size, backend = inputs
     ctx.save_for_backward(hidden, weight, bias, ids, output[1], output[2])
     ctx.options = (temperature, chunk_size, backend)
