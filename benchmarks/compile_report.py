@@ -31,7 +31,7 @@ from sgrpo_kernels.config import LossConfig  # noqa: E402
 from sgrpo_kernels.ops import triton as TRITON_PASSES  # noqa: E402  (the Triton backend: an ops.passes.Passes)
 from sgrpo_kernels.ops.driver import run_sentence_grpo_loss  # noqa: E402
 from sgrpo_kernels.ops.fused_linear import GPU_CHUNK_BYTES_MAX  # noqa: E402
-from sgrpo_kernels.ops.layout import SentenceLayout  # noqa: E402
+from sgrpo_kernels.ops.layout import SentenceLayout, SentenceSums  # noqa: E402
 from sgrpo_kernels.ops.triton import kernel_builds  # noqa: E402
 from sgrpo_kernels.ops.triton.group_advantages import MAX_SLOTS, group_advantages  # noqa: E402
 from sgrpo_kernels.ops.triton.logprobs import LOAD_BYTES  # noqa: E402
@@ -91,10 +91,10 @@ def fused_linear_chunk_launches(shape: Shape) -> set:
         logp = meta(rows, dtype=floats)   # the driver copies each chunk's log-probs into flat [B*T] buffers
         layout = SentenceLayout(batch, length, slots, meta(batch * slots, dtype=torch.int32),
                                 meta(batch * slots, dtype=floats))
-        sums = meta(batch * slots, dtype=torch.float64), meta(batch * slots, dtype=torch.float64)
-        passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, slots, *sums, tokens)
-        terms = passes.sentence_terms(layout, *sums, meta(batch, slots, dtype=floats), config)
-        coef = passes.token_coefficients(logp, ref_logps, segment_ids, slots, terms, tokens)
+        sums = SentenceSums(meta(batch * slots, dtype=torch.float64), meta(batch * slots, dtype=torch.float64), None)
+        passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, slots, sums, config, tokens)
+        terms = passes.sentence_terms(layout, sums, meta(batch, slots, dtype=floats), config)
+        coef = passes.token_coefficients(logp, ref_logps, segment_ids, slots, terms, config, tokens)
         passes.logits_gradient(logits, chunk_ids, coef, meta(chunk, dtype=floats), config.temperature, logits)
     return launches
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 RATIO_LEVELS = ("sum", "mean")
+OBJECTIVES = ("ppo_clip", "cispo", "sapo")
+KL_ESTIMATORS = ("k3", "k1", "k2", "abs")
 KL_REDUCTIONS = ("mean", "sum")
 REDUCTIONS = ("sentence_mean", "token_mean", "sum")
 ADVANTAGE_WEIGHTINGS = ("output", "sentence")
@@ -52,6 +54,16 @@ OPTION_DOCS = {
     "reduction": '``"sentence_mean"`` (mean over answers of the mean over their sentences), ``"token_mean"`` '
                  '(sentences weighted by their tokens) or ``"sum"``.',
     "clamp_log_ratio": "the sentence log-ratio is clamped to ``±clamp_log_ratio`` (``inf``: no clamp).",
+    "objective": '``"ppo_clip"`` (clipped surrogate), ``"cispo"`` (``−sg(min(ρ, eps_high)) · Â · log π`` per '
+                 'token) or ``"sapo"`` (soft gate ``4/τ · σ(τ(ρ − 1)) · Â``); ``docs/design.md``, "Objectives".',
+    "clip_ratio_c": "dual clip of ``ppo_clip`` (verl): where ``Â < 0`` the sentence loss is at most "
+                    "``−clip_ratio_c · Â``; ``None`` = off, else ``> 1``.",
+    "sapo_tau_pos": "``τ`` of ``sapo`` for ``Â > 0``; ``> 0``.",
+    "sapo_tau_neg": "``τ`` of ``sapo`` for ``Â <= 0``; ``> 0``.",
+    "kl_estimator": '``"k3"`` (``e^x − x − 1``, ``x = log π_ref − log π``), ``"k1"`` (``−x``), ``"k2"`` (``x²/2``) '
+                    'or ``"abs"`` (``|x|``).',
+    "kl_importance_weighting": "multiply the sentence's KL term by its ratio ``ρ`` (TRL's "
+                               "``use_bias_correction_kl``), gradient through both.",
 }
 
 
@@ -81,6 +93,12 @@ class LossConfig:
     kl_reduction: str = "mean"
     reduction: str = "sentence_mean"
     clamp_log_ratio: float = 20.0
+    objective: str = "ppo_clip"
+    clip_ratio_c: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    kl_estimator: str = "k3"
+    kl_importance_weighting: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # the dataclass is frozen
@@ -98,6 +116,15 @@ class LossConfig:
         _check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
         _check_choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
         _check_choice("reduction", self.reduction, REDUCTIONS)
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.clip_ratio_c is not None:
+            set_("clip_ratio_c", _check_real("clip_ratio_c", self.clip_ratio_c, low=1.0, low_inclusive=False))
+        set_("sapo_tau_pos", _check_real("sapo_tau_pos", self.sapo_tau_pos, low=0.0, low_inclusive=False))
+        set_("sapo_tau_neg", _check_real("sapo_tau_neg", self.sapo_tau_neg, low=0.0, low_inclusive=False))
+        if not isinstance(self.kl_importance_weighting, bool):
+            raise TypeError("kl_importance_weighting must be a bool, "
+                            f"got {type(self.kl_importance_weighting).__name__}")
 
 
 def _check_tensor(name: str, value, *, ndim=None, dtypes=None, kind=None) -> None:

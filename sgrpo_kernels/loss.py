@@ -37,7 +37,9 @@ def _output_logp_dtype(dtype: torch.dtype) -> torch.dtype:
 @documented
 def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None, *,
                        eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
-                       kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
+                       kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
+                       clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
+                       kl_importance_weighting=False, inplace=False,
                        backend="auto", return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
 
@@ -67,7 +69,9 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
     """
     config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
                         ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
-                        clamp_log_ratio=clamp_log_ratio)
+                        clamp_log_ratio=clamp_log_ratio, objective=objective, clip_ratio_c=clip_ratio_c,
+                        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
+                        kl_importance_weighting=kl_importance_weighting)
     return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
                             inplace=inplace, backend=backend, return_metrics=return_metrics,
                             process_group=process_group)
@@ -134,7 +138,9 @@ def _materialised_logits(hidden, weight, bias):
 def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids, advantages, old_logps=None,
                                     ref_logps=None, *, bias=None, chunk_size=None, eps_low=0.2, eps_high=0.2,
                                     beta=0.0, delta=None, temperature=1.0, ratio_level="sum", kl_reduction="mean",
-                                    reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
+                                    reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
+                       clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
+                       kl_importance_weighting=False, inplace=False,
                                     backend="auto", return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
@@ -153,7 +159,9 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
     """
     config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
                         ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
-                        clamp_log_ratio=clamp_log_ratio)
+                        clamp_log_ratio=clamp_log_ratio, objective=objective, clip_ratio_c=clip_ratio_c,
+                        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
+                        kl_importance_weighting=kl_importance_weighting)
     _check_flag("inplace", inplace)
     return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                             config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
@@ -254,13 +262,17 @@ class SentenceGRPOLoss(nn.Module):
     """
 
     def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
-                 kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, inplace=False,
+                 kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
+                       clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
+                       kl_importance_weighting=False, inplace=False,
                  backend="auto", return_metrics=False, chunk_size=None, process_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
         self.config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta,
                                  temperature=temperature, ratio_level=ratio_level, kl_reduction=kl_reduction,
-                                 reduction=reduction, clamp_log_ratio=clamp_log_ratio)
+                                 reduction=reduction, clamp_log_ratio=clamp_log_ratio, objective=objective,
+                                 clip_ratio_c=clip_ratio_c, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+                                 kl_estimator=kl_estimator, kl_importance_weighting=kl_importance_weighting)
         check_backend_name(backend)
         _check_flag("inplace", inplace)
         _check_flag("return_metrics", return_metrics)

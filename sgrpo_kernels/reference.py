@@ -68,29 +68,33 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     exists = tokens_per_sentence > 0
     divisor = tokens_per_sentence.clamp(min=1)
 
-    # log ρ = Σ Δ_t (or its mean), clamped; ρ_u = min(ρ, delta)
+    # log ρ = Σ Δ_t (or its mean), clamped
     log_ratio = per_sentence_sum(logp - old)
     if config.ratio_level == "mean":
         log_ratio = log_ratio / divisor
     log_ratio = log_ratio.clamp(-config.clamp_log_ratio, config.clamp_log_ratio)
     ratio = torch.exp(log_ratio)
-    unclipped_ratio = ratio if config.delta is None else ratio.clamp(max=config.delta)
-    clipped_ratio = ratio.clamp(1 - config.eps_low, 1 + config.eps_high)
 
     if advantages.dim() == 2:
         sentence_advantage = advantages.reshape(-1).to(work_dtype)
     else:
         sentence_advantage = advantages.to(work_dtype).repeat_interleave(num_slots)
     sentence_advantage = torch.where(exists, sentence_advantage, 0.0)
-    surrogate = torch.minimum(unclipped_ratio * sentence_advantage, clipped_ratio * sentence_advantage)
-    sentence_loss = -surrogate
+    # L(i, s) = the mean over the sentence's tokens of the objective's per-token loss (constant over the sentence
+    # for ppo_clip and sapo), plus the KL term
+    if config.objective == "cispo":
+        weight = ratio.clamp(max=config.eps_high).detach()
+        sentence_loss = -weight * sentence_advantage * per_sentence_sum(logp) / divisor
+    else:
+        sentence_loss = -policy_surrogate(ratio, sentence_advantage, config)
 
     if config.beta > 0:
-        ref_minus_logp = ref_logps[scored].to(work_dtype) - logp
-        k3 = torch.exp(ref_minus_logp) - ref_minus_logp - 1                # DeepSeekMath's k3 estimator
-        sentence_kl = per_sentence_sum(k3)
+        token_kl = kl_estimate(ref_logps[scored].to(work_dtype) - logp, config.kl_estimator)
+        sentence_kl = per_sentence_sum(token_kl)
         if config.kl_reduction == "mean":
             sentence_kl = sentence_kl / divisor
+        if config.kl_importance_weighting:
+            sentence_kl = sentence_kl * ratio
         sentence_loss = sentence_loss + config.beta * sentence_kl
     sentence_loss = torch.where(exists, sentence_loss, 0.0)
 
@@ -109,8 +113,7 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         return loss
     with torch.no_grad():
         num_sentences = exists.sum()
-        clipped = ((ratio > 1 + config.eps_high) & (sentence_advantage > 0)) | (
-            (ratio < 1 - config.eps_low) & (sentence_advantage < 0))
+        clipped = clipped_sentences(ratio, sentence_advantage, config)
         metrics = {
             "clip_fraction": (clipped & exists).sum() / num_sentences.clamp(min=1),
             "ratio_mean": torch.where(exists, ratio, 0.0).sum() / num_sentences.clamp(min=1),
@@ -118,10 +121,53 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
             "num_tokens": scored.sum(),
         }
         if config.beta > 0:
-            metrics["kl_mean"] = k3.sum() / max(k3.numel(), 1)
+            metrics["kl_mean"] = token_kl.sum() / max(token_kl.numel(), 1)
         _, entropy = token_logprobs(logits[scored], completion_ids[scored], config.temperature, return_entropy=True)
         metrics["entropy_mean"] = entropy.to(work_dtype).sum() / max(entropy.numel(), 1)
     return loss, metrics
+
+
+def policy_surrogate(ratio: torch.Tensor, advantage: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """The per-token policy term of ``ppo_clip`` or ``sapo`` (minus the loss), from the sentence's ratio ``ρ`` and
+    advantage ``Â`` (any shape)."""
+    if config.objective == "sapo":       # soft gate: 4/τ · σ(τ(ρ − 1)), τ by the sign of Â
+        # τ in the dtype of Â (a where() of two Python floats would round them to float32)
+        tau = torch.where(advantage > 0, torch.full_like(advantage, config.sapo_tau_pos),
+                          torch.full_like(advantage, config.sapo_tau_neg))
+        return torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantage
+    # min(ρ_u · Â, clip(ρ) · Â) with ρ_u = min(ρ, delta); dual clip: where Â < 0, at least clip_ratio_c · Â
+    unclipped_ratio = ratio if config.delta is None else ratio.clamp(max=config.delta)
+    clipped_ratio = ratio.clamp(1 - config.eps_low, 1 + config.eps_high)
+    surrogate = torch.minimum(unclipped_ratio * advantage, clipped_ratio * advantage)
+    if config.clip_ratio_c is not None:
+        surrogate = torch.where(advantage < 0, torch.maximum(surrogate, config.clip_ratio_c * advantage), surrogate)
+    return surrogate
+
+
+def kl_estimate(ref_minus_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(π || π_ref) at ``x = log π_ref − log π``: k3 ``e^x − x − 1`` (DeepSeekMath,
+    verl's ``low_var_kl`` without its clamp), k1 ``−x``, k2 ``x²/2``, abs ``|x|``."""
+    x = ref_minus_logp
+    if estimator == "k1":
+        return -x
+    if estimator == "k2":
+        return 0.5 * x * x
+    if estimator == "abs":
+        return x.abs()
+    return torch.exp(x) - x - 1
+
+
+def clipped_sentences(ratio: torch.Tensor, advantage: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """Where the objective clipped the sentence: ``ppo_clip``'s active clip branch (dual clip included),
+    ``cispo``'s truncated weight (``ρ > eps_high``); ``sapo`` clips nothing."""
+    if config.objective == "cispo":
+        return ratio > config.eps_high
+    if config.objective == "sapo":
+        return torch.zeros_like(ratio, dtype=torch.bool)
+    clipped = ((ratio > 1 + config.eps_high) & (advantage > 0)) | ((ratio < 1 - config.eps_low) & (advantage < 0))
+    if config.clip_ratio_c is not None:
+        clipped |= (advantage < 0) & (ratio > config.clip_ratio_c)
+    return clipped
 
 
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int,

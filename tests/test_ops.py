@@ -65,6 +65,46 @@ def test_option_grid_fp32(backend, options):
     check_against_gold(case, backend, **options)
 
 
+OBJECTIVE_GRID = [dict(objective=o, kl_estimator=k, kl_importance_weighting=w, clip_ratio_c=c, ratio_level=r,
+                       beta=0.1, reduction=red)
+                  for o, k, w, c, r, red in itertools.product(
+                      ["ppo_clip", "cispo", "sapo"], ["k3", "k1", "k2", "abs"], [False, True], [None, 2.0],
+                      ["sum", "mean"], ["sentence_mean", "token_mean"])
+                  if not (c is not None and o != "ppo_clip")]      # the dual clip belongs to ppo_clip
+
+
+@pytest.mark.parametrize("options", OBJECTIVE_GRID, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_objective_grid_fp64(backend, options):
+    """Every objective × KL estimator × importance-weighted KL (× dual clip), float64, gradients included; the
+    ratios spread so that clipping, the dual clip and cispo's cap (eps_high = 1.1) all act."""
+    case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=21, old_spread=0.6)
+    eps_high = 1.1 if options["objective"] == "cispo" else 0.2
+    check_against_gold(case, backend, rel=1e-10, eps_high=eps_high, **options)
+
+
+@pytest.mark.parametrize("objective", ["ppo_clip", "cispo", "sapo"])
+def test_objectives_fused_linear_fp32(backend, objective):
+    case = random_case(batch=2, length=9, vocab=500, num_slots=4, dtype=torch.float32, seed=3, old_spread=0.5)
+    hidden = torch.randn(2, 9, 16, dtype=torch.float64)
+    weight = torch.randn(500, 16, dtype=torch.float64) * 0.3
+    options = dict(objective=objective, beta=0.1, kl_estimator="k2", kl_importance_weighting=True, chunk_size=5,
+                   clip_ratio_c=3.0 if objective == "ppo_clip" else None,
+                   eps_high=1.2 if objective == "cispo" else 0.2)
+    rest = [value.double() if value is not None and value.is_floating_point() else value
+            for value in list(case.values())[1:]]
+    results = {}
+    for name, dtype in ((backend, torch.float32), ("reference", torch.float64)):
+        h = hidden.to(dtype).to(device_of(name)).requires_grad_()
+        w = weight.to(dtype).to(device_of(name)).requires_grad_()
+        moved_rest = [None if v is None else v.to(device_of(name)) if not v.is_floating_point()
+                      else v.to(dtype).to(device_of(name)) for v in rest]
+        loss = sk.fused_linear_sentence_grpo_loss(h, w, *moved_rest, backend=name, **options)
+        loss.backward()
+        results[name] = (loss.detach().cpu().double(), h.grad.cpu().double(), w.grad.cpu().double())
+    for got, gold, label in zip(results[backend], results["reference"], ("loss", "grad hidden", "grad weight")):
+        assert_relative_close(got, gold, 1e-5, label)
+
+
 @pytest.mark.parametrize("vocab", [1000, 4099])
 @pytest.mark.parametrize("length", [1, 7, 63])
 def test_odd_shapes_fp32(backend, vocab, length):

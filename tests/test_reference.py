@@ -151,6 +151,40 @@ def test_gradcheck_over_option_grid(ratio_level, kl_reduction, reduction, delta,
     assert torch.autograd.gradcheck(function, (case["logits"],), eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("objective,kl_estimator,kl_importance_weighting,clip_ratio_c",
+                         [("ppo_clip", "k1", True, 1.5), ("ppo_clip", "k2", False, 3.0), ("sapo", "abs", False, None),
+                          ("sapo", "k3", True, None)])
+def test_gradcheck_objectives(objective, kl_estimator, kl_importance_weighting, clip_ratio_c):
+    """(cispo's gradient is by definition not the derivative of its value: its weight is a stopped gradient;
+    see the hand case below.)"""
+    case = random_case(batch=3, length=6, vocab=5, num_slots=4, seed=11, old_spread=0.5)
+    config = LossConfig(objective=objective, kl_estimator=kl_estimator, beta=0.3, clip_ratio_c=clip_ratio_c,
+                        kl_importance_weighting=kl_importance_weighting, eps_high=1.05 if objective == "cispo" else 0.2)
+    function = lambda logits: reference.sentence_grpo_loss(
+        logits, case["completion_ids"], case["segment_ids"], case["advantages"], case["old_logps"],
+        case["ref_logps"], config)
+    assert torch.autograd.gradcheck(function, (case["logits"],), eps=1e-6, atol=1e-8)
+
+
+def test_dual_clip_and_cispo_by_hand():
+    # one sentence of one token, logp − old = log 3 (ρ = 3), Â = −1
+    logits = torch.tensor([[[math.log(3.0), 0.0]]], dtype=torch.float64)     # logp(0) = log(3/4)
+    ids, segments = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
+    old = torch.log(torch.tensor([[0.25]], dtype=torch.float64))
+    advantage = torch.tensor([-1.0], dtype=torch.float64)
+    run = lambda **options: reference.sentence_grpo_loss(logits, ids, segments, advantage, old, None,
+                                                         LossConfig(**options)).item()
+    assert run() == pytest.approx(3.0)                        # −min(3 · −1, 1.2 · −1) = 3
+    assert run(clip_ratio_c=2.0) == pytest.approx(2.0)        # capped at −c · Â = 2
+    assert run(objective="cispo", eps_high=5.0) == pytest.approx(3.0 * math.log(0.75))   # −3 · (−1) · log(3/4)
+    assert run(objective="cispo", eps_high=2.0) == pytest.approx(2.0 * math.log(0.75))
+    # cispo's gradient: the weight min(ρ, eps_high) = 3 is a constant, −w · Â · (onehot − p) = 3 · (0.25, −0.25)
+    leaf = logits.clone().requires_grad_()
+    reference.sentence_grpo_loss(leaf, ids, segments, advantage, old, None,
+                                 LossConfig(objective="cispo", eps_high=5.0)).backward()
+    torch.testing.assert_close(leaf.grad, torch.tensor([[[0.75, -0.75]]], dtype=torch.float64))
+
+
 def test_gradcheck_through_old_and_ref_logps():
     # old and ref log-probs are differentiable inputs too (e.g. when a user trains a critic of them)
     case = random_case(batch=2, length=5, vocab=4, num_slots=3, seed=3)

@@ -94,7 +94,8 @@ def test_beta_without_ref_logps():
         call(beta=0.1, ref_logps=None)
 
 
-@pytest.mark.parametrize("option", ["ratio_level", "kl_reduction", "reduction", "backend"])
+@pytest.mark.parametrize("option", ["ratio_level", "kl_reduction", "reduction", "backend", "objective",
+                                    "kl_estimator"])
 def test_unknown_option_string(option):
     with pytest.raises(ValueError, match=option):
         call(**{option: "nonsense"})
@@ -102,13 +103,16 @@ def test_unknown_option_string(option):
 
 @pytest.mark.parametrize("name,value", [("temperature", 0.0), ("temperature", -1.0), ("temperature", float("nan")),
                                         ("eps_low", -0.1), ("eps_low", 1.0), ("eps_high", -0.1), ("beta", -0.5),
-                                        ("delta", 0.0), ("clamp_log_ratio", 0.0), ("beta", float("inf"))])
+                                        ("delta", 0.0), ("clamp_log_ratio", 0.0), ("beta", float("inf")),
+                                        ("clip_ratio_c", 1.0), ("clip_ratio_c", 0.5), ("sapo_tau_pos", 0.0),
+                                        ("sapo_tau_neg", -1.0)])
 def test_bad_scalar_option(name, value):
     with pytest.raises(ValueError, match=name):
         call(**{name: value})
 
 
-@pytest.mark.parametrize("name,value", [("temperature", "1"), ("inplace", 1), ("return_metrics", "yes")])
+@pytest.mark.parametrize("name,value", [("temperature", "1"), ("inplace", 1), ("return_metrics", "yes"),
+                                        ("kl_importance_weighting", 1), ("clip_ratio_c", "2")])
 def test_option_of_wrong_type(name, value):
     with pytest.raises(TypeError, match=name):
         call(**{name: value})

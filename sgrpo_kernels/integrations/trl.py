@@ -15,10 +15,11 @@ What changes against TRL's ``GRPOTrainer``:
 
 With ``level="token"`` or ``"output"`` and TRL's own ``reward_funcs``, the loss reproduces TRL's numbers for
 ``importance_sampling_level="token"`` or ``"sequence"`` and ``loss_type`` in ``grpo`` (our
-``reduction="sentence_mean"``), ``bnpo`` (``"token_mean"``), ``dr_grpo`` and ``dapo`` (token sums over TRL's own
-normalisers). TRL options that change the loss in ways this package's loss does not define are refused with an
-error (other loss types, the entropy mask, the off-policy mask, vLLM importance-sampling correction, and — when
-``beta > 0`` — ``use_bias_correction_kl``, which TRL enables by default). Needs ``trl >= 1.0``.
+``reduction="sentence_mean"``), ``bnpo`` (``"token_mean"``), ``dr_grpo``, ``dapo`` and ``cispo`` (token sums over
+TRL's own normalisers) and ``sapo``, with or without ``use_bias_correction_kl`` (our
+``kl_importance_weighting``). TRL options that change the loss in ways this package's loss does not define yet
+are refused with an error (``luspo``, ``vespo``, the entropy mask, the off-policy mask, vLLM
+importance-sampling correction). Needs ``trl >= 1.0``.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ from ..loss import fused_linear_sentence_grpo_loss
 from ..segmentation import Segmenter
 from .hf import output_projection
 
-REDUCTIONS = {"grpo": "sentence_mean", "bnpo": "token_mean", "dr_grpo": "token_mean", "dapo": "token_mean"}
+# TRL loss_type -> (our objective, our reduction); the token sums are then renormalised as TRL does (_normalise)
+LOSS_TYPES = {"grpo": ("ppo_clip", "sentence_mean"), "bnpo": ("ppo_clip", "token_mean"),
+              "dr_grpo": ("ppo_clip", "token_mean"), "dapo": ("ppo_clip", "token_mean"),
+              "cispo": ("cispo", "token_mean"), "sapo": ("sapo", "sentence_mean")}
 
 
 def _check_supported(args) -> None:
     """Refuse TRL options whose loss the fused loss does not compute, rather than silently ignoring them."""
-    if args.loss_type not in REDUCTIONS:
-        raise ValueError(f"SentenceGRPOTrainer supports loss_type in {tuple(REDUCTIONS)}, got {args.loss_type!r}")
+    if args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"SentenceGRPOTrainer supports loss_type in {tuple(LOSS_TYPES)}, got {args.loss_type!r}")
     option = lambda name, default: getattr(args, name, default)    # noqa: E731 (older TRL lacks some options)
     refused = []
     if option("top_entropy_quantile", 1.0) < 1.0:
@@ -48,9 +52,6 @@ def _check_supported(args) -> None:
         refused.append("off_policy_mask_threshold (the off-policy sequence mask)")
     if option("use_vllm", False) and option("vllm_importance_sampling_correction", False):
         refused.append("vllm_importance_sampling_correction=True (set it to False)")
-    if args.beta != 0.0 and option("use_bias_correction_kl", False):
-        refused.append("use_bias_correction_kl=True with beta > 0 (TRL's default; set use_bias_correction_kl=False: "
-                       "the KL term here is DeepSeekMath's k3 without the importance weight)")
     if refused:
         raise ValueError("SentenceGRPOTrainer does not implement: " + "; ".join(refused))
 
@@ -177,12 +178,16 @@ class SentenceGRPOTrainer(GRPOTrainer):
         hidden = self._completion_hidden(model, inputs)
         weight, bias = output_projection(self.accelerator.unwrap_model(model))
         ratio_level = levels.loss_ratio_level(self.level, self.ratio_level)
+        objective, reduction = LOSS_TYPES[self.loss_type]
         loss, metrics = fused_linear_sentence_grpo_loss(
             hidden, weight, inputs["completion_ids"], inputs["segment_ids"], inputs["advantages"].detach(),
             inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             bias=bias, eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta,
-            delta=self.args.delta, temperature=self.temperature, ratio_level=ratio_level,
-            reduction=REDUCTIONS[self.loss_type], chunk_size=self.chunk_size, return_metrics=True)
+            delta=self.args.delta, temperature=self.temperature, ratio_level=ratio_level, reduction=reduction,
+            objective=objective, sapo_tau_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
+            sapo_tau_neg=getattr(self.args, "sapo_temperature_neg", 1.05),
+            kl_importance_weighting=self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False),
+            chunk_size=self.chunk_size, return_metrics=True)
         mode = "train" if self.model.training else "eval"
         loss = self._normalise(loss, inputs, mode)
         for name in ("clip_fraction", "ratio_mean", "kl_mean", "entropy_mean"):
@@ -194,12 +199,12 @@ class SentenceGRPOTrainer(GRPOTrainer):
     def _normalise(self, loss: torch.Tensor, inputs, mode: str) -> torch.Tensor:
         """TRL's normalisation of each loss type, given our per-micro-batch sentence or token mean."""
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        if self.loss_type in ("grpo", "bnpo"):
+        if self.loss_type in ("grpo", "bnpo", "sapo"):
             return loss / accumulation
         tokens = (inputs["segment_ids"] >= 0).sum()              # turns the token mean back into a token sum
         if self.loss_type == "dr_grpo":
             return loss * tokens / (inputs["segment_ids"].shape[0] * self.max_completion_length) / accumulation
-        # dapo: the token sum over the whole generation batch's token count, as TRL computes it
+        # dapo, cispo: the token sum over the whole generation batch's token count, as TRL computes it
         normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normaliser = normaliser * accumulation / self.args.steps_per_generation

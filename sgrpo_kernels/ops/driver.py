@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
-from .layout import SentenceArrays, SentenceLayout, sentence_layout, sentence_metrics
+from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
 from .passes import Passes, new_output
 
 
@@ -51,12 +51,6 @@ def data_parallel_layout(process_group) -> dict:
                 ranks=distributed.world_size(process_group))
 
 
-def sentence_sums_buffers(layout: SentenceLayout, with_kl: bool):
-    """Zeroed fp64 accumulators ``(Σ Δ, Σ k3 or None)``, flat ``[B * S_max]``."""
-    zeros = lambda: torch.zeros(layout.count.numel(), dtype=torch.float64, device=layout.count.device)  # noqa: E731
-    return zeros(), zeros() if with_kl else None
-
-
 def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                            config, num_slots: int, *, gradient_out: torch.Tensor | None, with_metrics: bool,
                            process_group=None):
@@ -72,16 +66,16 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
                                      with_entropy=with_metrics)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, scores.logp.dtype,
                                  **data_parallel_layout(process_group))
-        log_ratio_sum, kl_sum = sentence_sums_buffers(layout, config.beta > 0)
-        passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, log_ratio_sum, kl_sum)
-        terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)
+        sums = SentenceSums.zeros(layout, config)
+        passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, sums, config)
+        terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
         if gradient_out is not None:
-            token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms)
+            token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms, config)
             passes.logits_gradient(logits, completion_ids, token_coef, scores.lse, config.temperature, gradient_out)
         if not with_metrics:
             return loss, None
-        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=kl_sum)
+        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl)
         return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .driver import data_parallel_layout, sentence_sums_buffers
-from .layout import SentenceArrays, sentence_layout, sentence_metrics
+from .driver import data_parallel_layout
+from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
 from .passes import Passes, accumulator_dtype, new_output
 
 CPU_CHUNK_BYTES = 32 * 2**20
@@ -190,18 +190,18 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
         head = _LinearHead(hidden, weight, bias, wanted)
         ids = completion_ids.reshape(rows)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, **data_parallel_layout(process_group))
-        log_ratio_sum, kl_sum = sentence_sums_buffers(layout, config.beta > 0)
+        sums = SentenceSums.zeros(layout, config)
         scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics)
         logp = scores.logp
 
         def forward(tokens):
             chunk_rows, logits = scores.score(passes, head, ids, tokens, temperature)
-            passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, log_ratio_sum, kl_sum, tokens)
+            passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, sums, config, tokens)
             return chunk_rows, logits
 
         def backward(tokens, chunk_rows, logits):
-            terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)
-            coef = passes.token_coefficients(logp, ref_logps, segment_ids, num_slots, terms, tokens)
+            terms = passes.sentence_terms(layout, sums, advantages, config)
+            coef = passes.token_coefficients(logp, ref_logps, segment_ids, num_slots, terms, config, tokens)
             grid = logits.unsqueeze(0)        # the gradient of the logits overwrites them
             passes.logits_gradient(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], temperature, grid)
             head.accumulate(tokens, chunk_rows, logits)
@@ -218,11 +218,11 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
             if needs_grad:
                 for tokens in pieces:
                     backward(tokens, *head.logits(tokens))
-        terms = passes.sentence_terms(layout, log_ratio_sum, kl_sum, advantages, config)
+        terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
         if not with_metrics:
             return loss, head.gradients(), None
-        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=kl_sum)
+        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl)
         metrics = sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
         return loss, head.gradients(), metrics
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reference import clipped_sentences
+
 
 @dataclass
 class SentenceLayout:
@@ -55,8 +57,27 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
 
 
 @dataclass
+class SentenceSums:
+    """Pass B's per-sentence sums over the tokens, fp64, flat ``[B * S_max]`` (``None``: not needed):
+    ``Σ Δ_t`` (log-ratio), ``Σ kl_t`` (the KL estimator, when ``beta > 0``), ``Σ logp_t`` (for ``cispo``)."""
+
+    log_ratio: torch.Tensor
+    kl: torch.Tensor | None
+    logp: torch.Tensor | None
+
+    @classmethod
+    def zeros(cls, layout: SentenceLayout, config) -> SentenceSums:
+        """Zeroed accumulators for the options of ``config`` (a ``LossConfig``)."""
+        def zeros():
+            return torch.zeros(layout.count.numel(), dtype=torch.float64, device=layout.count.device)
+        return cls(zeros(), zeros() if config.beta > 0 else None, zeros() if config.objective == "cispo" else None)
+
+
+@dataclass
 class SentenceTerms:
-    """Output of the terms step, flat ``[B * S_max]``: ``w · L``, ratio, and the two gradient factors."""
+    """Output of the terms step, flat ``[B * S_max]``: ``w · L``, ratio, and the two gradient factors:
+    ``ratio_coef``, the part of ``c_t`` every token of the sentence shares, and ``kl_coef``, which multiplies the
+    token's own ``∂kl_t/∂logp_t``."""
 
     weighted_loss: torch.Tensor
     ratio: torch.Tensor
@@ -89,8 +110,7 @@ def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, scored: t
         else:
             slot_advantages = advantages.repeat_interleave(arrays.count.numel() // max(advantages.shape[0], 1))
         ratio = arrays.ratio
-        clipped = ((ratio > 1 + config.eps_high) & (slot_advantages > 0)) | (
-            (ratio < 1 - config.eps_low) & (slot_advantages < 0))
+        clipped = clipped_sentences(ratio, slot_advantages.to(ratio.dtype), config)
         sentences = num_sentences.clamp(min=1)
         metrics = {
             "clip_fraction": (clipped & exists).sum() / sentences,

@@ -39,15 +39,16 @@ class Passes(Protocol):
         """Pass A on ``logits [B, T, V]`` (vocabulary contiguous) and ``ids [B, T]``; only rows with
         ``segment_ids >= 0`` when ``segment_ids`` is given."""
 
-    def sentence_sums(self, logp, old_logps, ref_logps, segment_ids, num_slots: int, log_ratio_sum, kl_sum,
+    def sentence_sums(self, logp, old_logps, ref_logps, segment_ids, num_slots: int, sums, config,
                       tokens=None) -> None:
-        """Pass B: add ``Δ_t = logp − old`` and ``k3_t`` of each scored token (of ``tokens``, flat positions, if
-        given) into the fp64 ``[B*S_max]`` sums ``log_ratio_sum`` and ``kl_sum`` (``None``: not wanted)."""
+        """Pass B: add ``Δ_t = logp − old``, the KL estimate ``kl_t`` and ``logp_t`` of each scored token (of
+        ``tokens``, flat positions, if given) into the fp64 ``layout.SentenceSums`` that are not ``None``."""
 
-    def sentence_terms(self, layout, log_ratio_sum, kl_sum, advantages, config):
+    def sentence_terms(self, layout, sums, advantages, config):
         """Pass B: per sentence, the ratio, ``w · L`` and the two gradient factors -> ``SentenceTerms``."""
 
-    def token_coefficients(self, logp, ref_logps, segment_ids, num_slots: int, terms, tokens=None) -> torch.Tensor:
+    def token_coefficients(self, logp, ref_logps, segment_ids, num_slots: int, terms, config,
+                           tokens=None) -> torch.Tensor:
         """Pass B: ``c_t = ∂loss/∂logp_t`` for every token (or for ``tokens``), 0 where not scored."""
 
     def logits_gradient(self, logits, ids, logp_coef, lse, temperature: float, out, *, entropy_coef=None,

@@ -10,7 +10,7 @@ import torch
 
 from ... import reference
 from ...config import LossConfig
-from ..layout import SentenceLayout, SentenceTerms
+from ..layout import SentenceLayout, SentenceSums, SentenceTerms
 from ..passes import TokenScores, check_row_layout, new_token_scores
 
 CHUNK_BYTES = 16 * 2**20
@@ -93,25 +93,55 @@ def _token_slots(segment_ids: torch.Tensor, num_slots: int, tokens: torch.Tensor
     return positions, list_positions, (positions // length) * num_slots + segments[positions].long()
 
 
-def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, log_ratio_sum, kl_sum,
+def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, sums: SentenceSums, config,
                   tokens=None) -> None:
     """Pass B, sums; the contract of ``ops.passes.Passes.sentence_sums``."""
     positions, _, slots = _token_slots(segment_ids, num_slots, tokens)
     token_logp = logp[positions]
     if old_logps is not None:
-        log_ratio_sum.index_add_(0, slots, (token_logp - old_logps.reshape(-1)[positions].to(logp.dtype)).double())
-    if kl_sum is not None:
+        sums.log_ratio.index_add_(0, slots, (token_logp - old_logps.reshape(-1)[positions].to(logp.dtype)).double())
+    if sums.kl is not None:
         ref_minus_logp = ref_logps.reshape(-1)[positions].to(logp.dtype) - token_logp
-        kl_sum.index_add_(0, slots, (torch.exp(ref_minus_logp) - ref_minus_logp - 1).double())
+        sums.kl.index_add_(0, slots, reference.kl_estimate(ref_minus_logp, config.kl_estimator).double())
+    if sums.logp is not None:
+        sums.logp.index_add_(0, slots, token_logp.double())
 
 
-def sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantages,
-                   config: LossConfig) -> SentenceTerms:
+def policy_surrogate_and_slope(ratio, advantage, config: LossConfig):
+    """``reference.policy_surrogate`` (ppo_clip, sapo) and its derivative with respect to ``log ρ``."""
+    if config.objective == "sapo":
+        # τ in the dtype of Â (a where() of two Python floats would round them to float32)
+        tau = torch.where(advantage > 0, torch.full_like(advantage, config.sapo_tau_pos),
+                          torch.full_like(advantage, config.sapo_tau_neg))
+        gate = torch.sigmoid(tau * (ratio - 1))
+        return gate * 4 / tau * advantage, 4 * gate * (1 - gate) * ratio * advantage
+    # min(ρ_u·Â, clip(ρ)·Â); on a tie both branches share the gradient, as in torch.minimum/maximum
+    unclipped, unclipped_slope = ratio, ratio
+    if config.delta is not None:
+        unclipped = ratio.clamp(max=config.delta)
+        unclipped_slope = torch.where(ratio <= config.delta, ratio, 0.0)
+    low, high = 1 - config.eps_low, 1 + config.eps_high
+    clipped = ratio.clamp(low, high)
+    clipped_slope = torch.where((ratio >= low) & (ratio <= high), ratio, 0.0)
+    unclipped_term, clipped_term = unclipped * advantage, clipped * advantage
+    surrogate = torch.minimum(unclipped_term, clipped_term)
+    slope = torch.where(unclipped_term < clipped_term, unclipped_slope,
+                        torch.where(unclipped_term > clipped_term, clipped_slope,
+                                    0.5 * (unclipped_slope + clipped_slope))) * advantage
+    if config.clip_ratio_c is not None:         # dual clip: where Â < 0, max(surrogate, c·Â)
+        floor = config.clip_ratio_c * advantage
+        dual_slope = torch.where(surrogate > floor, slope, torch.where(surrogate < floor, 0.0, 0.5 * slope))
+        slope = torch.where(advantage < 0, dual_slope, slope)
+        surrogate = torch.where(advantage < 0, torch.maximum(surrogate, floor), surrogate)
+    return surrogate, slope
+
+
+def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, config: LossConfig) -> SentenceTerms:
     """Pass B, per-sentence terms; the same arithmetic as ``ops/triton/sentence_grpo.py``."""
     dtype = layout.weight.dtype
     exists = layout.count > 0
     divisor = layout.count.clamp(min=1).to(dtype)
-    log_ratio = log_ratio_sum.to(dtype)
+    log_ratio = sums.log_ratio.to(dtype)
     if config.ratio_level == "mean":
         log_ratio = log_ratio / divisor
     clamp = config.clamp_log_ratio
@@ -122,38 +152,45 @@ def sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantages,
     else:
         advantage = advantages.to(dtype).repeat_interleave(layout.num_slots)
     advantage = torch.where(exists, advantage, 0.0)
-
-    # surrogate = min(ρ_u·Â, clip(ρ)·Â); on a tie both branches share the gradient, as in torch.minimum
-    unclipped, unclipped_slope = ratio, ratio
-    if config.delta is not None:
-        unclipped = ratio.clamp(max=config.delta)
-        unclipped_slope = torch.where(ratio <= config.delta, ratio, 0.0)
-    low, high = 1 - config.eps_low, 1 + config.eps_high
-    clipped = ratio.clamp(low, high)
-    clipped_slope = torch.where((ratio >= low) & (ratio <= high), ratio, 0.0)
-    unclipped_term, clipped_term = unclipped * advantage, clipped * advantage
-    surrogate = torch.minimum(unclipped_term, clipped_term)
-    surrogate_slope = torch.where(unclipped_term < clipped_term, unclipped_slope,
-                                  torch.where(unclipped_term > clipped_term, clipped_slope,
-                                              0.5 * (unclipped_slope + clipped_slope))) * advantage
-    per_token_slope = inside_clamp.to(dtype)
+    per_token_slope = inside_clamp.to(dtype)           # ∂ log ρ / ∂ logp_t
     if config.ratio_level == "mean":
         per_token_slope = per_token_slope / divisor
 
-    loss = -surrogate
+    if config.objective == "cispo":     # L = −sg(min(ρ, eps_high)) · Â · mean_t logp_t
+        weight = ratio.clamp(max=config.eps_high)
+        loss = -weight * advantage * sums.logp.to(dtype) / divisor
+        shared = -weight * advantage / divisor
+    else:
+        surrogate, slope = policy_surrogate_and_slope(ratio, advantage, config)
+        loss, shared = -surrogate, -slope * per_token_slope
     kl_coef = None
-    if kl_sum is not None:
-        kl, kl_weight = kl_sum.to(dtype), torch.full_like(divisor, config.beta)
+    if sums.kl is not None:
+        kl, kl_weight = sums.kl.to(dtype), torch.full_like(divisor, config.beta)
         if config.kl_reduction == "mean":
             kl, kl_weight = kl / divisor, kl_weight / divisor
+        if config.kl_importance_weighting:          # β · ρ · KL: the gradient reaches ρ too
+            shared = shared + config.beta * kl * ratio * per_token_slope
+            kl, kl_weight = kl * ratio, kl_weight * ratio
         loss = loss + config.beta * kl
         kl_coef = torch.where(exists, layout.weight * kl_weight, 0.0)
     return SentenceTerms(weighted_loss=torch.where(exists, layout.weight * loss, 0.0), ratio=ratio,
-                         ratio_coef=torch.where(exists, -layout.weight * surrogate_slope * per_token_slope, 0.0),
-                         kl_coef=kl_coef)
+                         ratio_coef=torch.where(exists, layout.weight * shared, 0.0), kl_coef=kl_coef)
 
 
-def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, tokens=None):
+def kl_slope(ref_minus_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """``∂kl_t/∂logp_t`` of ``reference.kl_estimate`` at ``x = ref − logp``."""
+    x = ref_minus_logp
+    if estimator == "k1":
+        return torch.ones_like(x)
+    if estimator == "k2":
+        return -x
+    if estimator == "abs":
+        return -torch.sign(x)
+    return 1 - torch.exp(x)
+
+
+def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, config,
+                       tokens=None):
     """Pass B, per-token coefficient; the contract of ``ops.passes.Passes.token_coefficients``."""
     count = segment_ids.numel() if tokens is None else tokens.numel()
     coef = torch.zeros(count, dtype=logp.dtype, device=logp.device)
@@ -161,7 +198,7 @@ def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: Sent
     values = terms.ratio_coef[slots]
     if terms.kl_coef is not None:
         ref = ref_logps.reshape(-1)[positions].to(logp.dtype)
-        values = values + terms.kl_coef[slots] * (1 - torch.exp(ref - logp[positions]))
+        values = values + terms.kl_coef[slots] * kl_slope(ref - logp[positions], config.kl_estimator)
     coef[list_positions] = values
     return coef
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ...config import LossConfig
-from ..layout import SentenceLayout, SentenceTerms
+from ..layout import SentenceLayout, SentenceSums, SentenceTerms
 from ..passes import float_vector, index_vector, new_output
 from .common import COMPILE_OPTIONS, as_dtype
 
@@ -53,10 +53,26 @@ def _k3(x):
     return tl.where(tl.abs(x) < 0.5, x * x * series, tl.exp(x) - x - 1.0)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "length", "num_slots"])
+@triton.jit
+def _kl_value(x, kl_estimator):
+    """``reference.kl_estimate`` at ``x = ref − logp``: 0 k3, 1 k1, 2 k2, 3 abs (a runtime selector)."""
+    return tl.where(kl_estimator == 1, -x, tl.where(kl_estimator == 2, 0.5 * x * x,
+                                                    tl.where(kl_estimator == 3, tl.abs(x), _k3(x))))
+
+
+@triton.jit
+def _kl_slope(x, kl_estimator):
+    """``∂kl/∂logp`` of :func:`_kl_value`: k3 ``1 − e^x = −(x + k3)``, k1 ``1``, k2 ``−x``, abs ``−sign(x)``."""
+    sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+    return tl.where(kl_estimator == 1, 1.0, tl.where(kl_estimator == 2, -x,
+                                                     tl.where(kl_estimator == 3, -sign, -(x + _k3(x)))))
+
+
+@triton.jit(do_not_specialize=["num_tokens", "length", "num_slots", "kl_estimator"])
 def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, log_ratio_sum_ptr, kl_sum_ptr,
-                          num_tokens, length, num_slots,
-                          HAS_INDEX: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr):
+                          logp_sum_ptr, num_tokens, length, num_slots, kl_estimator,
+                          HAS_INDEX: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr,
+                          HAS_LOGP: tl.constexpr, BLOCK: tl.constexpr):
     _, _, token, scored, slot = _listed_tokens(tokens_ptr, segment_ids_ptr, num_tokens, length, num_slots,
                                                HAS_INDEX, BLOCK)
     logp = tl.load(logp_ptr + token, mask=scored, other=0.0)
@@ -65,16 +81,20 @@ def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, segment_ids_ptr, tokens_pt
         tl.atomic_add(log_ratio_sum_ptr + slot, (logp - old).to(tl.float64), mask=scored, sem="relaxed")
     if HAS_KL:
         ref_minus_logp = tl.load(ref_ptr + token, mask=scored, other=0.0).to(logp.dtype) - logp
-        tl.atomic_add(kl_sum_ptr + slot, _k3(ref_minus_logp).to(tl.float64), mask=scored, sem="relaxed")
+        tl.atomic_add(kl_sum_ptr + slot, _kl_value(ref_minus_logp, kl_estimator).to(tl.float64), mask=scored,
+                      sem="relaxed")
+    if HAS_LOGP:
+        tl.atomic_add(logp_sum_ptr + slot, logp.to(tl.float64), mask=scored, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["total_slots", "num_slots", "row_advantages", "ratio_mean", "kl_mean", "has_kl",
-                               "has_delta"])
-def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr, advantages_ptr,
+                               "has_delta", "objective", "has_dual_clip", "kl_weighted"])
+def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr, logp_sum_ptr, advantages_ptr,
                            weighted_loss_ptr, ratio_ptr, ratio_coef_ptr, kl_coef_ptr, total_slots, num_slots,
                            eps_low: tl.float64, eps_high: tl.float64, beta: tl.float64, delta: tl.float64,
-                           clamp_log_ratio: tl.float64, row_advantages, ratio_mean, kl_mean, has_kl, has_delta,
-                           BLOCK: tl.constexpr):
+                           clamp_log_ratio: tl.float64, clip_ratio_c: tl.float64, tau_pos: tl.float64,
+                           tau_neg: tl.float64, row_advantages, ratio_mean, kl_mean, has_kl, has_delta, objective,
+                           has_dual_clip, kl_weighted, BLOCK: tl.constexpr):
     # The options are runtime flags (0/1, not specialised on): this kernel touches a few values per sentence, so
     # selecting with tl.where costs nothing measurable, and one build serves every option set.
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -89,6 +109,7 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
     beta = as_dtype(beta, acc_dtype)
     delta = as_dtype(delta, acc_dtype)
     clamp_log_ratio = as_dtype(clamp_log_ratio, acc_dtype)
+    clip_ratio_c = as_dtype(clip_ratio_c, acc_dtype)
 
     log_ratio = tl.load(log_ratio_sum_ptr + index, mask=in_range, other=0.0).to(acc_dtype)
     log_ratio = tl.where(ratio_mean != 0, log_ratio / divisor, log_ratio)
@@ -112,26 +133,49 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
     surrogate_slope = tl.where(unclipped_term < clipped_term, unclipped_slope,
                                tl.where(unclipped_term > clipped_term, clipped_slope,
                                         0.5 * (unclipped_slope + clipped_slope))) * advantage
+    # dual clip: where Â < 0, max(surrogate, c·Â); the floor is a constant
+    dual = (has_dual_clip != 0) & (advantage < 0)
+    floor = clip_ratio_c * advantage
+    surrogate_slope = tl.where(dual, tl.where(surrogate > floor, surrogate_slope,
+                                              tl.where(surrogate < floor, 0.0, 0.5 * surrogate_slope)),
+                               surrogate_slope)
+    surrogate = tl.where(dual, tl.maximum(surrogate, floor, propagate_nan=NAN), surrogate)
+    # sapo: soft gate 4/τ · σ(τ(ρ − 1)) · Â, slope 4σ(1 − σ) · ρ · Â
+    no_tau = tl.zeros_like(advantage)    # a where() of two scalars would give fp32: add them to a tensor first
+    tau = tl.where(advantage > 0, no_tau + as_dtype(tau_pos, acc_dtype), no_tau + as_dtype(tau_neg, acc_dtype))
+    gate = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))       # σ; tl.sigmoid would round fp64 through fp32
+    surrogate = tl.where(objective == 2, gate * 4.0 / tau * advantage, surrogate)
+    surrogate_slope = tl.where(objective == 2, 4.0 * gate * (1.0 - gate) * ratio * advantage, surrogate_slope)
     per_token_slope = tl.where(inside_clamp, 1.0, 0.0)       # ∂ log ρ / ∂ logp_t
     per_token_slope = tl.where(ratio_mean != 0, per_token_slope / divisor, per_token_slope)
 
     loss = -surrogate
+    shared = -surrogate_slope * per_token_slope               # the part of c_t / w every token of s shares
+    # cispo: L = −sg(min(ρ, eps_high)) · Â · mean_t logp_t
+    cispo = objective == 1
+    capped = tl.minimum(ratio, as_dtype(eps_high, acc_dtype), propagate_nan=NAN)
+    logp_mean = tl.load(logp_sum_ptr + index, mask=tl.where(cispo, in_range, False), other=0.0).to(acc_dtype) / divisor
+    loss = tl.where(cispo, -capped * advantage * logp_mean, loss)
+    shared = tl.where(cispo, -capped * advantage / divisor, shared)
+
     kl_slots = tl.where(has_kl != 0, in_range, False)
     kl = tl.load(kl_sum_ptr + index, mask=kl_slots, other=0.0).to(acc_dtype)
     kl_weight = tl.where(kl_mean != 0, beta / divisor, beta)
+    # kl_importance_weighting: β · ρ · KL, whose gradient reaches ρ too
+    shared += tl.where((has_kl != 0) & (kl_weighted != 0), kl_weight * kl * ratio * per_token_slope, 0.0)
+    kl_weight = tl.where(kl_weighted != 0, kl_weight * ratio, kl_weight)
     loss += tl.where(has_kl != 0, kl_weight * kl, 0.0)
     tl.store(kl_coef_ptr + index, tl.where(exists, weight * kl_weight, 0.0), mask=kl_slots)
     tl.store(weighted_loss_ptr + index, tl.where(exists, weight * loss, 0.0), mask=in_range)
     tl.store(ratio_ptr + index, ratio, mask=in_range)
-    tl.store(ratio_coef_ptr + index, tl.where(exists, -weight * surrogate_slope * per_token_slope, 0.0),
-             mask=in_range)
+    tl.store(ratio_coef_ptr + index, tl.where(exists, weight * shared, 0.0), mask=in_range)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "length", "num_slots"])
+@triton.jit(do_not_specialize=["num_tokens", "length", "num_slots", "kl_estimator"])
 def _token_coef_kernel(logp_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, ratio_coef_ptr, kl_coef_ptr, coef_ptr,
-                       num_tokens, length, num_slots,
+                       num_tokens, length, num_slots, kl_estimator,
                        HAS_INDEX: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr):
-    # c_t = ratio_coef[s] + kl_coef[s] · (1 − exp(ref_t − logp_t)), written at the token's place in the list
+    # c_t = ratio_coef[s] + kl_coef[s] · ∂kl_t/∂logp_t, written at the token's place in the list
     position, in_range, token, scored, slot = _listed_tokens(tokens_ptr, segment_ids_ptr, num_tokens, length,
                                                              num_slots, HAS_INDEX, BLOCK)
     coef = tl.load(ratio_coef_ptr + slot, mask=scored, other=0.0)
@@ -139,50 +183,58 @@ def _token_coef_kernel(logp_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, ratio_coe
         logp = tl.load(logp_ptr + token, mask=scored, other=0.0)
         ref = tl.load(ref_ptr + token, mask=scored, other=0.0).to(logp.dtype)
         x = ref - logp
-        coef -= tl.load(kl_coef_ptr + slot, mask=scored, other=0.0) * (x + _k3(x))     # 1 − e^x = −(x + k3)
+        coef += tl.load(kl_coef_ptr + slot, mask=scored, other=0.0) * _kl_slope(x, kl_estimator)
     tl.store(coef_ptr + position, tl.where(scored, coef, 0.0), mask=in_range)
 
 
-def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, log_ratio_sum, kl_sum,
+KL_ESTIMATOR_CODES = {"k3": 0, "k1": 1, "k2": 2, "abs": 3}
+OBJECTIVE_CODES = {"ppo_clip": 0, "cispo": 1, "sapo": 2}
+
+
+def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, sums: SentenceSums, config,
                   tokens=None) -> None:
-    """Add ``Δ_t`` (if ``old_logps`` is given) and ``k3_t`` (if ``kl_sum`` is given) of the listed tokens (all
-    tokens when ``tokens`` is ``None``) to their sentence's fp64 sums. logp: flat ``[B*T]``; others ``[B, T]``."""
+    """Add ``Δ_t`` (if ``old_logps`` is given), ``kl_t`` and ``logp_t`` of the listed tokens (all tokens when
+    ``tokens`` is ``None``) to their sentence's fp64 sums (those not ``None``). logp: flat ``[B*T]``; others
+    ``[B, T]``."""
     batch, length = segment_ids.shape
     count = batch * length if tokens is None else tokens.numel()
-    if count == 0 or (old_logps is None and kl_sum is None):
+    if count == 0 or (old_logps is None and sums.kl is None and sums.logp is None):
         return
     segments = index_vector(segment_ids)
     _sentence_sums_kernel[(triton.cdiv(count, TOKEN_BLOCK),)](
         logp, float_vector(old_logps, logp.dtype) if old_logps is not None else logp,
-        float_vector(ref_logps, logp.dtype) if kl_sum is not None else logp,
-        segments, index_vector(tokens) if tokens is not None else segments, log_ratio_sum,
-        kl_sum if kl_sum is not None else log_ratio_sum, count, length, num_slots,
-        HAS_INDEX=tokens is not None, HAS_OLD=old_logps is not None, HAS_KL=kl_sum is not None, BLOCK=TOKEN_BLOCK,
-        **COMPILE_OPTIONS)
+        float_vector(ref_logps, logp.dtype) if sums.kl is not None else logp,
+        segments, index_vector(tokens) if tokens is not None else segments, sums.log_ratio,
+        sums.kl if sums.kl is not None else sums.log_ratio, sums.logp if sums.logp is not None else sums.log_ratio,
+        count, length, num_slots, KL_ESTIMATOR_CODES[config.kl_estimator],
+        HAS_INDEX=tokens is not None, HAS_OLD=old_logps is not None, HAS_KL=sums.kl is not None,
+        HAS_LOGP=sums.logp is not None, BLOCK=TOKEN_BLOCK, **COMPILE_OPTIONS)
 
 
-def sentence_terms(layout: SentenceLayout, log_ratio_sum, kl_sum, advantages,
-                   config: LossConfig) -> SentenceTerms:
-    """Ratio, surrogate, ``w · L`` and the gradient factors of every sentence slot."""
+def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, config: LossConfig) -> SentenceTerms:
+    """Ratio, objective, ``w · L`` and the gradient factors of every sentence slot."""
     total = layout.count.numel()
     dtype, device = layout.weight.dtype, layout.weight.device
-    has_kl = kl_sum is not None
+    has_kl = sums.kl is not None
     terms = SentenceTerms(weighted_loss=new_output((total,), dtype, device), ratio=new_output((total,), dtype, device),
                           ratio_coef=new_output((total,), dtype, device),
                           kl_coef=new_output((total,), dtype, device) if has_kl else None)
     if total:
         _sentence_terms_kernel[(triton.cdiv(total, SLOT_BLOCK),)](
-            layout.count, layout.weight, log_ratio_sum, kl_sum if has_kl else log_ratio_sum,
-            float_vector(advantages, dtype),
+            layout.count, layout.weight, sums.log_ratio, sums.kl if has_kl else sums.log_ratio,
+            sums.logp if sums.logp is not None else sums.log_ratio, float_vector(advantages, dtype),
             terms.weighted_loss, terms.ratio, terms.ratio_coef, terms.kl_coef if has_kl else terms.ratio_coef,
             total, layout.num_slots, config.eps_low, config.eps_high, config.beta,
             config.delta if config.delta is not None else 0.0, config.clamp_log_ratio,
-            int(advantages.dim() == 1), int(config.ratio_level == "mean"), int(config.kl_reduction == "mean"),
-            int(has_kl), int(config.delta is not None), BLOCK=SLOT_BLOCK, **COMPILE_OPTIONS)
+            config.clip_ratio_c if config.clip_ratio_c is not None else 0.0, config.sapo_tau_pos,
+            config.sapo_tau_neg, int(advantages.dim() == 1), int(config.ratio_level == "mean"),
+            int(config.kl_reduction == "mean"), int(has_kl), int(config.delta is not None),
+            OBJECTIVE_CODES[config.objective], int(config.clip_ratio_c is not None),
+            int(config.kl_importance_weighting), BLOCK=SLOT_BLOCK, **COMPILE_OPTIONS)
     return terms
 
 
-def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, tokens=None):
+def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, config, tokens=None):
     """``c_t = ∂loss/∂logp_t`` of the listed tokens (all when ``tokens`` is ``None``), in list order; 0 if unscored."""
     batch, length = segment_ids.shape
     count = batch * length if tokens is None else tokens.numel()
@@ -194,6 +246,6 @@ def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: Sent
             logp, float_vector(ref_logps, logp.dtype) if has_kl else logp, segments,
             index_vector(tokens) if tokens is not None else segments,
             terms.ratio_coef, terms.kl_coef if has_kl else terms.ratio_coef, coef, count, length, num_slots,
-            HAS_INDEX=tokens is not None, HAS_KL=has_kl, BLOCK=TOKEN_BLOCK, **COMPILE_OPTIONS)
+            KL_ESTIMATOR_CODES[config.kl_estimator], HAS_INDEX=tokens is not None, HAS_KL=has_kl,
+            BLOCK=TOKEN_BLOCK, **COMPILE_OPTIONS)
     return coef
-
