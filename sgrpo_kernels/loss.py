@@ -12,7 +12,7 @@ from torch import nn
 
 from . import reference
 from .backends import check_backend_name, resolve_backend
-from .config import LossConfig, check_loss_inputs, check_loss_values, check_token_ids, documented
+from .config import LossConfig, _check_real, check_loss_inputs, check_loss_values, check_token_ids, documented
 from .ops import custom_ops
 from .ops.driver import sentence_grpo_loss_inplace
 
@@ -23,6 +23,19 @@ def _check_constant_inputs(backend: str, **tensors) -> None:
         if tensor is not None and tensor.requires_grad:
             raise ValueError(f"{name} requires grad, but backend={backend!r} treats it as a constant; "
                              f"pass {name}.detach(), or backend='reference' to differentiate through it")
+
+
+def _normalizer_tensor(normalizer, device: torch.device) -> torch.Tensor | None:
+    """``None``, or the normalizer as a detached 0-dim float64 tensor on ``device`` (a number must be > 0)."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise ValueError(f"normalizer must be a number or a 0-dim real tensor, got shape "
+                             f"{tuple(normalizer.shape)} {normalizer.dtype}")
+        return normalizer.detach().to(device=device, dtype=torch.float64)
+    return torch.tensor(_check_real("normalizer", normalizer, low=0.0, low_inclusive=False), dtype=torch.float64,
+                        device=device)
 
 
 def _check_flag(name: str, value) -> None:
@@ -39,8 +52,8 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                        eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                        kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                        clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                       kl_importance_weighting=False, inplace=False,
-                       backend="auto", return_metrics=False, process_group=None):
+                       kl_importance_weighting=False, normalizer=None, inplace=False, backend="auto",
+                       return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
 
     Args:
@@ -54,6 +67,9 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
             gradient still flows).
         ref_logps: ``[B, T]`` log-probs of the reference policy; required when ``beta > 0``.
         {options}
+        normalizer: ``None``, or a number or 0-dim tensor (``> 0``) that replaces the reduction's denominator
+            (``B'``, ``Σ n`` or 1): e.g. ``reduction="token_mean", normalizer=num_items_in_batch`` is TRL's
+            ``dapo``; with a ``process_group`` it is the global count.
         inplace: kernel backends may write the gradient into ``logits`` (ignored by ``"reference"`` and under
             ``torch.compile``, where the gradient goes to a new buffer).
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"torch"`` (``sgrpo_kernels.backends``).
@@ -74,11 +90,11 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                         kl_importance_weighting=kl_importance_weighting)
     return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
                             inplace=inplace, backend=backend, return_metrics=return_metrics,
-                            process_group=process_group)
+                            process_group=process_group, normalizer=normalizer)
 
 
 def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config: LossConfig, *,
-                     inplace: bool, backend: str, return_metrics: bool, process_group):
+                     inplace: bool, backend: str, return_metrics: bool, process_group, normalizer=None):
     """:func:`sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("inplace", inplace)
     _check_flag("return_metrics", return_metrics)
@@ -86,22 +102,25 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config)
+    normalizer = _normalizer_tensor(normalizer, logits.device)
     chosen = resolve_backend(backend, logits.device)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
         return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                            config, return_metrics=return_metrics, process_group=process_group)
+                                            config, return_metrics=return_metrics, process_group=process_group,
+                                            normalizer=normalizer)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     if inplace and logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
         loss, metrics = sentence_grpo_loss_inplace(chosen.passes(), logits, completion_ids, segment_ids, advantages,
                                                    old_logps, ref_logps, config,
                                                    custom_ops.num_slots(segment_ids, advantages),
-                                                   with_metrics=return_metrics, process_group=process_group)
+                                                   with_metrics=return_metrics, process_group=process_group,
+                                                   normalizer=normalizer)
     else:
         loss, metrics = custom_ops.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps,
                                                       ref_logps, config, chosen.name, with_metrics=return_metrics,
-                                                      process_group=process_group)
+                                                      process_group=process_group, normalizer=normalizer)
     return (loss, metrics) if return_metrics else loss
 
 
@@ -139,9 +158,9 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     ref_logps=None, *, bias=None, chunk_size=None, eps_low=0.2, eps_high=0.2,
                                     beta=0.0, delta=None, temperature=1.0, ratio_level="sum", kl_reduction="mean",
                                     reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
-                       clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                       kl_importance_weighting=False, inplace=False,
-                                    backend="auto", return_metrics=False, process_group=None):
+                                    clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
+                                    kl_importance_weighting=False, normalizer=None, inplace=False, backend="auto",
+                                    return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
     Args:
@@ -165,27 +184,29 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
     _check_flag("inplace", inplace)
     return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                             config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
-                            process_group=process_group)
+                            process_group=process_group, normalizer=normalizer)
 
 
 def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                     config: LossConfig, *, chunk_size, backend: str, return_metrics: bool, process_group):
+                     config: LossConfig, *, chunk_size, backend: str, return_metrics: bool, process_group,
+                     normalizer=None):
     """:func:`fused_linear_sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("return_metrics", return_metrics)
     _check_linear_inputs(hidden, weight, bias, chunk_size)
     logits_shape = (*hidden.shape[:2], weight.shape[0])
     check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config, logits_name="hidden")
+    normalizer = _normalizer_tensor(normalizer, hidden.device)
     chosen = resolve_backend(backend, hidden.device)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, weight.shape[0])
         return reference.sentence_grpo_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids,
                                             advantages, old_logps, ref_logps, config, return_metrics=return_metrics,
-                                            process_group=process_group)
+                                            process_group=process_group, normalizer=normalizer)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     loss, metrics = custom_ops.fused_linear_sentence_grpo_loss(
         hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, chosen.name,
-        chunk_size, with_metrics=return_metrics, process_group=process_group)
+        chunk_size, with_metrics=return_metrics, process_group=process_group, normalizer=normalizer)
     return (loss, metrics) if return_metrics else loss
 
 
@@ -263,9 +284,9 @@ class SentenceGRPOLoss(nn.Module):
 
     def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                  kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
-                       clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                       kl_importance_weighting=False, inplace=False,
-                 backend="auto", return_metrics=False, chunk_size=None, process_group=None):
+                 clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
+                 kl_importance_weighting=False, normalizer=None, inplace=False, backend="auto",
+                 return_metrics=False, chunk_size=None, process_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
         self.config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta,
@@ -278,6 +299,7 @@ class SentenceGRPOLoss(nn.Module):
         _check_flag("return_metrics", return_metrics)
         self.inplace, self.backend, self.return_metrics = inplace, backend, return_metrics
         self.chunk_size, self.process_group = chunk_size, process_group
+        self.normalizer = normalizer
 
     def forward(self, logits=None, completion_ids=None, segment_ids=None, advantages=None, old_logps=None,
                 ref_logps=None, *, hidden=None, weight=None, bias=None):
@@ -286,12 +308,14 @@ class SentenceGRPOLoss(nn.Module):
         if logits is not None:
             return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                     self.config, inplace=self.inplace, backend=self.backend,
-                                    return_metrics=self.return_metrics, process_group=self.process_group)
+                                    return_metrics=self.return_metrics, process_group=self.process_group,
+                                    normalizer=self.normalizer)
         if hidden is None or weight is None:
             raise ValueError("the fused linear path needs both hidden and weight")
         return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                 self.config, chunk_size=self.chunk_size, backend=self.backend,
-                                return_metrics=self.return_metrics, process_group=self.process_group)
+                                return_metrics=self.return_metrics, process_group=self.process_group,
+                                normalizer=self.normalizer)
 
     def extra_repr(self) -> str:
         options = dict(vars(self.config), inplace=self.inplace, backend=self.backend,

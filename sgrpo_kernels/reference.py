@@ -33,7 +33,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
 def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segment_ids: torch.Tensor,
                        advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
                        ref_logps: torch.Tensor | None = None, config: LossConfig = LossConfig(),
-                       return_metrics: bool = False, process_group=None):
+                       return_metrics: bool = False, process_group=None, normalizer=None):
     """Sentence-level GRPO loss (``docs/design.md``, "The loss").
 
     logits ``[B, T, V]``; completion_ids ``[B, T]`` int; segment_ids ``[B, T]`` int (``-1`` = unscored);
@@ -43,6 +43,7 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     Returns the scalar loss, and with ``return_metrics`` also a dict of detached 0-dim tensors.
     With a ``process_group`` this rank's rows are part of a global batch: the denominators ``B'`` and ``Σ n``
     are summed over the ranks and the loss is multiplied by the world size (``sgrpo_kernels.distributed``).
+    ``normalizer`` (a number or 0-dim tensor) replaces the reduction's denominator (``B'``, ``Σ n`` or 1).
     """
     batch, length, _ = logits.shape
     device = logits.device
@@ -98,15 +99,21 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         sentence_loss = sentence_loss + config.beta * sentence_kl
     sentence_loss = torch.where(exists, sentence_loss, 0.0)
 
+    def denominator(local):
+        if normalizer is not None:
+            return torch.as_tensor(normalizer, dtype=work_dtype, device=device)
+        return global_sum(local, process_group).clamp(min=1)
+
     if config.reduction == "sum":
-        loss = sentence_loss.sum()
+        loss = sentence_loss.sum() / (1 if normalizer is None else denominator(None))
     elif config.reduction == "token_mean":
-        loss = (tokens_per_sentence * sentence_loss).sum() / global_sum(tokens_per_sentence.sum(), process_group)\
-            .clamp(min=1)
-    else:  # sentence_mean: (1/B') Σ_i (1/S_i) Σ_s L(i, s)
+        loss = (tokens_per_sentence * sentence_loss).sum() / denominator(tokens_per_sentence.sum())
+    else:  # sentence_mean: (1/B') Σ_i (1/S_i) Σ_s L(i, s); answer_mean_sentence_sum: (1/B') Σ_i Σ_s L(i, s)
         sentences_per_row = exists.view(batch, num_slots).sum(1)
-        row_loss = sentence_loss.view(batch, num_slots).sum(1) / sentences_per_row.clamp(min=1)
-        loss = row_loss.sum() / global_sum((sentences_per_row > 0).sum(), process_group).clamp(min=1)
+        row_loss = sentence_loss.view(batch, num_slots).sum(1)
+        if config.reduction == "sentence_mean":
+            row_loss = row_loss / sentences_per_row.clamp(min=1)
+        loss = row_loss.sum() / denominator((sentences_per_row > 0).sum())
     loss = loss * world_size(process_group)
 
     if not return_metrics:

@@ -33,7 +33,10 @@ def loss_and_grad(case, backend, **options):
     """Loss, ``logits.grad`` and metrics of one backend, computed on its device and returned on the CPU."""
     arguments = moved(case, device_of(backend))
     if backend == "reference":
-        loss, metrics = reference.sentence_grpo_loss(*arguments.values(), LossConfig(**options), return_metrics=True)
+        options = dict(options)
+        normalizer = options.pop("normalizer", None)
+        loss, metrics = reference.sentence_grpo_loss(*arguments.values(), LossConfig(**options), return_metrics=True,
+                                                     normalizer=normalizer)
     else:
         loss, metrics = call(backend, arguments, return_metrics=True, **options)
     loss.backward()
@@ -53,7 +56,8 @@ def check_against_gold(case, backend, rel=1e-5, **options):
 
 OPTION_GRID = [dict(ratio_level=r, kl_reduction=k, reduction=red, delta=d, beta=b, temperature=t)
                for r, k, red, d, b, t in itertools.product(["sum", "mean"], ["mean", "sum"],
-                                                           ["sentence_mean", "token_mean", "sum"], [None, 1.3],
+                                                           ["sentence_mean", "token_mean", "sum",
+                                                            "answer_mean_sentence_sum"], [None, 1.3],
                                                            [0.0, 0.1], [1.0, 0.7])
                if not (b == 0.0 and k == "sum")]       # kl_reduction is moot without a KL term
 
@@ -80,6 +84,14 @@ def test_objective_grid_fp64(backend, options):
     case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=21, old_spread=0.6)
     eps_high = 1.1 if options["objective"] == "cispo" else 0.2
     check_against_gold(case, backend, rel=1e-10, eps_high=eps_high, **options)
+
+
+@pytest.mark.parametrize("reduction", ["sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum"])
+@pytest.mark.parametrize("normalizer", [7.5, "tensor"])
+def test_normalizer_replaces_the_denominator(backend, reduction, normalizer):
+    case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=4, old_spread=0.3)
+    value = torch.tensor(7.5, dtype=torch.float32) if normalizer == "tensor" else normalizer
+    check_against_gold(case, backend, rel=1e-10, reduction=reduction, normalizer=value, beta=0.1)
 
 
 @pytest.mark.parametrize("objective", ["ppo_clip", "cispo", "sapo"])

@@ -185,6 +185,18 @@ def test_dual_clip_and_cispo_by_hand():
     torch.testing.assert_close(leaf.grad, torch.tensor([[[0.75, -0.75]]], dtype=torch.float64))
 
 
+def test_normalizer_and_answer_mean_sentence_sum_by_hand():
+    case = random_case(batch=3, length=6, vocab=5, num_slots=4, seed=2, old_spread=0.3)
+    run = lambda reduction, normalizer=None: reference.sentence_grpo_loss(
+        *case.values(), LossConfig(reduction=reduction), normalizer=normalizer)
+    total = run("sum")
+    assert torch.allclose(run("sum", 4.0), total / 4.0)
+    assert torch.allclose(run("token_mean", 10.0) * 10.0, run("token_mean") * (case["segment_ids"] >= 0).sum())
+    answers = ((case["segment_ids"] >= 0).sum(1) > 0).sum()
+    assert torch.allclose(run("answer_mean_sentence_sum"), total / answers)
+    assert torch.allclose(run("answer_mean_sentence_sum", 2.0), total / 2.0)
+
+
 def test_gradcheck_through_old_and_ref_logps():
     # old and ref log-probs are differentiable inputs too (e.g. when a user trains a critic of them)
     case = random_case(batch=2, length=5, vocab=4, num_slots=3, seed=3)

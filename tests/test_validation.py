@@ -118,6 +118,12 @@ def test_option_of_wrong_type(name, value):
         call(**{name: value})
 
 
+@pytest.mark.parametrize("normalizer", [0.0, -3.0, float("nan"), torch.ones(2), torch.tensor(True)])
+def test_bad_normalizer(normalizer):
+    with pytest.raises(ValueError, match="normalizer"):
+        call(normalizer=normalizer)
+
+
 def test_backend_not_built_yet_says_so():
     with pytest.raises(ValueError, match=r"backend='native' cannot run on cpu: the C\+\+ extension"):
         call(backend="native")

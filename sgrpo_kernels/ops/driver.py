@@ -53,7 +53,7 @@ def data_parallel_layout(process_group) -> dict:
 
 def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                            config, num_slots: int, *, gradient_out: torch.Tensor | None, with_metrics: bool,
-                           process_group=None):
+                           process_group=None, normalizer: torch.Tensor | None = None):
     """The loss (``reference.sentence_grpo_loss``) with passes A, B and, when ``gradient_out`` is given, C.
 
     Inputs as ``reference.sentence_grpo_loss`` (already validated); ``num_slots`` is ``S_max``. The gradient of
@@ -64,7 +64,7 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
     with torch.no_grad():
         scores = passes.token_scores(logits, completion_ids, config.temperature, segment_ids=segment_ids,
                                      with_entropy=with_metrics)
-        layout = sentence_layout(segment_ids, num_slots, config.reduction, scores.logp.dtype,
+        layout = sentence_layout(segment_ids, num_slots, config.reduction, scores.logp.dtype, normalizer=normalizer,
                                  **data_parallel_layout(process_group))
         sums = SentenceSums.zeros(layout, config)
         passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, sums, config)
@@ -93,11 +93,13 @@ def token_logprobs_backward(passes: Passes, logits, ids, grad_logp, grad_entropy
 
 
 def sentence_grpo_loss_inplace(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps,
-                               ref_logps, config, num_slots: int, *, with_metrics: bool, process_group=None):
+                               ref_logps, config, num_slots: int, *, with_metrics: bool, process_group=None,
+                               normalizer: torch.Tensor | None = None):
     """:func:`run_sentence_grpo_loss` writing the gradient over ``logits`` (eager mode only: a custom op may not
     mutate an input it differentiates); returns ``(loss wired to autograd, metrics or None)``."""
     loss, metrics = run_sentence_grpo_loss(passes, logits.detach(), completion_ids, segment_ids, advantages,
                                            old_logps, ref_logps, config, num_slots, gradient_out=logits.detach(),
-                                           with_metrics=with_metrics, process_group=process_group)
+                                           with_metrics=with_metrics, process_group=process_group,
+                                           normalizer=normalizer)
     torch.autograd.graph.increment_version(logits)   # autograd must refuse any later use of the overwritten logits
     return EagerGradient.apply(loss, (logits.detach(),), logits), metrics

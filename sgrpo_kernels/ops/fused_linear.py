@@ -172,7 +172,7 @@ class _ScoreBuffers:
 
 def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
                           ref_logps, config, num_slots: int, chunk_size: int | None, *, wanted: tuple,
-                          with_metrics: bool, process_group=None):
+                          with_metrics: bool, process_group=None, normalizer: torch.Tensor | None = None):
     """The loss (``reference.sentence_grpo_loss``) on ``logits = hidden @ weight.T + bias``, a chunk at a time.
 
     hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``; the rest as ``sentence_grpo_loss``.
@@ -189,7 +189,8 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
     with torch.no_grad():
         head = _LinearHead(hidden, weight, bias, wanted)
         ids = completion_ids.reshape(rows)
-        layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, **data_parallel_layout(process_group))
+        layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, normalizer=normalizer,
+                                 **data_parallel_layout(process_group))
         sums = SentenceSums.zeros(layout, config)
         scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics)
         logp = scores.logp

@@ -28,12 +28,13 @@ class SentenceLayout:
 
 def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, dtype: torch.dtype, *,
                     total: Callable[[torch.Tensor], torch.Tensor] = lambda local: local,
-                    ranks: int = 1) -> SentenceLayout:
+                    ranks: int = 1, normalizer: torch.Tensor | None = None) -> SentenceLayout:
     """Counts and reduction weights from ``segment_ids [B, T]`` (ids in ``[-1, num_slots)``), no host sync.
 
     ``total`` turns this batch's denominator (``B'`` or ``Σ n``, a 0-dim tensor) into the global one and ``ranks``
     multiplies the weights: the driver passes a sum over the data-parallel ranks and their number
-    (see ``ops/driver.py``); this module knows nothing of processes.
+    (see ``ops/driver.py``); this module knows nothing of processes. A ``normalizer`` (0-dim tensor) replaces
+    the global denominator (``B'``, ``Σ n`` or 1).
     """
     batch, length = segment_ids.shape
     segments = segment_ids.reshape(-1).long()
@@ -43,15 +44,21 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
     count = torch.zeros(batch * num_slots + 1, dtype=torch.int64, device=segments.device)
     count = count.scatter_add_(0, slots, torch.ones_like(slots))[:batch * num_slots]
     exists = count > 0
-    if reduction == "sentence_mean":     # 1 / (S_i · B')
+
+    def denominator(local: torch.Tensor) -> torch.Tensor:
+        return total(local).clamp(min=1).to(dtype) if normalizer is None else normalizer.to(dtype)
+
+    if reduction in ("sentence_mean", "answer_mean_sentence_sum"):     # 1 / (S_i · B') or 1 / B'
         sentences_per_row = exists.view(batch, num_slots).sum(1)
-        rows_with_sentences = total((sentences_per_row > 0).sum()).clamp(min=1)
-        row_weight = 1.0 / (sentences_per_row.clamp(min=1) * rows_with_sentences).to(dtype)
-        weight = row_weight.repeat_interleave(num_slots)
+        rows = denominator((sentences_per_row > 0).sum())
+        per_row = sentences_per_row.clamp(min=1).to(dtype) if reduction == "sentence_mean" else 1.0
+        weight = (1.0 / (per_row * rows)).expand(batch).repeat_interleave(num_slots)
     elif reduction == "token_mean":      # n(i, s) / Σ n
-        weight = count.to(dtype) / total(count.sum()).clamp(min=1).to(dtype)
+        weight = count.to(dtype) / denominator(count.sum())
     else:
         weight = torch.ones(batch * num_slots, dtype=dtype, device=segments.device)
+        if normalizer is not None:
+            weight = weight / normalizer.to(dtype)
     weight = torch.where(exists, weight * ranks, 0.0)
     return SentenceLayout(batch, length, num_slots, count.to(torch.int32), weight)
 
