@@ -16,7 +16,7 @@ RATIO_LEVELS = ("sum", "mean")
 OBJECTIVES = ("ppo_clip", "cispo", "sapo")
 KL_ESTIMATORS = ("k3", "k1", "k2", "abs")
 KL_REDUCTIONS = ("mean", "sum")
-REDUCTIONS = ("sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum")
+REDUCTIONS = ("sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum", "answer_mean_token_sum")
 ADVANTAGE_WEIGHTINGS = ("output", "sentence")
 ADVANTAGE_SCALES = ("std", "none")
 ADVANTAGE_MODES = ("sentence", "cumulative")
@@ -52,8 +52,9 @@ OPTION_DOCS = {
     "ratio_level": '``"sum"`` (product of the token ratios) or ``"mean"`` (their geometric mean) per sentence.',
     "kl_reduction": '``"mean"`` or ``"sum"`` of the token k3 values of a sentence.',
     "reduction": '``"sentence_mean"`` (mean over answers of the mean over their sentences), ``"token_mean"`` '
-                 '(sentences weighted by their tokens), ``"sum"`` or ``"answer_mean_sentence_sum"`` (mean over '
-                 'answers of the sum over their sentences); a ``normalizer`` replaces the denominator.',
+                 '(sentences weighted by their tokens), ``"sum"``, ``"answer_mean_sentence_sum"`` (mean over '
+                 'answers of the sum over their sentences) or ``"answer_mean_token_sum"`` (mean over answers of '
+                 'the sum over their tokens); a ``normalizer`` replaces the denominator.',
     "clamp_log_ratio": "the sentence log-ratio is clamped to ``±clamp_log_ratio`` (``inf``: no clamp).",
     "objective": '``"ppo_clip"`` (clipped surrogate), ``"cispo"`` (``−sg(min(ρ, eps_high)) · Â · log π`` per '
                  'token) or ``"sapo"`` (soft gate ``4/τ · σ(τ(ρ − 1)) · Â``); ``docs/design.md``, "Objectives".',

@@ -108,8 +108,11 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         loss = sentence_loss.sum() / (1 if normalizer is None else denominator(None))
     elif config.reduction == "token_mean":
         loss = (tokens_per_sentence * sentence_loss).sum() / denominator(tokens_per_sentence.sum())
-    else:  # sentence_mean: (1/B') Σ_i (1/S_i) Σ_s L(i, s); answer_mean_sentence_sum: (1/B') Σ_i Σ_s L(i, s)
+    else:  # sentence_mean: (1/B') Σ_i (1/S_i) Σ_s L(i, s); answer_mean_sentence_sum: (1/B') Σ_i Σ_s L(i, s);
+        # answer_mean_token_sum: (1/B') Σ_i Σ_s n(i, s) L(i, s)
         sentences_per_row = exists.view(batch, num_slots).sum(1)
+        if config.reduction == "answer_mean_token_sum":
+            sentence_loss = tokens_per_sentence * sentence_loss
         row_loss = sentence_loss.view(batch, num_slots).sum(1)
         if config.reduction == "sentence_mean":
             row_loss = row_loss / sentences_per_row.clamp(min=1)

@@ -57,7 +57,8 @@ def check_against_gold(case, backend, rel=1e-5, **options):
 OPTION_GRID = [dict(ratio_level=r, kl_reduction=k, reduction=red, delta=d, beta=b, temperature=t)
                for r, k, red, d, b, t in itertools.product(["sum", "mean"], ["mean", "sum"],
                                                            ["sentence_mean", "token_mean", "sum",
-                                                            "answer_mean_sentence_sum"], [None, 1.3],
+                                                            "answer_mean_sentence_sum", "answer_mean_token_sum"],
+                                                           [None, 1.3],
                                                            [0.0, 0.1], [1.0, 0.7])
                if not (b == 0.0 and k == "sum")]       # kl_reduction is moot without a KL term
 
@@ -86,7 +87,8 @@ def test_objective_grid_fp64(backend, options):
     check_against_gold(case, backend, rel=1e-10, eps_high=eps_high, **options)
 
 
-@pytest.mark.parametrize("reduction", ["sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum"])
+@pytest.mark.parametrize("reduction", ["sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum",
+                                       "answer_mean_token_sum"])
 @pytest.mark.parametrize("normalizer", [7.5, "tensor"])
 def test_normalizer_replaces_the_denominator(backend, reduction, normalizer):
     case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=4, old_spread=0.3)

@@ -106,7 +106,8 @@ def perturb(model, seed=1, scale=0.3):
     ("token", "token", "dapo", False), ("token", "token", "dr_grpo", False),
     ("token", "token", "grpo", True), ("output", "sequence", "dapo", True),           # TRL's default KL correction
     ("token", "token", "cispo", True), ("output", "sequence", "cispo", False),
-    ("token", "token", "sapo", True), ("output", "sequence", "sapo", False)])
+    ("token", "token", "sapo", True), ("output", "sequence", "sapo", False),
+    ("token", "token", "luspo", False), ("output", "sequence", "luspo", True)])
 def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, loss_type, bias_correction):
     options = dict(reward_funcs=[length_reward], beta=0.05, importance_sampling_level=sampling_level,
                    loss_type=loss_type, num_iterations=2,        # num_iterations > 1: TRL keeps old log-probs

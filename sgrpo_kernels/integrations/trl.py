@@ -16,9 +16,9 @@ What changes against TRL's ``GRPOTrainer``:
 With ``level="token"`` or ``"output"`` and TRL's own ``reward_funcs``, the loss reproduces TRL's numbers for
 ``importance_sampling_level="token"`` or ``"sequence"`` and ``loss_type`` in ``grpo`` (our
 ``reduction="sentence_mean"``), ``bnpo`` (``"token_mean"``), ``dr_grpo``, ``dapo`` and ``cispo`` (token sums over
-TRL's own normalisers) and ``sapo``, with or without ``use_bias_correction_kl`` (our
+TRL's own normalisers), ``sapo`` and ``luspo``, with or without ``use_bias_correction_kl`` (our
 ``kl_importance_weighting``). TRL options that change the loss in ways this package's loss does not define yet
-are refused with an error (``luspo``, ``vespo``, the entropy mask, the off-policy mask, vLLM
+are refused with an error (``vespo``, the entropy mask, the off-policy mask, vLLM
 importance-sampling correction). Needs ``trl >= 1.0``.
 """
 
@@ -37,7 +37,8 @@ from .hf import output_projection
 # TRL loss_type -> (our objective, our reduction); the token sums are then renormalised as TRL does (_normalise)
 LOSS_TYPES = {"grpo": ("ppo_clip", "sentence_mean"), "bnpo": ("ppo_clip", "token_mean"),
               "dr_grpo": ("ppo_clip", "token_mean"), "dapo": ("ppo_clip", "token_mean"),
-              "cispo": ("cispo", "token_mean"), "sapo": ("sapo", "sentence_mean")}
+              "cispo": ("cispo", "token_mean"), "sapo": ("sapo", "sentence_mean"),
+              "luspo": ("ppo_clip", "answer_mean_token_sum")}
 
 
 def _check_supported(args) -> None:
@@ -201,6 +202,9 @@ class SentenceGRPOTrainer(GRPOTrainer):
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         if self.loss_type in ("grpo", "bnpo", "sapo"):
             return loss / accumulation
+        if self.loss_type == "luspo":     # TRL: per-answer token sums, mean over all B answers (ours: over B')
+            answers = ((inputs["segment_ids"] >= 0).sum(1) > 0).sum()
+            return loss * answers / inputs["segment_ids"].shape[0] / accumulation
         tokens = (inputs["segment_ids"] >= 0).sum()              # turns the token mean back into a token sum
         if self.loss_type == "dr_grpo":
             return loss * tokens / (inputs["segment_ids"].shape[0] * self.max_completion_length) / accumulation

@@ -48,11 +48,13 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
     def denominator(local: torch.Tensor) -> torch.Tensor:
         return total(local).clamp(min=1).to(dtype) if normalizer is None else normalizer.to(dtype)
 
-    if reduction in ("sentence_mean", "answer_mean_sentence_sum"):     # 1 / (S_i · B') or 1 / B'
+    if reduction.startswith("answer_mean") or reduction == "sentence_mean":   # 1 / (S_i · B'), 1 / B', n / B'
         sentences_per_row = exists.view(batch, num_slots).sum(1)
         rows = denominator((sentences_per_row > 0).sum())
         per_row = sentences_per_row.clamp(min=1).to(dtype) if reduction == "sentence_mean" else 1.0
         weight = (1.0 / (per_row * rows)).expand(batch).repeat_interleave(num_slots)
+        if reduction == "answer_mean_token_sum":
+            weight = weight * count.to(dtype)
     elif reduction == "token_mean":      # n(i, s) / Σ n
         weight = count.to(dtype) / denominator(count.sum())
     else:
