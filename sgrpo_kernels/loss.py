@@ -38,6 +38,21 @@ def _normalizer_tensor(normalizer, device: torch.device) -> torch.Tensor | None:
                         device=device)
 
 
+def _check_is_weights(is_weights, batch_and_length, device) -> None:
+    """``None``, or a floating ``[B]`` / ``[B, T]`` tensor on ``device`` (its values are not read here)."""
+    if is_weights is None:
+        return
+    if not isinstance(is_weights, torch.Tensor) or not is_weights.dtype.is_floating_point:
+        raise TypeError("is_weights must be a floating torch.Tensor, "
+                        f"got {getattr(is_weights, 'dtype', type(is_weights).__name__)}")
+    batch, length = batch_and_length
+    if tuple(is_weights.shape) not in ((batch,), (batch, length)):
+        raise ValueError(f"is_weights must have shape [B] = ({batch},) or [B, T] = ({batch}, {length}), "
+                         f"got {tuple(is_weights.shape)}")
+    if is_weights.device != device:
+        raise ValueError(f"is_weights is on {is_weights.device} but the loss's inputs are on {device}")
+
+
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -52,7 +67,7 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                        eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                        kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                        clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                       kl_importance_weighting=False, normalizer=None, inplace=False, backend="auto",
+                       kl_importance_weighting=False, normalizer=None, is_weights=None, inplace=False, backend="auto",
                        return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
 
@@ -70,6 +85,9 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
         normalizer: ``None``, or a number or 0-dim tensor (``> 0``) that replaces the reduction's denominator
             (``B'``, ``Σ n`` or 1): e.g. ``reduction="token_mean", normalizer=num_items_in_batch`` is TRL's
             ``dapo``; with a ``process_group`` it is the global count.
+        is_weights: ``None``, ``[B]`` or ``[B, T]`` float weights (constant) on each token's policy loss, not on
+            its KL term: the rollout engine's importance weights (TRL's vLLM correction, Liger's ``vllm_is_ratio``,
+            verl's ``rollout_is_weights``).
         inplace: kernel backends may write the gradient into ``logits`` (ignored by ``"reference"`` and under
             ``torch.compile``, where the gradient goes to a new buffer).
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"torch"`` (``sgrpo_kernels.backends``).
@@ -90,11 +108,12 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                         kl_importance_weighting=kl_importance_weighting)
     return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
                             inplace=inplace, backend=backend, return_metrics=return_metrics,
-                            process_group=process_group, normalizer=normalizer)
+                            process_group=process_group, normalizer=normalizer, is_weights=is_weights)
 
 
 def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config: LossConfig, *,
-                     inplace: bool, backend: str, return_metrics: bool, process_group, normalizer=None):
+                     inplace: bool, backend: str, return_metrics: bool, process_group, normalizer=None,
+                     is_weights=None):
     """:func:`sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("inplace", inplace)
     _check_flag("return_metrics", return_metrics)
@@ -102,13 +121,14 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config)
+    _check_is_weights(is_weights, logits.shape[:2], logits.device)
     normalizer = _normalizer_tensor(normalizer, logits.device)
     chosen = resolve_backend(backend, logits.device)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
         return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                             config, return_metrics=return_metrics, process_group=process_group,
-                                            normalizer=normalizer)
+                                            normalizer=normalizer, is_weights=is_weights)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     if inplace and logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
@@ -116,11 +136,12 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
                                                    old_logps, ref_logps, config,
                                                    custom_ops.num_slots(segment_ids, advantages),
                                                    with_metrics=return_metrics, process_group=process_group,
-                                                   normalizer=normalizer)
+                                                   normalizer=normalizer, is_weights=is_weights)
     else:
         loss, metrics = custom_ops.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps,
                                                       ref_logps, config, chosen.name, with_metrics=return_metrics,
-                                                      process_group=process_group, normalizer=normalizer)
+                                                      process_group=process_group, normalizer=normalizer,
+                                                      is_weights=is_weights)
     return (loss, metrics) if return_metrics else loss
 
 
@@ -159,8 +180,8 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     beta=0.0, delta=None, temperature=1.0, ratio_level="sum", kl_reduction="mean",
                                     reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                                     clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                                    kl_importance_weighting=False, normalizer=None, inplace=False, backend="auto",
-                                    return_metrics=False, process_group=None):
+                                    kl_importance_weighting=False, normalizer=None, is_weights=None, inplace=False,
+                                    backend="auto", return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
     Args:
@@ -184,29 +205,32 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
     _check_flag("inplace", inplace)
     return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                             config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
-                            process_group=process_group, normalizer=normalizer)
+                            process_group=process_group, normalizer=normalizer, is_weights=is_weights)
 
 
 def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                      config: LossConfig, *, chunk_size, backend: str, return_metrics: bool, process_group,
-                     normalizer=None):
+                     normalizer=None, is_weights=None):
     """:func:`fused_linear_sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("return_metrics", return_metrics)
     _check_linear_inputs(hidden, weight, bias, chunk_size)
     logits_shape = (*hidden.shape[:2], weight.shape[0])
     check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config, logits_name="hidden")
+    _check_is_weights(is_weights, hidden.shape[:2], hidden.device)
     normalizer = _normalizer_tensor(normalizer, hidden.device)
     chosen = resolve_backend(backend, hidden.device)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, weight.shape[0])
         return reference.sentence_grpo_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids,
                                             advantages, old_logps, ref_logps, config, return_metrics=return_metrics,
-                                            process_group=process_group, normalizer=normalizer)
+                                            process_group=process_group, normalizer=normalizer,
+                                            is_weights=is_weights)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     loss, metrics = custom_ops.fused_linear_sentence_grpo_loss(
         hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, chosen.name,
-        chunk_size, with_metrics=return_metrics, process_group=process_group, normalizer=normalizer)
+        chunk_size, with_metrics=return_metrics, process_group=process_group, normalizer=normalizer,
+        is_weights=is_weights)
     return (loss, metrics) if return_metrics else loss
 
 
@@ -285,7 +309,7 @@ class SentenceGRPOLoss(nn.Module):
     def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                  kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                  clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                 kl_importance_weighting=False, normalizer=None, inplace=False, backend="auto",
+                 kl_importance_weighting=False, normalizer=None, is_weights=None, inplace=False, backend="auto",
                  return_metrics=False, chunk_size=None, process_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
@@ -299,7 +323,7 @@ class SentenceGRPOLoss(nn.Module):
         _check_flag("return_metrics", return_metrics)
         self.inplace, self.backend, self.return_metrics = inplace, backend, return_metrics
         self.chunk_size, self.process_group = chunk_size, process_group
-        self.normalizer = normalizer
+        self.normalizer, self.is_weights = normalizer, is_weights
 
     def forward(self, logits=None, completion_ids=None, segment_ids=None, advantages=None, old_logps=None,
                 ref_logps=None, *, hidden=None, weight=None, bias=None):
@@ -309,13 +333,13 @@ class SentenceGRPOLoss(nn.Module):
             return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                     self.config, inplace=self.inplace, backend=self.backend,
                                     return_metrics=self.return_metrics, process_group=self.process_group,
-                                    normalizer=self.normalizer)
+                                    normalizer=self.normalizer, is_weights=self.is_weights)
         if hidden is None or weight is None:
             raise ValueError("the fused linear path needs both hidden and weight")
         return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                 self.config, chunk_size=self.chunk_size, backend=self.backend,
                                 return_metrics=self.return_metrics, process_group=self.process_group,
-                                normalizer=self.normalizer)
+                                normalizer=self.normalizer, is_weights=self.is_weights)
 
     def extra_repr(self) -> str:
         options = dict(vars(self.config), inplace=self.inplace, backend=self.backend,

@@ -33,7 +33,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
 def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segment_ids: torch.Tensor,
                        advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
                        ref_logps: torch.Tensor | None = None, config: LossConfig = LossConfig(),
-                       return_metrics: bool = False, process_group=None, normalizer=None):
+                       return_metrics: bool = False, process_group=None, normalizer=None, is_weights=None):
     """Sentence-level GRPO loss (``docs/design.md``, "The loss").
 
     logits ``[B, T, V]``; completion_ids ``[B, T]`` int; segment_ids ``[B, T]`` int (``-1`` = unscored);
@@ -44,6 +44,8 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     With a ``process_group`` this rank's rows are part of a global batch: the denominators ``B'`` and ``Σ n``
     are summed over the ranks and the loss is multiplied by the world size (``sgrpo_kernels.distributed``).
     ``normalizer`` (a number or 0-dim tensor) replaces the reduction's denominator (``B'``, ``Σ n`` or 1).
+    ``is_weights`` (``[B]`` or ``[B, T]``, constant) multiply each token's policy loss, not its KL term
+    (importance weights of the rollout engine: TRL's vLLM correction, Liger's ``vllm_is_ratio``).
     """
     batch, length, _ = logits.shape
     device = logits.device
@@ -83,11 +85,16 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     sentence_advantage = torch.where(exists, sentence_advantage, 0.0)
     # L(i, s) = the mean over the sentence's tokens of the objective's per-token loss (constant over the sentence
     # for ppo_clip and sapo), plus the KL term
+    # with token weights q_t (is_weights): the mean over the sentence of q_t · ℓ_t
+    token_weight = None if is_weights is None else token_weights(is_weights, scored).to(work_dtype)
     if config.objective == "cispo":
         weight = ratio.clamp(max=config.eps_high).detach()
-        sentence_loss = -weight * sentence_advantage * per_sentence_sum(logp) / divisor
+        weighted_logp = logp if token_weight is None else token_weight * logp
+        sentence_loss = -weight * sentence_advantage * per_sentence_sum(weighted_logp) / divisor
     else:
         sentence_loss = -policy_surrogate(ratio, sentence_advantage, config)
+        if token_weight is not None:
+            sentence_loss = sentence_loss * per_sentence_sum(token_weight) / divisor
 
     if config.beta > 0:
         token_kl = kl_estimate(ref_logps[scored].to(work_dtype) - logp, config.kl_estimator)
@@ -135,6 +142,13 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         _, entropy = token_logprobs(logits[scored], completion_ids[scored], config.temperature, return_entropy=True)
         metrics["entropy_mean"] = entropy.to(work_dtype).sum() / max(entropy.numel(), 1)
     return loss, metrics
+
+
+def token_weights(is_weights: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """The constant weight of each scored token (``[M]``) from ``[B]`` (one per answer) or ``[B, T]`` weights."""
+    if is_weights.dim() == 1:
+        is_weights = is_weights.unsqueeze(1).expand(scored.shape)
+    return is_weights[scored].detach()
 
 
 def policy_surrogate(ratio: torch.Tensor, advantage: torch.Tensor, config: LossConfig) -> torch.Tensor:

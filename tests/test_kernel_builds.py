@@ -117,12 +117,15 @@ def public_api_launches() -> set[Launch]:
         for dtype, options in itertools.product(DTYPES, option_grid(fused_options)):
             inputs = loss_inputs(2, 3, 5, dtype, per_row_advantages=options["per_row_advantages"])
             call_loss(inputs, fused=True, **options)
-        # objectives and KL estimators are runtime flags; cispo also sums logp per sentence (a constexpr)
-        for dtype, objective, fused in itertools.product(DTYPES, ["cispo", "sapo"], [False, True]):
+        # objectives and KL estimators are runtime flags; cispo also sums logp per sentence and token weights
+        # add two sums and a per-token factor (constexprs)
+        for dtype, objective, fused, weighted in itertools.product(DTYPES, ["cispo", "sapo"], [False, True],
+                                                                   [False, True]):
             inputs = loss_inputs(2, 3, 5, dtype, per_row_advantages=False)
+            is_weights = torch.rand(2, 3, dtype=dtype, device=KERNEL_DEVICE) if weighted else None
             call_loss(inputs, fused=fused, per_row_advantages=False, with_old=True, requires_grad=True,
                       inplace=False, beta=0.1, return_metrics=True, objective=objective, kl_estimator="abs",
-                      kl_importance_weighting=True)
+                      kl_importance_weighting=True, is_weights=is_weights)
         for dtype, shape, sliced, index_dtype, fused in itertools.product(
                 DTYPES, SHAPES, [False, True], [torch.int64, torch.int32], [False, True]):
             inputs = loss_inputs(*shape, dtype, sliced=sliced, index_dtype=index_dtype)

@@ -34,9 +34,9 @@ def loss_and_grad(case, backend, **options):
     arguments = moved(case, device_of(backend))
     if backend == "reference":
         options = dict(options)
-        normalizer = options.pop("normalizer", None)
+        normalizer, is_weights = options.pop("normalizer", None), options.pop("is_weights", None)
         loss, metrics = reference.sentence_grpo_loss(*arguments.values(), LossConfig(**options), return_metrics=True,
-                                                     normalizer=normalizer)
+                                                     normalizer=normalizer, is_weights=is_weights)
     else:
         loss, metrics = call(backend, arguments, return_metrics=True, **options)
     loss.backward()
@@ -421,3 +421,33 @@ def test_backward_allocates_nothing_the_size_of_the_logits(backend):
     with LargeAllocations(weight.numel()) as mode:
         loss.backward()
     assert mode.seen == [] and weight.grad is not None and hidden.grad is not None
+
+
+@pytest.mark.parametrize("shape", ["answer", "token"])
+@pytest.mark.parametrize("objective", ["ppo_clip", "cispo", "sapo"])
+def test_is_weights_on_the_policy_term(backend, objective, shape):
+    """Importance weights of the rollout engine, [B] or [B, T], on both paths, against the reference in fp64."""
+    case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=8, old_spread=0.4)
+    generator = torch.Generator().manual_seed(1)
+    size = (3,) if shape == "answer" else (3, 7)
+    weights = (0.5 + torch.rand(size, generator=generator, dtype=torch.float64)).to(KERNEL_DEVICE
+                                                                                     if backend == "triton" else "cpu")
+    options = dict(objective=objective, beta=0.1, kl_importance_weighting=True, is_weights=weights,
+                   eps_high=1.2 if objective == "cispo" else 0.2)
+    check_against_gold(case, backend, rel=1e-10, **options)
+    # the weights change the loss (the test would pass vacuously if they were dropped)
+    plain, _, _ = loss_and_grad(case, backend, **{k: v for k, v in options.items() if k != "is_weights"})
+    weighted, _, _ = loss_and_grad(case, backend, **options)
+    assert (plain - weighted).abs() > 1e-3
+    # fused linear path
+    hidden = torch.randn(3, 7, 8, dtype=torch.float64, generator=generator)
+    weight = torch.randn(300, 8, dtype=torch.float64, generator=generator) * 0.3
+    results = []
+    for name in (backend, "reference"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        rest = list(moved(case, device_of(name)).values())[1:]
+        loss = sk.fused_linear_sentence_grpo_loss(h, w, *rest, backend=name, chunk_size=4, **options)
+        loss.backward()
+        results.append((loss.detach().cpu(), h.grad, w.grad))
+    for got, gold, label in zip(*results, ("loss", "grad hidden", "grad weight")):
+        assert_relative_close(got, gold, 1e-10, label)

@@ -134,11 +134,59 @@ def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, 
     assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
 
 
+@pytest.mark.parametrize("level,sampling_level,loss_type,ratio_shape", [
+    ("token", "token", "dapo", "token"), ("output", "sequence", "grpo", "sequence"), ("token", "token", "cispo",
+                                                                                      "sequence")])
+def test_vllm_importance_sampling_correction_reproduces_trl(tmp_path, level, sampling_level, loss_type,
+                                                             ratio_shape):
+    """TRL's default with vLLM: the loss times the rollout engine's importance ratio that TRL computed
+    (``inputs["importance_sampling_ratio"]``, [B, T] for token modes, [B, 1] for sequence modes)."""
+    options = dict(reward_funcs=[length_reward], beta=0.05, importance_sampling_level=sampling_level,
+                   loss_type=loss_type, num_iterations=2, use_bias_correction_kl=True)
+    ours = make(tmp_path / "ours", level=level, **options)
+    theirs = make(tmp_path / "theirs", trl.GRPOTrainer, **options)
+    inputs = batch_inputs(ours)
+    for trainer in (ours, theirs):      # as after generation with vLLM (not installed here: set, not constructed)
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        trainer.current_gradient_accumulation_steps = 1
+    rows, length = inputs["completion_ids"].shape
+    generator = torch.Generator().manual_seed(2)
+    shape = (rows, length) if ratio_shape == "token" else (rows, 1)
+    inputs["importance_sampling_ratio"] = 0.5 + torch.rand(shape, generator=generator)
+    our_loss = ours._compute_loss(ours.model, inputs)
+    (our_grad,) = torch.autograd.grad(our_loss, [ours.model.get_output_embeddings().weight])
+    their_loss = theirs._compute_loss(theirs.model, inputs)
+    (their_grad,) = torch.autograd.grad(their_loss, [theirs.model.get_output_embeddings().weight])
+    assert_relative_close(our_loss, their_loss, 1e-5, "loss")
+    assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
+    inputs["importance_sampling_ratio"] = torch.ones(shape)     # the ratio matters: the loss changes without it
+    assert (ours._compute_loss(ours.model, inputs) - our_loss).abs() > 1e-4
+
+
 def test_a_head_that_does_not_read_the_last_hidden_state_is_refused(tmp_path):
     trainer = make(tmp_path, reward_funcs=[length_reward], level="token")
     trainer.model.get_output_embeddings().register_forward_hook(lambda module, args, output: 2 * output)
     with pytest.raises(NotImplementedError, match="not the input of its LM head"):
         trainer._compute_loss(trainer.model, batch_inputs(trainer))
+
+
+def test_trl_default_config_is_taken_as_it_is(tmp_path):
+    """GRPOConfig's loss defaults (loss_type="dapo", use_bias_correction_kl=True, the vLLM correction switch on,
+    top_entropy_quantile=1) construct and train without a refusal."""
+    default = {name: field.default for name, field in trl.GRPOConfig.__dataclass_fields__.items()}
+    assert default["loss_type"] == "dapo" and default["use_bias_correction_kl"]
+    assert default["vllm_importance_sampling_correction"] and default["top_entropy_quantile"] == 1.0
+    args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=False, max_steps=1,
+                          per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
+                          save_strategy="no", beta=0.04)                 # beta > 0 with TRL's KL correction
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer()
+    model = tiny_model(tokenizer, hidden_size=32, layers=1, heads=2)
+    model.save_pretrained(tmp_path / "initial")
+    model.config._name_or_path = str(tmp_path / "initial")
+    trainer = SentenceGRPOTrainer(model, args=args, train_dataset=dataset(), processing_class=tokenizer,
+                                  reward_funcs=[length_reward], level="token")
+    assert math.isfinite(trainer.train().training_loss)
 
 
 def test_arguments_are_checked(tmp_path):

@@ -18,8 +18,8 @@ With ``level="token"`` or ``"output"`` and TRL's own ``reward_funcs``, the loss 
 ``reduction="sentence_mean"``), ``bnpo`` (``"token_mean"``), ``dr_grpo``, ``dapo`` and ``cispo`` (token sums over
 TRL's own normalisers), ``sapo`` and ``luspo``, with or without ``use_bias_correction_kl`` (our
 ``kl_importance_weighting``). TRL options that change the loss in ways this package's loss does not define yet
-are refused with an error (``vespo``, the entropy mask, the off-policy mask, vLLM
-importance-sampling correction). Needs ``trl >= 1.0``.
+are refused with an error (``vespo``, the entropy mask, the off-policy mask). vLLM's importance-sampling
+correction is applied as TRL computes it (``importance_sampling_ratio`` as ``is_weights``). Needs ``trl >= 1.0``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ def _check_supported(args) -> None:
         refused.append("top_entropy_quantile < 1 (the entropy mask)")
     if option("off_policy_mask_threshold", None) is not None:
         refused.append("off_policy_mask_threshold (the off-policy sequence mask)")
-    if option("use_vllm", False) and option("vllm_importance_sampling_correction", False):
-        refused.append("vllm_importance_sampling_correction=True (set it to False)")
     if refused:
         raise ValueError("SentenceGRPOTrainer does not implement: " + "; ".join(refused))
 
@@ -188,7 +186,7 @@ class SentenceGRPOTrainer(GRPOTrainer):
             objective=objective, sapo_tau_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
             sapo_tau_neg=getattr(self.args, "sapo_temperature_neg", 1.05),
             kl_importance_weighting=self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False),
-            chunk_size=self.chunk_size, return_metrics=True)
+            is_weights=self._rollout_weights(inputs), chunk_size=self.chunk_size, return_metrics=True)
         mode = "train" if self.model.training else "eval"
         loss = self._normalise(loss, inputs, mode)
         for name in ("clip_fraction", "ratio_mean", "kl_mean", "entropy_mean"):
@@ -196,6 +194,14 @@ class SentenceGRPOTrainer(GRPOTrainer):
                 self._metrics[mode][f"sentence/{name}"].append(
                     self.accelerator.gather(metrics[name].float().reshape(1)).mean().item())
         return loss
+
+    def _rollout_weights(self, inputs) -> torch.Tensor | None:
+        """TRL's vLLM importance-sampling ratio (its ``vllm_importance_sampling_mode``, computed by TRL from the
+        rollout engine's log-probs): ``[B, T]`` for token modes, ``[B]`` for sequence modes; ``None`` without it."""
+        if not (getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False)):
+            return None
+        ratio = inputs["importance_sampling_ratio"].detach()
+        return ratio.squeeze(1) if ratio.dim() == 2 and ratio.shape[1] == 1 else ratio
 
     def _normalise(self, loss: torch.Tensor, inputs, mode: str) -> torch.Tensor:
         """TRL's normalisation of each loss type, given our per-micro-batch sentence or token mean."""

@@ -13,7 +13,7 @@ import torch
 
 from .. import distributed
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
-from .passes import Passes, new_output
+from .passes import Passes, flat_token_weights, new_output
 
 
 class EagerGradient(torch.autograd.Function):
@@ -53,7 +53,8 @@ def data_parallel_layout(process_group) -> dict:
 
 def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                            config, num_slots: int, *, gradient_out: torch.Tensor | None, with_metrics: bool,
-                           process_group=None, normalizer: torch.Tensor | None = None):
+                           process_group=None, normalizer: torch.Tensor | None = None,
+                           is_weights: torch.Tensor | None = None):
     """The loss (``reference.sentence_grpo_loss``) with passes A, B and, when ``gradient_out`` is given, C.
 
     Inputs as ``reference.sentence_grpo_loss`` (already validated); ``num_slots`` is ``S_max``. The gradient of
@@ -66,12 +67,15 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
                                      with_entropy=with_metrics)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, scores.logp.dtype, normalizer=normalizer,
                                  **data_parallel_layout(process_group))
-        sums = SentenceSums.zeros(layout, config)
-        passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, sums, config)
+        token_weights = flat_token_weights(is_weights, *segment_ids.shape)
+        sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None)
+        passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, sums, config,
+                             token_weights=token_weights)
         terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
         if gradient_out is not None:
-            token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms, config)
+            token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms, config,
+                                                   token_weights=token_weights)
             passes.logits_gradient(logits, completion_ids, token_coef, scores.lse, config.temperature, gradient_out)
         if not with_metrics:
             return loss, None
@@ -94,12 +98,12 @@ def token_logprobs_backward(passes: Passes, logits, ids, grad_logp, grad_entropy
 
 def sentence_grpo_loss_inplace(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps,
                                ref_logps, config, num_slots: int, *, with_metrics: bool, process_group=None,
-                               normalizer: torch.Tensor | None = None):
+                               normalizer: torch.Tensor | None = None, is_weights: torch.Tensor | None = None):
     """:func:`run_sentence_grpo_loss` writing the gradient over ``logits`` (eager mode only: a custom op may not
     mutate an input it differentiates); returns ``(loss wired to autograd, metrics or None)``."""
     loss, metrics = run_sentence_grpo_loss(passes, logits.detach(), completion_ids, segment_ids, advantages,
                                            old_logps, ref_logps, config, num_slots, gradient_out=logits.detach(),
                                            with_metrics=with_metrics, process_group=process_group,
-                                           normalizer=normalizer)
+                                           normalizer=normalizer, is_weights=is_weights)
     torch.autograd.graph.increment_version(logits)   # autograd must refuse any later use of the overwritten logits
     return EagerGradient.apply(loss, (logits.detach(),), logits), metrics

@@ -21,7 +21,7 @@ import torch
 
 from .driver import data_parallel_layout
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
-from .passes import Passes, accumulator_dtype, new_output
+from .passes import Passes, accumulator_dtype, flat_token_weights, new_output
 
 CPU_CHUNK_BYTES = 32 * 2**20
 GPU_CHUNK_BYTES_MAX = 2**30
@@ -172,7 +172,8 @@ class _ScoreBuffers:
 
 def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
                           ref_logps, config, num_slots: int, chunk_size: int | None, *, wanted: tuple,
-                          with_metrics: bool, process_group=None, normalizer: torch.Tensor | None = None):
+                          with_metrics: bool, process_group=None, normalizer: torch.Tensor | None = None,
+                          is_weights: torch.Tensor | None = None):
     """The loss (``reference.sentence_grpo_loss``) on ``logits = hidden @ weight.T + bias``, a chunk at a time.
 
     hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``; the rest as ``sentence_grpo_loss``.
@@ -191,18 +192,21 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
         ids = completion_ids.reshape(rows)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, normalizer=normalizer,
                                  **data_parallel_layout(process_group))
-        sums = SentenceSums.zeros(layout, config)
+        token_weights = flat_token_weights(is_weights, batch, length)
+        sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None)
         scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics)
         logp = scores.logp
 
         def forward(tokens):
             chunk_rows, logits = scores.score(passes, head, ids, tokens, temperature)
-            passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, sums, config, tokens)
+            passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, sums, config, tokens,
+                                 token_weights=token_weights)
             return chunk_rows, logits
 
         def backward(tokens, chunk_rows, logits):
             terms = passes.sentence_terms(layout, sums, advantages, config)
-            coef = passes.token_coefficients(logp, ref_logps, segment_ids, num_slots, terms, config, tokens)
+            coef = passes.token_coefficients(logp, ref_logps, segment_ids, num_slots, terms, config, tokens,
+                                             token_weights=token_weights)
             grid = logits.unsqueeze(0)        # the gradient of the logits overwrites them
             passes.logits_gradient(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], temperature, grid)
             head.accumulate(tokens, chunk_rows, logits)

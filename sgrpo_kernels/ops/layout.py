@@ -68,30 +68,35 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
 @dataclass
 class SentenceSums:
     """Pass B's per-sentence sums over the tokens, fp64, flat ``[B * S_max]`` (``None``: not needed):
-    ``Σ Δ_t`` (log-ratio), ``Σ kl_t`` (the KL estimator, when ``beta > 0``), ``Σ logp_t`` (for ``cispo``)."""
+    ``Σ Δ_t`` (log-ratio), ``Σ kl_t`` (the KL estimator, when ``beta > 0``), ``Σ q_t logp_t`` (for ``cispo``; ``q_t``
+    the token weight, 1 without one) and ``Σ q_t`` (with token weights)."""
 
     log_ratio: torch.Tensor
     kl: torch.Tensor | None
     logp: torch.Tensor | None
+    weight: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, layout: SentenceLayout, config) -> SentenceSums:
-        """Zeroed accumulators for the options of ``config`` (a ``LossConfig``)."""
+    def zeros(cls, layout: SentenceLayout, config, with_token_weights: bool = False) -> SentenceSums:
+        """Zeroed accumulators for the options of ``config`` (a ``LossConfig``) and token weights if any."""
         def zeros():
             return torch.zeros(layout.count.numel(), dtype=torch.float64, device=layout.count.device)
-        return cls(zeros(), zeros() if config.beta > 0 else None, zeros() if config.objective == "cispo" else None)
+        return cls(zeros(), zeros() if config.beta > 0 else None, zeros() if config.objective == "cispo" else None,
+                   zeros() if with_token_weights else None)
 
 
 @dataclass
 class SentenceTerms:
     """Output of the terms step, flat ``[B * S_max]``: ``w · L``, ratio, and the two gradient factors:
-    ``ratio_coef``, the part of ``c_t`` every token of the sentence shares, and ``kl_coef``, which multiplies the
-    token's own ``∂kl_t/∂logp_t``."""
+    ``ratio_coef``, the part of ``c_t`` every token of the sentence shares, ``kl_coef``, which multiplies the
+    token's own ``∂kl_t/∂logp_t``, and ``weight_coef`` (``cispo`` only), which multiplies the token's weight ``q_t``
+    (1 without token weights)."""
 
     weighted_loss: torch.Tensor
     ratio: torch.Tensor
     ratio_coef: torch.Tensor
     kl_coef: torch.Tensor | None
+    weight_coef: torch.Tensor | None = None
 
 
 @dataclass

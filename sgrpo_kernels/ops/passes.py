@@ -40,15 +40,16 @@ class Passes(Protocol):
         ``segment_ids >= 0`` when ``segment_ids`` is given."""
 
     def sentence_sums(self, logp, old_logps, ref_logps, segment_ids, num_slots: int, sums, config,
-                      tokens=None) -> None:
-        """Pass B: add ``Δ_t = logp − old``, the KL estimate ``kl_t`` and ``logp_t`` of each scored token (of
-        ``tokens``, flat positions, if given) into the fp64 ``layout.SentenceSums`` that are not ``None``."""
+                      tokens=None, token_weights=None) -> None:
+        """Pass B: add ``Δ_t = logp − old``, the KL estimate ``kl_t``, ``q_t logp_t`` and ``q_t`` of each scored
+        token (of ``tokens``, flat positions, if given) into the fp64 ``layout.SentenceSums`` that are not
+        ``None``; ``token_weights``: flat ``[B*T]`` ``q_t`` or ``None`` (all 1)."""
 
     def sentence_terms(self, layout, sums, advantages, config):
         """Pass B: per sentence, the ratio, ``w · L`` and the two gradient factors -> ``SentenceTerms``."""
 
     def token_coefficients(self, logp, ref_logps, segment_ids, num_slots: int, terms, config,
-                           tokens=None) -> torch.Tensor:
+                           tokens=None, token_weights=None) -> torch.Tensor:
         """Pass B: ``c_t = ∂loss/∂logp_t`` for every token (or for ``tokens``), 0 where not scored."""
 
     def logits_gradient(self, logits, ids, logp_coef, lse, temperature: float, out, *, entropy_coef=None,
@@ -94,6 +95,14 @@ def check_row_layout(name: str, tensor: torch.Tensor) -> None:
     if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
         raise ValueError(f"{name} must be contiguous along the vocabulary (last) dimension, "
                          f"got strides {tuple(tensor.stride())}; call .contiguous() first")
+
+
+def flat_token_weights(is_weights: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """``[B]`` (one per answer) or ``[B, T]`` token weights as a flat ``[B*T]`` tensor (``None`` stays ``None``)."""
+    if is_weights is None:
+        return None
+    per_token = is_weights.unsqueeze(1).expand(batch, length) if is_weights.dim() == 1 else is_weights
+    return per_token.reshape(-1)
 
 
 def new_token_scores(logits: torch.Tensor, with_entropy: bool) -> TokenScores:

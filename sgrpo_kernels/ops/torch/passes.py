@@ -94,7 +94,7 @@ def _token_slots(segment_ids: torch.Tensor, num_slots: int, tokens: torch.Tensor
 
 
 def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, sums: SentenceSums, config,
-                  tokens=None) -> None:
+                  tokens=None, token_weights=None) -> None:
     """Pass B, sums; the contract of ``ops.passes.Passes.sentence_sums``."""
     positions, _, slots = _token_slots(segment_ids, num_slots, tokens)
     token_logp = logp[positions]
@@ -103,8 +103,11 @@ def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, sums:
     if sums.kl is not None:
         ref_minus_logp = ref_logps.reshape(-1)[positions].to(logp.dtype) - token_logp
         sums.kl.index_add_(0, slots, reference.kl_estimate(ref_minus_logp, config.kl_estimator).double())
+    weight = None if token_weights is None else token_weights[positions].to(logp.dtype)
     if sums.logp is not None:
-        sums.logp.index_add_(0, slots, token_logp.double())
+        sums.logp.index_add_(0, slots, (token_logp if weight is None else weight * token_logp).double())
+    if sums.weight is not None:
+        sums.weight.index_add_(0, slots, weight.double())
 
 
 def policy_surrogate_and_slope(ratio, advantage, config: LossConfig):
@@ -156,13 +159,18 @@ def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, confi
     if config.ratio_level == "mean":
         per_token_slope = per_token_slope / divisor
 
-    if config.objective == "cispo":     # L = −sg(min(ρ, eps_high)) · Â · mean_t logp_t
+    weight_coef = None
+    if config.objective == "cispo":     # L = −sg(min(ρ, eps_high)) · Â · mean_t q_t logp_t
         weight = ratio.clamp(max=config.eps_high)
         loss = -weight * advantage * sums.logp.to(dtype) / divisor
-        shared = -weight * advantage / divisor
-    else:
+        weight_coef = torch.where(exists, layout.weight * -weight * advantage / divisor, 0.0)
+        shared = torch.zeros_like(loss)
+    else:                               # L = ℓ(ρ) · mean_t q_t
         surrogate, slope = policy_surrogate_and_slope(ratio, advantage, config)
         loss, shared = -surrogate, -slope * per_token_slope
+        if sums.weight is not None:
+            mean_weight = sums.weight.to(dtype) / divisor
+            loss, shared = loss * mean_weight, shared * mean_weight
     kl_coef = None
     if sums.kl is not None:
         kl, kl_weight = sums.kl.to(dtype), torch.full_like(divisor, config.beta)
@@ -174,7 +182,8 @@ def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, confi
         loss = loss + config.beta * kl
         kl_coef = torch.where(exists, layout.weight * kl_weight, 0.0)
     return SentenceTerms(weighted_loss=torch.where(exists, layout.weight * loss, 0.0), ratio=ratio,
-                         ratio_coef=torch.where(exists, layout.weight * shared, 0.0), kl_coef=kl_coef)
+                         ratio_coef=torch.where(exists, layout.weight * shared, 0.0), kl_coef=kl_coef,
+                         weight_coef=weight_coef)
 
 
 def kl_slope(ref_minus_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -190,12 +199,15 @@ def kl_slope(ref_minus_logp: torch.Tensor, estimator: str) -> torch.Tensor:
 
 
 def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, config,
-                       tokens=None):
+                       tokens=None, token_weights=None):
     """Pass B, per-token coefficient; the contract of ``ops.passes.Passes.token_coefficients``."""
     count = segment_ids.numel() if tokens is None else tokens.numel()
     coef = torch.zeros(count, dtype=logp.dtype, device=logp.device)
     positions, list_positions, slots = _token_slots(segment_ids, num_slots, tokens)
     values = terms.ratio_coef[slots]
+    if terms.weight_coef is not None:
+        weight = 1.0 if token_weights is None else token_weights[positions].to(logp.dtype)
+        values = values + terms.weight_coef[slots] * weight
     if terms.kl_coef is not None:
         ref = ref_logps.reshape(-1)[positions].to(logp.dtype)
         values = values + terms.kl_coef[slots] * kl_slope(ref - logp[positions], config.kl_estimator)

@@ -69,10 +69,10 @@ def _kl_slope(x, kl_estimator):
 
 
 @triton.jit(do_not_specialize=["num_tokens", "length", "num_slots", "kl_estimator"])
-def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, log_ratio_sum_ptr, kl_sum_ptr,
-                          logp_sum_ptr, num_tokens, length, num_slots, kl_estimator,
+def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, weights_ptr, segment_ids_ptr, tokens_ptr, log_ratio_sum_ptr,
+                          kl_sum_ptr, logp_sum_ptr, weight_sum_ptr, num_tokens, length, num_slots, kl_estimator,
                           HAS_INDEX: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr,
-                          HAS_LOGP: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_LOGP: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
     _, _, token, scored, slot = _listed_tokens(tokens_ptr, segment_ids_ptr, num_tokens, length, num_slots,
                                                HAS_INDEX, BLOCK)
     logp = tl.load(logp_ptr + token, mask=scored, other=0.0)
@@ -83,18 +83,24 @@ def _sentence_sums_kernel(logp_ptr, old_ptr, ref_ptr, segment_ids_ptr, tokens_pt
         ref_minus_logp = tl.load(ref_ptr + token, mask=scored, other=0.0).to(logp.dtype) - logp
         tl.atomic_add(kl_sum_ptr + slot, _kl_value(ref_minus_logp, kl_estimator).to(tl.float64), mask=scored,
                       sem="relaxed")
+    weighted_logp = logp
+    if HAS_WEIGHTS:
+        weight = tl.load(weights_ptr + token, mask=scored, other=0.0).to(logp.dtype)
+        weighted_logp = weight * logp
+        tl.atomic_add(weight_sum_ptr + slot, weight.to(tl.float64), mask=scored, sem="relaxed")
     if HAS_LOGP:
-        tl.atomic_add(logp_sum_ptr + slot, logp.to(tl.float64), mask=scored, sem="relaxed")
+        tl.atomic_add(logp_sum_ptr + slot, weighted_logp.to(tl.float64), mask=scored, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["total_slots", "num_slots", "row_advantages", "ratio_mean", "kl_mean", "has_kl",
-                               "has_delta", "objective", "has_dual_clip", "kl_weighted"])
-def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr, logp_sum_ptr, advantages_ptr,
-                           weighted_loss_ptr, ratio_ptr, ratio_coef_ptr, kl_coef_ptr, total_slots, num_slots,
+                               "has_delta", "objective", "has_dual_clip", "kl_weighted", "has_weights"])
+def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr, logp_sum_ptr, weight_sum_ptr,
+                           advantages_ptr, weighted_loss_ptr, ratio_ptr, ratio_coef_ptr, kl_coef_ptr, weight_coef_ptr,
+                           total_slots, num_slots,
                            eps_low: tl.float64, eps_high: tl.float64, beta: tl.float64, delta: tl.float64,
                            clamp_log_ratio: tl.float64, clip_ratio_c: tl.float64, tau_pos: tl.float64,
                            tau_neg: tl.float64, row_advantages, ratio_mean, kl_mean, has_kl, has_delta, objective,
-                           has_dual_clip, kl_weighted, BLOCK: tl.constexpr):
+                           has_dual_clip, kl_weighted, has_weights, BLOCK: tl.constexpr):
     # The options are runtime flags (0/1, not specialised on): this kernel touches a few values per sentence, so
     # selecting with tl.where costs nothing measurable, and one build serves every option set.
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -149,14 +155,20 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
     per_token_slope = tl.where(inside_clamp, 1.0, 0.0)       # ∂ log ρ / ∂ logp_t
     per_token_slope = tl.where(ratio_mean != 0, per_token_slope / divisor, per_token_slope)
 
-    loss = -surrogate
-    shared = -surrogate_slope * per_token_slope               # the part of c_t / w every token of s shares
-    # cispo: L = −sg(min(ρ, eps_high)) · Â · mean_t logp_t
+    # with token weights q_t: ℓ(ρ) · mean_t q_t
+    weight_slots = tl.where(has_weights != 0, in_range, False)
+    mean_weight = tl.load(weight_sum_ptr + index, mask=weight_slots, other=1.0).to(acc_dtype)
+    mean_weight = tl.where(has_weights != 0, mean_weight / divisor, 1.0)
+    loss = -surrogate * mean_weight
+    shared = -surrogate_slope * per_token_slope * mean_weight  # the part of c_t / w every token of s shares
+    # cispo: L = −sg(min(ρ, eps_high)) · Â · mean_t q_t logp_t; ∂/∂logp_t = q_t · (−sg(·) · Â / n)
     cispo = objective == 1
     capped = tl.minimum(ratio, as_dtype(eps_high, acc_dtype), propagate_nan=NAN)
     logp_mean = tl.load(logp_sum_ptr + index, mask=tl.where(cispo, in_range, False), other=0.0).to(acc_dtype) / divisor
     loss = tl.where(cispo, -capped * advantage * logp_mean, loss)
-    shared = tl.where(cispo, -capped * advantage / divisor, shared)
+    shared = tl.where(cispo, 0.0, shared)
+    tl.store(weight_coef_ptr + index, tl.where(exists, weight * -capped * advantage / divisor, 0.0),
+             mask=tl.where(cispo, in_range, False))
 
     kl_slots = tl.where(has_kl != 0, in_range, False)
     kl = tl.load(kl_sum_ptr + index, mask=kl_slots, other=0.0).to(acc_dtype)
@@ -172,13 +184,19 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
 
 
 @triton.jit(do_not_specialize=["num_tokens", "length", "num_slots", "kl_estimator"])
-def _token_coef_kernel(logp_ptr, ref_ptr, segment_ids_ptr, tokens_ptr, ratio_coef_ptr, kl_coef_ptr, coef_ptr,
-                       num_tokens, length, num_slots, kl_estimator,
-                       HAS_INDEX: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr):
-    # c_t = ratio_coef[s] + kl_coef[s] · ∂kl_t/∂logp_t, written at the token's place in the list
+def _token_coef_kernel(logp_ptr, ref_ptr, weights_ptr, segment_ids_ptr, tokens_ptr, ratio_coef_ptr, kl_coef_ptr,
+                       weight_coef_ptr, coef_ptr, num_tokens, length, num_slots, kl_estimator,
+                       HAS_INDEX: tl.constexpr, HAS_KL: tl.constexpr, HAS_WEIGHT_COEF: tl.constexpr,
+                       HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+    # c_t = ratio_coef[s] + weight_coef[s] · q_t + kl_coef[s] · ∂kl_t/∂logp_t, at the token's place in the list
     position, in_range, token, scored, slot = _listed_tokens(tokens_ptr, segment_ids_ptr, num_tokens, length,
                                                              num_slots, HAS_INDEX, BLOCK)
     coef = tl.load(ratio_coef_ptr + slot, mask=scored, other=0.0)
+    if HAS_WEIGHT_COEF:
+        weight_coef = tl.load(weight_coef_ptr + slot, mask=scored, other=0.0)
+        if HAS_WEIGHTS:
+            weight_coef *= tl.load(weights_ptr + token, mask=scored, other=0.0).to(weight_coef.dtype)
+        coef += weight_coef
     if HAS_KL:
         logp = tl.load(logp_ptr + token, mask=scored, other=0.0)
         ref = tl.load(ref_ptr + token, mask=scored, other=0.0).to(logp.dtype)
@@ -192,23 +210,25 @@ OBJECTIVE_CODES = {"ppo_clip": 0, "cispo": 1, "sapo": 2}
 
 
 def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, sums: SentenceSums, config,
-                  tokens=None) -> None:
+                  tokens=None, token_weights=None) -> None:
     """Add ``Δ_t`` (if ``old_logps`` is given), ``kl_t`` and ``logp_t`` of the listed tokens (all tokens when
     ``tokens`` is ``None``) to their sentence's fp64 sums (those not ``None``). logp: flat ``[B*T]``; others
     ``[B, T]``."""
     batch, length = segment_ids.shape
     count = batch * length if tokens is None else tokens.numel()
-    if count == 0 or (old_logps is None and sums.kl is None and sums.logp is None):
+    if count == 0 or (old_logps is None and sums.kl is None and sums.logp is None and sums.weight is None):
         return
     segments = index_vector(segment_ids)
+    weights = None if token_weights is None else float_vector(token_weights, logp.dtype)
     _sentence_sums_kernel[(triton.cdiv(count, TOKEN_BLOCK),)](
         logp, float_vector(old_logps, logp.dtype) if old_logps is not None else logp,
-        float_vector(ref_logps, logp.dtype) if sums.kl is not None else logp,
+        float_vector(ref_logps, logp.dtype) if sums.kl is not None else logp, weights if weights is not None else logp,
         segments, index_vector(tokens) if tokens is not None else segments, sums.log_ratio,
         sums.kl if sums.kl is not None else sums.log_ratio, sums.logp if sums.logp is not None else sums.log_ratio,
+        sums.weight if sums.weight is not None else sums.log_ratio,
         count, length, num_slots, KL_ESTIMATOR_CODES[config.kl_estimator],
         HAS_INDEX=tokens is not None, HAS_OLD=old_logps is not None, HAS_KL=sums.kl is not None,
-        HAS_LOGP=sums.logp is not None, BLOCK=TOKEN_BLOCK, **COMPILE_OPTIONS)
+        HAS_LOGP=sums.logp is not None, HAS_WEIGHTS=weights is not None, BLOCK=TOKEN_BLOCK, **COMPILE_OPTIONS)
 
 
 def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, config: LossConfig) -> SentenceTerms:
@@ -216,25 +236,30 @@ def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, confi
     total = layout.count.numel()
     dtype, device = layout.weight.dtype, layout.weight.device
     has_kl = sums.kl is not None
+    cispo = config.objective == "cispo"
     terms = SentenceTerms(weighted_loss=new_output((total,), dtype, device), ratio=new_output((total,), dtype, device),
                           ratio_coef=new_output((total,), dtype, device),
-                          kl_coef=new_output((total,), dtype, device) if has_kl else None)
+                          kl_coef=new_output((total,), dtype, device) if has_kl else None,
+                          weight_coef=new_output((total,), dtype, device) if cispo else None)
     if total:
         _sentence_terms_kernel[(triton.cdiv(total, SLOT_BLOCK),)](
             layout.count, layout.weight, sums.log_ratio, sums.kl if has_kl else sums.log_ratio,
-            sums.logp if sums.logp is not None else sums.log_ratio, float_vector(advantages, dtype),
+            sums.logp if sums.logp is not None else sums.log_ratio,
+            sums.weight if sums.weight is not None else sums.log_ratio, float_vector(advantages, dtype),
             terms.weighted_loss, terms.ratio, terms.ratio_coef, terms.kl_coef if has_kl else terms.ratio_coef,
+            terms.weight_coef if cispo else terms.ratio_coef,
             total, layout.num_slots, config.eps_low, config.eps_high, config.beta,
             config.delta if config.delta is not None else 0.0, config.clamp_log_ratio,
             config.clip_ratio_c if config.clip_ratio_c is not None else 0.0, config.sapo_tau_pos,
             config.sapo_tau_neg, int(advantages.dim() == 1), int(config.ratio_level == "mean"),
             int(config.kl_reduction == "mean"), int(has_kl), int(config.delta is not None),
             OBJECTIVE_CODES[config.objective], int(config.clip_ratio_c is not None),
-            int(config.kl_importance_weighting), BLOCK=SLOT_BLOCK, **COMPILE_OPTIONS)
+            int(config.kl_importance_weighting), int(sums.weight is not None), BLOCK=SLOT_BLOCK, **COMPILE_OPTIONS)
     return terms
 
 
-def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, config, tokens=None):
+def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, config, tokens=None,
+                       token_weights=None):
     """``c_t = ∂loss/∂logp_t`` of the listed tokens (all when ``tokens`` is ``None``), in list order; 0 if unscored."""
     batch, length = segment_ids.shape
     count = batch * length if tokens is None else tokens.numel()
@@ -242,10 +267,14 @@ def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: Sent
     if count:
         segments = index_vector(segment_ids)
         has_kl = terms.kl_coef is not None
+        has_weight_coef = terms.weight_coef is not None
+        weights = None if token_weights is None else float_vector(token_weights, logp.dtype)
         _token_coef_kernel[(triton.cdiv(count, TOKEN_BLOCK),)](
-            logp, float_vector(ref_logps, logp.dtype) if has_kl else logp, segments,
-            index_vector(tokens) if tokens is not None else segments,
-            terms.ratio_coef, terms.kl_coef if has_kl else terms.ratio_coef, coef, count, length, num_slots,
+            logp, float_vector(ref_logps, logp.dtype) if has_kl else logp, weights if weights is not None else logp,
+            segments, index_vector(tokens) if tokens is not None else segments,
+            terms.ratio_coef, terms.kl_coef if has_kl else terms.ratio_coef,
+            terms.weight_coef if has_weight_coef else terms.ratio_coef, coef, count, length, num_slots,
             KL_ESTIMATOR_CODES[config.kl_estimator], HAS_INDEX=tokens is not None, HAS_KL=has_kl,
+            HAS_WEIGHT_COEF=has_weight_coef, HAS_WEIGHTS=has_weight_coef and weights is not None,
             BLOCK=TOKEN_BLOCK, **COMPILE_OPTIONS)
     return coef
