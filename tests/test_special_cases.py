@@ -99,3 +99,58 @@ def test_special_case_matches_liger_triton_grpo_loss(level, options, backend):
     assert_relative_close(liger_loss.detach().cpu(), ours, 1e-5, "loss")
     assert_relative_close(liger_logits.grad[:, :length].cpu(), our_grad, 1e-5, "logits.grad")
     assert torch.count_nonzero(liger_logits.grad[:, length]) == 0
+
+
+# Liger loss_type -> our objective, reduction and normalizer (a function of B and T). Not here: Liger's "luspo",
+# which averages n_i · ℓ_t over all B · T positions (TRL's luspo, which tests/test_trl.py checks, sums the tokens
+# of each answer and averages over answers), and cispo/sapo at the sequence level, which Liger does not define.
+LIGER_LOSS_TYPES = {
+    "grpo": ("ppo_clip", "sentence_mean", None), "bnpo": ("ppo_clip", "token_mean", None),
+    "dapo": ("ppo_clip", "token_mean", None),
+    "dr_grpo": ("ppo_clip", "token_mean", lambda batch, length: batch * length),
+    "cispo": ("cispo", "token_mean", None), "sapo": ("sapo", "sentence_mean", None),
+}
+
+
+@pytest.mark.parametrize("loss_type,level", [(loss_type, level) for loss_type in LIGER_LOSS_TYPES
+                                              for level in ("token", "sequence")
+                                              if not (level == "sequence" and loss_type in ("cispo", "sapo"))])
+@pytest.mark.parametrize("corrections", [False, True], ids=["plain", "kl_correction+vllm_is"])
+def test_the_family_matches_liger_triton_grpo_loss(loss_type, level, corrections, backend):
+    """Every loss type Liger's triton_grpo_loss has, at the token and sequence levels, with and without TRL's
+    bias-corrected KL and vLLM importance ratios, against our loss (Liger runs under the interpreter)."""
+    grpo_loss = pytest.importorskip("liger_kernel.transformers.grpo_loss",
+                                    reason="liger-kernel (the dev extra) is the oracle of this test")
+    case = level_case(level, seed=41, vocab=300)
+    batch, length, vocab = case["logits"].shape
+    objective, reduction, normalizer = LIGER_LOSS_TYPES[loss_type]
+    eps_high = 1.5 if loss_type == "cispo" else 0.28          # cispo caps the ratio at eps_high itself
+    is_ratio = 0.5 + torch.rand(batch, length, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    options = dict(beta=0.05, temperature=0.9, eps_low=0.2, eps_high=eps_high, objective=objective,
+                   reduction=reduction, kl_importance_weighting=corrections,
+                   normalizer=None if normalizer is None else normalizer(batch, length),
+                   is_weights=is_ratio.to(device_of(backend)) if corrections else None)
+    ratio_level = "mean" if level == "sequence" else "sum"
+    arguments = moved(case, device_of(backend))
+    if backend == "reference":
+        normalizer_value, weights = options.pop("normalizer"), options.pop("is_weights")
+        loss = reference.sentence_grpo_loss(*arguments.values(), LossConfig(ratio_level=ratio_level, **options),
+                                            normalizer=normalizer_value, is_weights=weights)
+    else:
+        loss = sk.sentence_grpo_loss(*arguments.values(), ratio_level=ratio_level, backend=backend, **options)
+    (our_grad,) = torch.autograd.grad(loss, arguments["logits"])
+
+    device = device_of("liger")
+    liger_logits = torch.cat([case["logits"].detach(), torch.randn(batch, 1, vocab, dtype=torch.float64)], 1)
+    liger_logits = liger_logits.float().contiguous().to(device).requires_grad_()
+    as_input = lambda tensor: tensor.float().contiguous().to(device)
+    liger_loss, _ = grpo_loss.triton_grpo_loss(
+        liger_logits, as_input(case["old_logps"]), as_input(case["ref_logps"]),
+        case["completion_ids"].clamp(min=0).to(device), as_input(case["advantages"]),
+        as_input((case["segment_ids"] >= 0).float()), temperature=0.9, beta=0.05, eps_low=0.2, eps_high=eps_high,
+        inplace=False, loss_type=loss_type, importance_sampling_level=level, reduce=True,
+        use_bias_correction_kl=corrections, vllm_is_ratio=as_input(is_ratio) if corrections else None)
+    liger_loss.backward()
+    # Liger computes in fp32: its loss is good to ~1e-5 of the terms it sums, not of a loss that nearly cancels
+    assert abs(liger_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
+    assert_relative_close(liger_logits.grad[:, :length].cpu(), our_grad.cpu(), 1e-5, "logits.grad")
