@@ -46,6 +46,7 @@ def make(tmp_path, trainer_class=SentenceGRPOTrainer, **kwargs):
                                                                              "loss_type", "num_iterations",
                                                                              "use_bias_correction_kl",
                                                                              "top_entropy_quantile", "bf16",
+                                                                             "entropy_coef",
                                                                              "num_generations")}
     return trainer_class(model, args=config(tmp_path, **trl_options), train_dataset=dataset(),
                          processing_class=tokenizer, **kwargs)
@@ -198,6 +199,8 @@ def test_arguments_are_checked(tmp_path):
         make(tmp_path, reward_funcs=[length_reward], level="token", loss_type="vespo")
     with pytest.raises(ValueError, match="entropy mask"):
         make(tmp_path, reward_funcs=[length_reward], level="token", top_entropy_quantile=0.2)
+    with pytest.raises(ValueError, match="entropy bonus"):
+        make(tmp_path, reward_funcs=[length_reward], level="token", entropy_coef=0.01)
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ With ``level="token"`` or ``"output"`` and TRL's own ``reward_funcs``, the loss 
 ``reduction="sentence_mean"``), ``bnpo`` (``"token_mean"``), ``dr_grpo``, ``dapo`` and ``cispo`` (token sums over
 TRL's own normalisers), ``sapo`` and ``luspo``, with or without ``use_bias_correction_kl`` (our
 ``kl_importance_weighting``). TRL options that change the loss in ways this package's loss does not define yet
-are refused with an error (``vespo``, the entropy mask, the off-policy mask). vLLM's importance-sampling
+are refused with an error (``vespo``, the entropy mask and bonus, the off-policy mask). vLLM's importance-sampling
 correction is applied as TRL computes it (``importance_sampling_ratio`` as ``is_weights``). Needs ``trl >= 1.0``.
 """
 
@@ -51,6 +51,8 @@ def _check_supported(args) -> None:
         refused.append("top_entropy_quantile < 1 (the entropy mask)")
     if option("off_policy_mask_threshold", None) is not None:
         refused.append("off_policy_mask_threshold (the off-policy sequence mask)")
+    if option("entropy_coef", 0.0) != 0.0 or option("use_adaptive_entropy", False):
+        refused.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
     if refused:
         raise ValueError("SentenceGRPOTrainer does not implement: " + "; ".join(refused))
 
