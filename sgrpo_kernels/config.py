@@ -66,6 +66,8 @@ OPTION_DOCS = {
                     'or ``"abs"`` (``|x|``).',
     "kl_importance_weighting": "multiply the sentence's KL term by its ratio ``ρ`` (TRL's "
                                "``use_bias_correction_kl``), gradient through both.",
+    "entropy_coef": "subtract ``entropy_coef ·`` the mean entropy of the scored tokens (an exploration bonus, "
+                    "with its gradient; TRL's ``entropy_coef``, verl's ``entropy_coeff``); 0 = off.",
 }
 
 
@@ -101,6 +103,7 @@ class LossConfig:
     sapo_tau_neg: float = 1.05
     kl_estimator: str = "k3"
     kl_importance_weighting: bool = False
+    entropy_coef: float = 0.0
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # the dataclass is frozen
@@ -124,6 +127,7 @@ class LossConfig:
             set_("clip_ratio_c", _check_real("clip_ratio_c", self.clip_ratio_c, low=1.0, low_inclusive=False))
         set_("sapo_tau_pos", _check_real("sapo_tau_pos", self.sapo_tau_pos, low=0.0, low_inclusive=False))
         set_("sapo_tau_neg", _check_real("sapo_tau_neg", self.sapo_tau_neg, low=0.0, low_inclusive=False))
+        set_("entropy_coef", _check_real("entropy_coef", self.entropy_coef))
         if not isinstance(self.kl_importance_weighting, bool):
             raise TypeError("kl_importance_weighting must be a bool, "
                             f"got {type(self.kl_importance_weighting).__name__}")

@@ -67,7 +67,8 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                        eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                        kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                        clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                       kl_importance_weighting=False, normalizer=None, is_weights=None, inplace=False, backend="auto",
+                       kl_importance_weighting=False, entropy_coef=0.0,
+                       normalizer=None, is_weights=None, inplace=False, backend="auto",
                        return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
 
@@ -105,7 +106,7 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                         ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
                         clamp_log_ratio=clamp_log_ratio, objective=objective, clip_ratio_c=clip_ratio_c,
                         sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
-                        kl_importance_weighting=kl_importance_weighting)
+                        kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef)
     return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
                             inplace=inplace, backend=backend, return_metrics=return_metrics,
                             process_group=process_group, normalizer=normalizer, is_weights=is_weights)
@@ -180,7 +181,8 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     beta=0.0, delta=None, temperature=1.0, ratio_level="sum", kl_reduction="mean",
                                     reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                                     clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                                    kl_importance_weighting=False, normalizer=None, is_weights=None, inplace=False,
+                                    kl_importance_weighting=False, entropy_coef=0.0,
+                                    normalizer=None, is_weights=None, inplace=False,
                                     backend="auto", return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
@@ -201,7 +203,7 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                         ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
                         clamp_log_ratio=clamp_log_ratio, objective=objective, clip_ratio_c=clip_ratio_c,
                         sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
-                        kl_importance_weighting=kl_importance_weighting)
+                        kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef)
     _check_flag("inplace", inplace)
     return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                             config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
@@ -309,7 +311,8 @@ class SentenceGRPOLoss(nn.Module):
     def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                  kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                  clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                 kl_importance_weighting=False, normalizer=None, is_weights=None, inplace=False, backend="auto",
+                 kl_importance_weighting=False, entropy_coef=0.0,
+                 normalizer=None, is_weights=None, inplace=False, backend="auto",
                  return_metrics=False, chunk_size=None, process_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
@@ -317,7 +320,8 @@ class SentenceGRPOLoss(nn.Module):
                                  temperature=temperature, ratio_level=ratio_level, kl_reduction=kl_reduction,
                                  reduction=reduction, clamp_log_ratio=clamp_log_ratio, objective=objective,
                                  clip_ratio_c=clip_ratio_c, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-                                 kl_estimator=kl_estimator, kl_importance_weighting=kl_importance_weighting)
+                                 kl_estimator=kl_estimator, kl_importance_weighting=kl_importance_weighting,
+                                 entropy_coef=entropy_coef)
         check_backend_name(backend)
         _check_flag("inplace", inplace)
         _check_flag("return_metrics", return_metrics)

@@ -124,6 +124,11 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         if config.reduction == "sentence_mean":
             row_loss = row_loss / sentences_per_row.clamp(min=1)
         loss = row_loss.sum() / denominator((sentences_per_row > 0).sum())
+    if config.entropy_coef != 0:    # − c · mean token entropy, over the scored tokens of every rank
+        _, token_entropy = token_logprobs(logits[scored], completion_ids[scored], config.temperature,
+                                          return_entropy=True)
+        tokens = global_sum(scored.sum(), process_group).clamp(min=1)
+        loss = loss - config.entropy_coef * token_entropy.to(work_dtype).sum() / tokens
     loss = loss * world_size(process_group)
 
     if not return_metrics:

@@ -423,6 +423,24 @@ def test_backward_allocates_nothing_the_size_of_the_logits(backend):
     assert mode.seen == [] and weight.grad is not None and hidden.grad is not None
 
 
+def check_fused_linear_against_gold(case, backend, **options):
+    """The fused linear loss (hidden ``[B, T, 8]``, a random head over the case's vocabulary) of ``backend`` equals
+    the reference on the materialised logits, in float64: loss and the gradients of hidden and weight."""
+    batch, length, vocab = case["logits"].shape
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(batch, length, 8, dtype=torch.float64, generator=generator)
+    weight = torch.randn(vocab, 8, dtype=torch.float64, generator=generator) * 0.3
+    results = []
+    for name in (backend, "reference"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        rest = list(moved(case, device_of(name)).values())[1:]
+        loss = sk.fused_linear_sentence_grpo_loss(h, w, *rest, backend=name, **options)
+        loss.backward()
+        results.append((loss.detach().cpu(), h.grad, w.grad))
+    for got, gold, label in zip(*results, ("loss", "grad hidden", "grad weight")):
+        assert_relative_close(got, gold, 1e-10, label)
+
+
 @pytest.mark.parametrize("shape", ["answer", "token"])
 @pytest.mark.parametrize("objective", ["ppo_clip", "cispo", "sapo"])
 def test_is_weights_on_the_policy_term(backend, objective, shape):
@@ -439,15 +457,17 @@ def test_is_weights_on_the_policy_term(backend, objective, shape):
     plain, _, _ = loss_and_grad(case, backend, **{k: v for k, v in options.items() if k != "is_weights"})
     weighted, _, _ = loss_and_grad(case, backend, **options)
     assert (plain - weighted).abs() > 1e-3
-    # fused linear path
-    hidden = torch.randn(3, 7, 8, dtype=torch.float64, generator=generator)
-    weight = torch.randn(300, 8, dtype=torch.float64, generator=generator) * 0.3
-    results = []
-    for name in (backend, "reference"):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        rest = list(moved(case, device_of(name)).values())[1:]
-        loss = sk.fused_linear_sentence_grpo_loss(h, w, *rest, backend=name, chunk_size=4, **options)
-        loss.backward()
-        results.append((loss.detach().cpu(), h.grad, w.grad))
-    for got, gold, label in zip(*results, ("loss", "grad hidden", "grad weight")):
-        assert_relative_close(got, gold, 1e-10, label)
+    check_fused_linear_against_gold(case, backend, chunk_size=4, **options)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+@pytest.mark.parametrize("entropy_coef", [0.03, -0.2])
+def test_entropy_bonus_with_its_gradient(backend, entropy_coef, temperature):
+    """− entropy_coef · mean token entropy, from the same pass over the logits, on both paths."""
+    case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=12, old_spread=0.3)
+    options = dict(entropy_coef=entropy_coef, temperature=temperature, beta=0.1, objective="ppo_clip")
+    check_against_gold(case, backend, rel=1e-10, **options)
+    without, _, _ = loss_and_grad(case, backend, **{**options, "entropy_coef": 0.0})
+    with_bonus, _, _ = loss_and_grad(case, backend, **options)
+    assert (without - with_bonus).abs() > 1e-3                       # the bonus is really there
+    check_fused_linear_against_gold(case, backend, chunk_size=3, **options)

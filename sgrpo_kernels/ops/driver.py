@@ -51,6 +51,14 @@ def data_parallel_layout(process_group) -> dict:
                 ranks=distributed.world_size(process_group))
 
 
+def entropy_bonus_coefficient(layout, config, process_group) -> torch.Tensor:
+    """``∂loss/∂H_t`` of the entropy bonus for every scored token: ``−entropy_coef · ranks / Σ n`` (0-dim),
+    ``Σ n`` the scored tokens of every rank (the convention of the data-parallel reductions)."""
+    options = data_parallel_layout(process_group)
+    tokens = options.get("total", lambda local: local)(layout.count.sum()).clamp(min=1)
+    return -config.entropy_coef * options.get("ranks", 1) / tokens.to(layout.weight.dtype)
+
+
 def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                            config, num_slots: int, *, gradient_out: torch.Tensor | None, with_metrics: bool,
                            process_group=None, normalizer: torch.Tensor | None = None,
@@ -64,7 +72,7 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
     """
     with torch.no_grad():
         scores = passes.token_scores(logits, completion_ids, config.temperature, segment_ids=segment_ids,
-                                     with_entropy=with_metrics)
+                                     with_entropy=with_metrics or config.entropy_coef != 0)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, scores.logp.dtype, normalizer=normalizer,
                                  **data_parallel_layout(process_group))
         token_weights = flat_token_weights(is_weights, *segment_ids.shape)
@@ -73,10 +81,18 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
                              token_weights=token_weights)
         terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
+        scored = segment_ids.reshape(-1) >= 0
+        entropy_coef = None
+        if config.entropy_coef != 0:
+            bonus = entropy_bonus_coefficient(layout, config, process_group)
+            loss = loss + bonus * torch.where(scored, scores.entropy, 0.0).sum()
+            entropy_coef = torch.where(scored, bonus, 0.0)
         if gradient_out is not None:
             token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms, config,
                                                    token_weights=token_weights)
-            passes.logits_gradient(logits, completion_ids, token_coef, scores.lse, config.temperature, gradient_out)
+            passes.logits_gradient(logits, completion_ids, token_coef, scores.lse, config.temperature, gradient_out,
+                                   entropy_coef=entropy_coef, entropy=scores.entropy if entropy_coef is not None
+                                   else None)
         if not with_metrics:
             return loss, None
         arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl)

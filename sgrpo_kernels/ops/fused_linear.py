@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .driver import data_parallel_layout
+from .driver import data_parallel_layout, entropy_bonus_coefficient
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
 from .passes import Passes, accumulator_dtype, flat_token_weights, new_output
 
@@ -194,8 +194,9 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
                                  **data_parallel_layout(process_group))
         token_weights = flat_token_weights(is_weights, batch, length)
         sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None)
-        scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics)
+        scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics or config.entropy_coef != 0)
         logp = scores.logp
+        bonus = entropy_bonus_coefficient(layout, config, process_group) if config.entropy_coef != 0 else None
 
         def forward(tokens):
             chunk_rows, logits = scores.score(passes, head, ids, tokens, temperature)
@@ -208,7 +209,10 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
             coef = passes.token_coefficients(logp, ref_logps, segment_ids, num_slots, terms, config, tokens,
                                              token_weights=token_weights)
             grid = logits.unsqueeze(0)        # the gradient of the logits overwrites them
-            passes.logits_gradient(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], temperature, grid)
+            entropy_options = {} if bonus is None else dict(entropy_coef=bonus.expand(tokens.numel()),
+                                                            entropy=scores.entropy[tokens])
+            passes.logits_gradient(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], temperature, grid,
+                                   **entropy_options)
             head.accumulate(tokens, chunk_rows, logits)
 
         plan = plan_chunks(segment_ids, num_slots, chunk_size)
@@ -225,6 +229,8 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
                     backward(tokens, *head.logits(tokens))
         terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
+        if bonus is not None:
+            loss = loss + bonus * torch.where(segment_ids.reshape(-1) >= 0, scores.entropy, 0.0).sum()
         if not with_metrics:
             return loss, head.gradients(), None
         arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl)
