@@ -66,6 +66,11 @@ OPTION_DOCS = {
                     'or ``"abs"`` (``|x|``).',
     "kl_importance_weighting": "multiply the sentence's KL term by its ratio ``ρ`` (TRL's "
                                "``use_bias_correction_kl``), gradient through both.",
+    "top_entropy_quantile": "keep the policy loss (and the entropy bonus) only on the tokens whose entropy is in "
+                            "the top ``q`` of the batch's scored tokens (TRL's ``top_entropy_quantile``); 1 = all.",
+    "off_policy_mask_threshold": "drop the policy loss of a sentence with ``Â < 0`` whose mean "
+                                 "``log π_sampling − log π`` exceeds it (DeepSeek-V3.2's off-policy mask, per "
+                                 "sentence; TRL's ``off_policy_mask_threshold``); ``None`` = off.",
     "entropy_coef": "subtract ``entropy_coef ·`` the mean entropy of the scored tokens (an exploration bonus, "
                     "with its gradient; TRL's ``entropy_coef``, verl's ``entropy_coeff``); 0 = off.",
 }
@@ -104,6 +109,8 @@ class LossConfig:
     kl_estimator: str = "k3"
     kl_importance_weighting: bool = False
     entropy_coef: float = 0.0
+    top_entropy_quantile: float = 1.0
+    off_policy_mask_threshold: float | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # the dataclass is frozen
@@ -128,6 +135,12 @@ class LossConfig:
         set_("sapo_tau_pos", _check_real("sapo_tau_pos", self.sapo_tau_pos, low=0.0, low_inclusive=False))
         set_("sapo_tau_neg", _check_real("sapo_tau_neg", self.sapo_tau_neg, low=0.0, low_inclusive=False))
         set_("entropy_coef", _check_real("entropy_coef", self.entropy_coef))
+        set_("top_entropy_quantile", _check_real("top_entropy_quantile", self.top_entropy_quantile, low=0.0,
+                                                 low_inclusive=False))
+        if self.top_entropy_quantile > 1.0:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+        if self.off_policy_mask_threshold is not None:
+            set_("off_policy_mask_threshold", _check_real("off_policy_mask_threshold", self.off_policy_mask_threshold))
         if not isinstance(self.kl_importance_weighting, bool):
             raise TypeError("kl_importance_weighting must be a bool, "
                             f"got {type(self.kl_importance_weighting).__name__}")

@@ -53,6 +53,18 @@ def _check_is_weights(is_weights, batch_and_length, device) -> None:
         raise ValueError(f"is_weights is on {is_weights.device} but the loss's inputs are on {device}")
 
 
+def _check_per_token(name: str, value, batch_and_length, device) -> None:
+    """``None``, or a floating ``[B, T]`` tensor on ``device``."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating torch.Tensor, got {getattr(value, 'dtype', type(value).__name__)}")
+    if tuple(value.shape) != tuple(batch_and_length):
+        raise ValueError(f"{name} must have shape [B, T] = {tuple(batch_and_length)}, got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the loss's inputs are on {device}")
+
+
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -67,8 +79,9 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                        eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                        kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                        clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                       kl_importance_weighting=False, entropy_coef=0.0,
-                       normalizer=None, is_weights=None, inplace=False, backend="auto",
+                       kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
+                       off_policy_mask_threshold=None, normalizer=None, is_weights=None, sampling_logps=None,
+                       inplace=False, backend="auto",
                        return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
 
@@ -89,6 +102,8 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
         is_weights: ``None``, ``[B]`` or ``[B, T]`` float weights (constant) on each token's policy loss, not on
             its KL term: the rollout engine's importance weights (TRL's vLLM correction, Liger's ``vllm_is_ratio``,
             verl's ``rollout_is_weights``).
+        sampling_logps: ``None`` or ``[B, T]``: the rollout engine's log-probs, for ``off_policy_mask_threshold``
+            (without them the mask compares ``old_logps``).
         inplace: kernel backends may write the gradient into ``logits`` (ignored by ``"reference"`` and under
             ``torch.compile``, where the gradient goes to a new buffer).
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"torch"`` (``sgrpo_kernels.backends``).
@@ -106,15 +121,18 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                         ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
                         clamp_log_ratio=clamp_log_ratio, objective=objective, clip_ratio_c=clip_ratio_c,
                         sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
-                        kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef)
+                        kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef,
+                        top_entropy_quantile=top_entropy_quantile,
+                        off_policy_mask_threshold=off_policy_mask_threshold)
     return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
                             inplace=inplace, backend=backend, return_metrics=return_metrics,
-                            process_group=process_group, normalizer=normalizer, is_weights=is_weights)
+                            process_group=process_group, normalizer=normalizer, is_weights=is_weights,
+                            sampling_logps=sampling_logps)
 
 
 def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config: LossConfig, *,
                      inplace: bool, backend: str, return_metrics: bool, process_group, normalizer=None,
-                     is_weights=None):
+                     is_weights=None, sampling_logps=None):
     """:func:`sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("inplace", inplace)
     _check_flag("return_metrics", return_metrics)
@@ -123,13 +141,15 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
     check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config)
     _check_is_weights(is_weights, logits.shape[:2], logits.device)
+    _check_per_token("sampling_logps", sampling_logps, logits.shape[:2], logits.device)
     normalizer = _normalizer_tensor(normalizer, logits.device)
     chosen = resolve_backend(backend, logits.device)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
         return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                             config, return_metrics=return_metrics, process_group=process_group,
-                                            normalizer=normalizer, is_weights=is_weights)
+                                            normalizer=normalizer, is_weights=is_weights,
+                                            sampling_logps=sampling_logps)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     if inplace and logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
@@ -137,12 +157,13 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
                                                    old_logps, ref_logps, config,
                                                    custom_ops.num_slots(segment_ids, advantages),
                                                    with_metrics=return_metrics, process_group=process_group,
-                                                   normalizer=normalizer, is_weights=is_weights)
+                                                   normalizer=normalizer, is_weights=is_weights,
+                                                   sampling_logps=sampling_logps)
     else:
         loss, metrics = custom_ops.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps,
                                                       ref_logps, config, chosen.name, with_metrics=return_metrics,
                                                       process_group=process_group, normalizer=normalizer,
-                                                      is_weights=is_weights)
+                                                      is_weights=is_weights, sampling_logps=sampling_logps)
     return (loss, metrics) if return_metrics else loss
 
 
@@ -181,9 +202,10 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     beta=0.0, delta=None, temperature=1.0, ratio_level="sum", kl_reduction="mean",
                                     reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                                     clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                                    kl_importance_weighting=False, entropy_coef=0.0,
-                                    normalizer=None, is_weights=None, inplace=False,
-                                    backend="auto", return_metrics=False, process_group=None):
+                                    kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
+                                    off_policy_mask_threshold=None, normalizer=None, is_weights=None,
+                                    sampling_logps=None, inplace=False, backend="auto", return_metrics=False,
+                                    process_group=None):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
     Args:
@@ -203,16 +225,19 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                         ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
                         clamp_log_ratio=clamp_log_ratio, objective=objective, clip_ratio_c=clip_ratio_c,
                         sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
-                        kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef)
+                        kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef,
+                        top_entropy_quantile=top_entropy_quantile,
+                        off_policy_mask_threshold=off_policy_mask_threshold)
     _check_flag("inplace", inplace)
     return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                             config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
-                            process_group=process_group, normalizer=normalizer, is_weights=is_weights)
+                            process_group=process_group, normalizer=normalizer, is_weights=is_weights,
+                            sampling_logps=sampling_logps)
 
 
 def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                      config: LossConfig, *, chunk_size, backend: str, return_metrics: bool, process_group,
-                     normalizer=None, is_weights=None):
+                     normalizer=None, is_weights=None, sampling_logps=None):
     """:func:`fused_linear_sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("return_metrics", return_metrics)
     _check_linear_inputs(hidden, weight, bias, chunk_size)
@@ -220,6 +245,7 @@ def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantag
     check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config, logits_name="hidden")
     _check_is_weights(is_weights, hidden.shape[:2], hidden.device)
+    _check_per_token("sampling_logps", sampling_logps, hidden.shape[:2], hidden.device)
     normalizer = _normalizer_tensor(normalizer, hidden.device)
     chosen = resolve_backend(backend, hidden.device)
     if chosen.name == "reference":
@@ -227,12 +253,12 @@ def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantag
         return reference.sentence_grpo_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids,
                                             advantages, old_logps, ref_logps, config, return_metrics=return_metrics,
                                             process_group=process_group, normalizer=normalizer,
-                                            is_weights=is_weights)
+                                            is_weights=is_weights, sampling_logps=sampling_logps)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     loss, metrics = custom_ops.fused_linear_sentence_grpo_loss(
         hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, chosen.name,
         chunk_size, with_metrics=return_metrics, process_group=process_group, normalizer=normalizer,
-        is_weights=is_weights)
+        is_weights=is_weights, sampling_logps=sampling_logps)
     return (loss, metrics) if return_metrics else loss
 
 
@@ -302,18 +328,19 @@ def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1
 
 
 class SentenceGRPOLoss(nn.Module):
-    """``nn.Module`` form of the loss; the constructor takes the keywords of :func:`sentence_grpo_loss`.
+    """``nn.Module`` form of the loss; the constructor takes the options of :func:`sentence_grpo_loss`.
 
-    ``forward(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None)`` or
-    ``forward(hidden=..., weight=..., bias=None, completion_ids=..., ...)`` for the fused linear path.
+    ``forward(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None, *, normalizer=None,
+    is_weights=None, sampling_logps=None)`` or ``forward(hidden=..., weight=..., bias=None, completion_ids=..., ...)``
+    for the fused linear path (the per-batch tensors are arguments of ``forward``).
     """
 
     def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                  kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                  clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
-                 kl_importance_weighting=False, entropy_coef=0.0,
-                 normalizer=None, is_weights=None, inplace=False, backend="auto",
-                 return_metrics=False, chunk_size=None, process_group=None):
+                 kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
+                 off_policy_mask_threshold=None, inplace=False, backend="auto", return_metrics=False, chunk_size=None,
+                 process_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
         self.config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta,
@@ -321,29 +348,29 @@ class SentenceGRPOLoss(nn.Module):
                                  reduction=reduction, clamp_log_ratio=clamp_log_ratio, objective=objective,
                                  clip_ratio_c=clip_ratio_c, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                                  kl_estimator=kl_estimator, kl_importance_weighting=kl_importance_weighting,
-                                 entropy_coef=entropy_coef)
+                                 entropy_coef=entropy_coef, top_entropy_quantile=top_entropy_quantile,
+                                 off_policy_mask_threshold=off_policy_mask_threshold)
         check_backend_name(backend)
         _check_flag("inplace", inplace)
         _check_flag("return_metrics", return_metrics)
         self.inplace, self.backend, self.return_metrics = inplace, backend, return_metrics
         self.chunk_size, self.process_group = chunk_size, process_group
-        self.normalizer, self.is_weights = normalizer, is_weights
 
     def forward(self, logits=None, completion_ids=None, segment_ids=None, advantages=None, old_logps=None,
-                ref_logps=None, *, hidden=None, weight=None, bias=None):
+                ref_logps=None, *, hidden=None, weight=None, bias=None, normalizer=None, is_weights=None,
+                sampling_logps=None):
         if (logits is None) == (hidden is None and weight is None):
             raise ValueError("pass either logits or hidden and weight, not both and not neither")
+        batch = dict(normalizer=normalizer, is_weights=is_weights, sampling_logps=sampling_logps)
         if logits is not None:
             return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                     self.config, inplace=self.inplace, backend=self.backend,
-                                    return_metrics=self.return_metrics, process_group=self.process_group,
-                                    normalizer=self.normalizer, is_weights=self.is_weights)
+                                    return_metrics=self.return_metrics, process_group=self.process_group, **batch)
         if hidden is None or weight is None:
             raise ValueError("the fused linear path needs both hidden and weight")
         return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                 self.config, chunk_size=self.chunk_size, backend=self.backend,
-                                return_metrics=self.return_metrics, process_group=self.process_group,
-                                normalizer=self.normalizer, is_weights=self.is_weights)
+                                return_metrics=self.return_metrics, process_group=self.process_group, **batch)
 
     def extra_repr(self) -> str:
         options = dict(vars(self.config), inplace=self.inplace, backend=self.backend,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import LossConfig
-from .distributed import global_sum, world_size
+from .distributed import gather_rows, global_sum, world_size
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
@@ -33,7 +33,8 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
 def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segment_ids: torch.Tensor,
                        advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
                        ref_logps: torch.Tensor | None = None, config: LossConfig = LossConfig(),
-                       return_metrics: bool = False, process_group=None, normalizer=None, is_weights=None):
+                       return_metrics: bool = False, process_group=None, normalizer=None, is_weights=None,
+                       sampling_logps=None):
     """Sentence-level GRPO loss (``docs/design.md``, "The loss").
 
     logits ``[B, T, V]``; completion_ids ``[B, T]`` int; segment_ids ``[B, T]`` int (``-1`` = unscored);
@@ -46,6 +47,7 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     ``normalizer`` (a number or 0-dim tensor) replaces the reduction's denominator (``B'``, ``Σ n`` or 1).
     ``is_weights`` (``[B]`` or ``[B, T]``, constant) multiply each token's policy loss, not its KL term
     (importance weights of the rollout engine: TRL's vLLM correction, Liger's ``vllm_is_ratio``).
+    ``sampling_logps`` (``[B, T]``): the rollout engine's log-probs, for the off-policy mask (else ``old_logps``).
     """
     batch, length, _ = logits.shape
     device = logits.device
@@ -85,8 +87,14 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     sentence_advantage = torch.where(exists, sentence_advantage, 0.0)
     # L(i, s) = the mean over the sentence's tokens of the objective's per-token loss (constant over the sentence
     # for ppo_clip and sapo), plus the KL term
-    # with token weights q_t (is_weights): the mean over the sentence of q_t · ℓ_t
-    token_weight = None if is_weights is None else token_weights(is_weights, scored).to(work_dtype)
+    # with token weights q_t (is_weights and the masks): the mean over the sentence of q_t · ℓ_t
+    token_advantage = sentence_advantage[sentence_of_token]
+    entropy_mask, token_weight = policy_token_weights(
+        config, logp.detach(), lambda: token_logprobs(logits[scored].detach(), completion_ids[scored],
+                                                      config.temperature, return_entropy=True)[1].to(work_dtype),
+        None if sampling_logps is None else sampling_logps[scored].to(work_dtype),
+        old if old_logps is not None else None, token_advantage, sentence_of_token, batch * num_slots,
+        None if is_weights is None else token_weights(is_weights, scored).to(work_dtype), process_group)
     if config.objective == "cispo":
         weight = ratio.clamp(max=config.eps_high).detach()
         weighted_logp = logp if token_weight is None else token_weight * logp
@@ -124,11 +132,12 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         if config.reduction == "sentence_mean":
             row_loss = row_loss / sentences_per_row.clamp(min=1)
         loss = row_loss.sum() / denominator((sentences_per_row > 0).sum())
-    if config.entropy_coef != 0:    # − c · mean token entropy, over the scored tokens of every rank
+    if config.entropy_coef != 0:    # − c · mean token entropy, over the (entropy-masked) scored tokens of every rank
         _, token_entropy = token_logprobs(logits[scored], completion_ids[scored], config.temperature,
                                           return_entropy=True)
-        tokens = global_sum(scored.sum(), process_group).clamp(min=1)
-        loss = loss - config.entropy_coef * token_entropy.to(work_dtype).sum() / tokens
+        bonus_tokens = torch.ones_like(logp, dtype=torch.bool) if entropy_mask is None else entropy_mask
+        tokens = global_sum(bonus_tokens.sum(), process_group).clamp(min=1)
+        loss = loss - config.entropy_coef * torch.where(bonus_tokens, token_entropy.to(work_dtype), 0.0).sum() / tokens
     loss = loss * world_size(process_group)
 
     if not return_metrics:
@@ -147,6 +156,39 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         _, entropy = token_logprobs(logits[scored], completion_ids[scored], config.temperature, return_entropy=True)
         metrics["entropy_mean"] = entropy.to(work_dtype).sum() / max(entropy.numel(), 1)
     return loss, metrics
+
+
+def policy_token_weights(config: LossConfig, logp, entropy_of, sampling_logps, old_logps, token_advantage,
+                         sentence_of_token, total_slots: int, is_weights, process_group=None):
+    """The constant weights ``q_t`` of each scored token's policy loss (``[M]``, or ``None`` when all are 1) and
+    the top-entropy mask (``[M]`` bool, or ``None``): ``is_weights`` × the top-entropy mask × the off-policy mask.
+
+    ``logp`` ``[M]`` (detached), ``entropy_of()`` gives the ``[M]`` entropies (called only when needed),
+    ``sampling_logps``/``old_logps`` ``[M]`` or ``None``, ``token_advantage`` ``[M]`` (its sentence's ``Â``),
+    ``sentence_of_token`` ``[M]`` slot indices in ``[0, total_slots)``. The entropy quantile is taken over the
+    scored tokens of every rank of ``process_group``.
+    """
+    weight = is_weights
+    entropy_mask = None
+    if config.top_entropy_quantile < 1.0:
+        entropy = entropy_of().detach()
+        everyone = entropy if process_group is None else gather_rows(entropy, process_group)[0]
+        if everyone.numel():
+            threshold = torch.quantile(everyone.double(), 1.0 - config.top_entropy_quantile).to(entropy.dtype)
+            entropy_mask = entropy >= threshold
+        else:
+            entropy_mask = torch.zeros_like(entropy, dtype=torch.bool)
+        weight = entropy_mask.to(logp.dtype) if weight is None else weight * entropy_mask
+    if config.off_policy_mask_threshold is not None:
+        behaviour = sampling_logps if sampling_logps is not None else old_logps if old_logps is not None else logp
+        drift = torch.nan_to_num(behaviour - logp, nan=0.0)          # log π_sampling − log π, per token
+        sums = torch.zeros(total_slots, dtype=logp.dtype, device=logp.device).index_add(0, sentence_of_token, drift)
+        counts = torch.zeros(total_slots, dtype=logp.dtype, device=logp.device).index_add(
+            0, sentence_of_token, torch.ones_like(drift))
+        mean_drift = (sums / counts.clamp(min=1))[sentence_of_token]
+        keep = ((token_advantage >= 0) | (mean_drift <= config.off_policy_mask_threshold)).to(logp.dtype)
+        weight = keep if weight is None else weight * keep
+    return entropy_mask, weight
 
 
 def token_weights(is_weights: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,9 @@ def loss_and_grad(case, backend, **options):
     arguments = moved(case, device_of(backend))
     if backend == "reference":
         options = dict(options)
-        normalizer, is_weights = options.pop("normalizer", None), options.pop("is_weights", None)
+        batch = {name: options.pop(name, None) for name in ("normalizer", "is_weights", "sampling_logps")}
         loss, metrics = reference.sentence_grpo_loss(*arguments.values(), LossConfig(**options), return_metrics=True,
-                                                     normalizer=normalizer, is_weights=is_weights)
+                                                     **batch)
     else:
         loss, metrics = call(backend, arguments, return_metrics=True, **options)
     loss.backward()
@@ -471,3 +471,22 @@ def test_entropy_bonus_with_its_gradient(backend, entropy_coef, temperature):
     with_bonus, _, _ = loss_and_grad(case, backend, **options)
     assert (without - with_bonus).abs() > 1e-3                       # the bonus is really there
     check_fused_linear_against_gold(case, backend, chunk_size=3, **options)
+
+
+@pytest.mark.parametrize("masks", [dict(top_entropy_quantile=0.4), dict(off_policy_mask_threshold=0.05),
+                                   dict(top_entropy_quantile=0.6, off_policy_mask_threshold=0.0, entropy_coef=0.1)],
+                         ids=["entropy", "off_policy", "both+bonus"])
+@pytest.mark.parametrize("objective", ["ppo_clip", "cispo"])
+def test_token_masks(backend, masks, objective):
+    """The top-entropy mask and the off-policy sentence mask (with rollout log-probs) on both paths; the fused path
+    visits its chunks twice for them."""
+    case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=14, old_spread=0.4)
+    sampling = case["old_logps"] + 0.3 * torch.randn(case["old_logps"].shape, dtype=torch.float64,
+                                                     generator=torch.Generator().manual_seed(6))
+    options = dict(objective=objective, beta=0.1, sampling_logps=sampling.to(device_of(backend)),
+                   eps_high=1.2 if objective == "cispo" else 0.2, **masks)
+    check_against_gold(case, backend, rel=1e-10, **options)
+    plain, _, _ = loss_and_grad(case, backend, **{k: v for k, v in options.items() if k not in masks})
+    masked, _, _ = loss_and_grad(case, backend, **options)
+    assert (plain - masked).abs() > 1e-4                             # the masks really drop something
+    check_fused_linear_against_gold(case, backend, chunk_size=4, **options)

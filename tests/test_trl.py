@@ -47,9 +47,20 @@ def make(tmp_path, trainer_class=SentenceGRPOTrainer, **kwargs):
                                                                              "use_bias_correction_kl",
                                                                              "top_entropy_quantile", "bf16",
                                                                              "entropy_coef",
+                                                                             "off_policy_mask_threshold",
                                                                              "num_generations")}
     return trainer_class(model, args=config(tmp_path, **trl_options), train_dataset=dataset(),
                          processing_class=tokenizer, **kwargs)
+
+
+def losses_and_head_gradients(ours, theirs, inputs):
+    """Our trainer's and TRL's own ``_compute_loss`` on the same inputs, and their gradients of the LM head."""
+    results = []
+    for trainer in (ours, theirs):
+        loss = trainer._compute_loss(trainer.model, inputs)
+        (grad,) = torch.autograd.grad(loss, [trainer.model.get_output_embeddings().weight])
+        results += [loss, grad]
+    return results
 
 
 def length_reward(completions, **kwargs):
@@ -124,10 +135,7 @@ def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, 
     inputs["old_per_token_logps"] = inputs["old_per_token_logps"] + shifts[:, None]
     theirs.current_gradient_accumulation_steps = 2
     ours.current_gradient_accumulation_steps = 2
-    our_loss = ours._compute_loss(ours.model, inputs)
-    (our_grad,) = torch.autograd.grad(our_loss, [ours.model.get_output_embeddings().weight])
-    their_loss = theirs._compute_loss(theirs.model, inputs)
-    (their_grad,) = torch.autograd.grad(their_loss, [theirs.model.get_output_embeddings().weight])
+    our_loss, our_grad, their_loss, their_grad = losses_and_head_gradients(ours, theirs, inputs)
     assert their_loss.abs() > 1e-3
     if loss_type != "sapo":         # sapo gates softly: nothing is clipped
         assert ours._metrics["train"]["sentence/clip_fraction"][-1] > 0
@@ -154,14 +162,34 @@ def test_vllm_importance_sampling_correction_reproduces_trl(tmp_path, level, sam
     generator = torch.Generator().manual_seed(2)
     shape = (rows, length) if ratio_shape == "token" else (rows, 1)
     inputs["importance_sampling_ratio"] = 0.5 + torch.rand(shape, generator=generator)
-    our_loss = ours._compute_loss(ours.model, inputs)
-    (our_grad,) = torch.autograd.grad(our_loss, [ours.model.get_output_embeddings().weight])
-    their_loss = theirs._compute_loss(theirs.model, inputs)
-    (their_grad,) = torch.autograd.grad(their_loss, [theirs.model.get_output_embeddings().weight])
+    our_loss, our_grad, their_loss, their_grad = losses_and_head_gradients(ours, theirs, inputs)
     assert_relative_close(our_loss, their_loss, 1e-5, "loss")
     assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
     inputs["importance_sampling_ratio"] = torch.ones(shape)     # the ratio matters: the loss changes without it
     assert (ours._compute_loss(ours.model, inputs) - our_loss).abs() > 1e-4
+
+
+@pytest.mark.parametrize("level,sampling_level,masks", [
+    ("token", "token", dict(top_entropy_quantile=0.3)),
+    ("output", "sequence", dict(off_policy_mask_threshold=0.02)),
+    ("output", "sequence", dict(off_policy_mask_threshold=0.02, top_entropy_quantile=0.5))])
+def test_masks_reproduce_trl(tmp_path, level, sampling_level, masks):
+    """TRL's top-entropy token mask and DeepSeek-V3.2's off-policy sequence mask (from the rollout log-probs)."""
+    options = dict(reward_funcs=[length_reward], beta=0.05, importance_sampling_level=sampling_level,
+                   loss_type="grpo", num_iterations=2, **masks)
+    ours = make(tmp_path / "ours", level=level, **options)
+    theirs = make(tmp_path / "theirs", trl.GRPOTrainer, **options)
+    inputs = batch_inputs(ours)
+    perturb(ours.model)
+    perturb(theirs.model)
+    rows = len(inputs["advantages"])
+    inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] + torch.tensor(
+        [0.3, -0.2, 0.1, 0.0]).repeat(rows // 4)[:, None]
+    for trainer in (ours, theirs):
+        trainer.current_gradient_accumulation_steps = 1
+    our_loss, our_grad, their_loss, their_grad = losses_and_head_gradients(ours, theirs, inputs)
+    assert_relative_close(our_loss, their_loss, 1e-5, "loss")
+    assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
 
 
 def test_a_head_that_does_not_read_the_last_hidden_state_is_refused(tmp_path):
@@ -197,8 +225,8 @@ def test_arguments_are_checked(tmp_path):
         make(tmp_path, reward_funcs=[length_reward], level="paragraph")
     with pytest.raises(ValueError, match="loss_type"):
         make(tmp_path, reward_funcs=[length_reward], level="token", loss_type="vespo")
-    with pytest.raises(ValueError, match="entropy mask"):
-        make(tmp_path, reward_funcs=[length_reward], level="token", top_entropy_quantile=0.2)
+    with pytest.raises(ValueError, match="level='output'"):
+        make(tmp_path, reward_funcs=[length_reward], level="token", off_policy_mask_threshold=0.1)
     with pytest.raises(ValueError, match="entropy bonus"):
         make(tmp_path, reward_funcs=[length_reward], level="token", entropy_coef=0.01)
 

@@ -18,7 +18,8 @@ With ``level="token"`` or ``"output"`` and TRL's own ``reward_funcs``, the loss 
 ``reduction="sentence_mean"``), ``bnpo`` (``"token_mean"``), ``dr_grpo``, ``dapo`` and ``cispo`` (token sums over
 TRL's own normalisers), ``sapo`` and ``luspo``, with or without ``use_bias_correction_kl`` (our
 ``kl_importance_weighting``). TRL options that change the loss in ways this package's loss does not define yet
-are refused with an error (``vespo``, the entropy mask and bonus, the off-policy mask). vLLM's importance-sampling
+are refused with an error (``vespo``, the entropy bonus). The entropy mask and the off-policy mask (per sentence:
+TRL's at ``level="output"``) are TRL's. vLLM's importance-sampling
 correction is applied as TRL computes it (``importance_sampling_ratio`` as ``is_weights``). Needs ``trl >= 1.0``.
 """
 
@@ -47,10 +48,6 @@ def _check_supported(args) -> None:
         raise ValueError(f"SentenceGRPOTrainer supports loss_type in {tuple(LOSS_TYPES)}, got {args.loss_type!r}")
     option = lambda name, default: getattr(args, name, default)    # noqa: E731 (older TRL lacks some options)
     refused = []
-    if option("top_entropy_quantile", 1.0) < 1.0:
-        refused.append("top_entropy_quantile < 1 (the entropy mask)")
-    if option("off_policy_mask_threshold", None) is not None:
-        refused.append("off_policy_mask_threshold (the off-policy sequence mask)")
     if option("entropy_coef", 0.0) != 0.0 or option("use_adaptive_entropy", False):
         refused.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
     if refused:
@@ -93,6 +90,9 @@ class SentenceGRPOTrainer(GRPOTrainer):
                  segmenter: Segmenter | None = None, ratio_level: str = levels.DEFAULT_SENTENCE_RATIO_LEVEL,
                  reference_column: str = "answer", chunk_size: int | None = None, **kwargs):
         levels.check_level(level, ratio_level)
+        if level == "token" and getattr(args, "off_policy_mask_threshold", None) is not None:
+            raise ValueError("off_policy_mask_threshold masks whole sentences here; at level='token' a sentence is a "
+                             "token, not TRL's sequence: use level='output' (TRL's mask) or 'sentence'")
         if level == "sentence" and sentence_reward is None:
             raise ValueError("level='sentence' needs a sentence_reward (one score per sentence)")
         if reward_funcs is None and sentence_reward is None:
@@ -188,7 +188,10 @@ class SentenceGRPOTrainer(GRPOTrainer):
             objective=objective, sapo_tau_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
             sapo_tau_neg=getattr(self.args, "sapo_temperature_neg", 1.05),
             kl_importance_weighting=self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False),
-            is_weights=self._rollout_weights(inputs), chunk_size=self.chunk_size, return_metrics=True)
+            is_weights=self._rollout_weights(inputs), sampling_logps=inputs.get("sampling_per_token_logps"),
+            top_entropy_quantile=getattr(self.args, "top_entropy_quantile", 1.0),
+            off_policy_mask_threshold=getattr(self.args, "off_policy_mask_threshold", None),
+            chunk_size=self.chunk_size, return_metrics=True)
         mode = "train" if self.model.training else "eval"
         loss = self._normalise(loss, inputs, mode)
         for name in ("clip_fraction", "ratio_mean", "kl_mean", "entropy_mean"):

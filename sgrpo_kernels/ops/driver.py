@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed
+from .. import distributed, reference
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
 from .passes import Passes, flat_token_weights, new_output
 
@@ -51,18 +51,51 @@ def data_parallel_layout(process_group) -> dict:
                 ranks=distributed.world_size(process_group))
 
 
-def entropy_bonus_coefficient(layout, config, process_group) -> torch.Tensor:
-    """``∂loss/∂H_t`` of the entropy bonus for every scored token: ``−entropy_coef · ranks / Σ n`` (0-dim),
-    ``Σ n`` the scored tokens of every rank (the convention of the data-parallel reductions)."""
+def entropy_bonus_coefficients(bonus_tokens: torch.Tensor, config, dtype, process_group) -> torch.Tensor:
+    """``∂loss/∂H_t`` of the entropy bonus, flat ``[B*T]``: ``−entropy_coef · ranks / N`` on the ``bonus_tokens``
+    (bool, flat: the scored tokens, entropy-masked), 0 elsewhere; ``N`` counts them on every rank."""
     options = data_parallel_layout(process_group)
-    tokens = options.get("total", lambda local: local)(layout.count.sum()).clamp(min=1)
-    return -config.entropy_coef * options.get("ranks", 1) / tokens.to(layout.weight.dtype)
+    tokens = options.get("total", lambda local: local)(bonus_tokens.sum()).clamp(min=1)
+    return torch.where(bonus_tokens, -config.entropy_coef * options.get("ranks", 1) / tokens.to(dtype), 0.0)
+
+
+def masks_needed(config) -> bool:
+    """Whether the policy's token weights depend on the current log-probs or entropies (the masks)."""
+    return config.top_entropy_quantile < 1.0 or config.off_policy_mask_threshold is not None
+
+
+def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages, old_logps, sampling_logps,
+                         is_weights, process_group):
+    """Flat ``[B*T]`` weights ``q_t`` of the policy loss (``None``: all 1) and the flat bool tokens of the entropy
+    bonus, from ``reference.policy_token_weights`` on the scored tokens (``scores``: pass A of every token)."""
+    batch, length = segment_ids.shape
+    segments = segment_ids.reshape(-1)
+    scored = segments >= 0
+    if not masks_needed(config):     # no mask: the weights are is_weights as given, the bonus covers every token
+        return flat_token_weights(is_weights, batch, length), scored
+    positions = torch.nonzero(scored).squeeze(1)
+    slots = (positions // max(length, 1)) * num_slots + segments[positions].long()
+    slot_advantages = (advantages.reshape(-1) if advantages.dim() == 2
+                       else advantages.repeat_interleave(num_slots)).to(scores.logp.dtype)
+    flat_weights = flat_token_weights(is_weights, batch, length)
+    pick = lambda tensor: None if tensor is None else tensor.reshape(-1)[positions].to(scores.logp.dtype)  # noqa: E731
+    entropy_mask, weight = reference.policy_token_weights(
+        config, scores.logp[positions], lambda: scores.entropy[positions], pick(sampling_logps), pick(old_logps),
+        slot_advantages[slots], slots, batch * num_slots, pick(flat_weights), process_group)
+    bonus_tokens = scored.clone()
+    if entropy_mask is not None:
+        bonus_tokens[positions] = entropy_mask
+    if weight is None:
+        return None, bonus_tokens
+    token_weights = torch.zeros(batch * length, dtype=scores.logp.dtype, device=segment_ids.device)
+    token_weights[positions] = weight
+    return token_weights, bonus_tokens
 
 
 def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                            config, num_slots: int, *, gradient_out: torch.Tensor | None, with_metrics: bool,
                            process_group=None, normalizer: torch.Tensor | None = None,
-                           is_weights: torch.Tensor | None = None):
+                           is_weights: torch.Tensor | None = None, sampling_logps: torch.Tensor | None = None):
     """The loss (``reference.sentence_grpo_loss``) with passes A, B and, when ``gradient_out`` is given, C.
 
     Inputs as ``reference.sentence_grpo_loss`` (already validated); ``num_slots`` is ``S_max``. The gradient of
@@ -72,21 +105,21 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
     """
     with torch.no_grad():
         scores = passes.token_scores(logits, completion_ids, config.temperature, segment_ids=segment_ids,
-                                     with_entropy=with_metrics or config.entropy_coef != 0)
+                                     with_entropy=with_metrics or config.entropy_coef != 0
+                                     or config.top_entropy_quantile < 1.0)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, scores.logp.dtype, normalizer=normalizer,
                                  **data_parallel_layout(process_group))
-        token_weights = flat_token_weights(is_weights, *segment_ids.shape)
+        token_weights, bonus_tokens = policy_token_weights(config, scores, segment_ids, num_slots, advantages,
+                                                           old_logps, sampling_logps, is_weights, process_group)
         sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None)
         passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, sums, config,
                              token_weights=token_weights)
         terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
-        scored = segment_ids.reshape(-1) >= 0
         entropy_coef = None
         if config.entropy_coef != 0:
-            bonus = entropy_bonus_coefficient(layout, config, process_group)
-            loss = loss + bonus * torch.where(scored, scores.entropy, 0.0).sum()
-            entropy_coef = torch.where(scored, bonus, 0.0)
+            entropy_coef = entropy_bonus_coefficients(bonus_tokens, config, scores.logp.dtype, process_group)
+            loss = loss + torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum()
         if gradient_out is not None:
             token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms, config,
                                                    token_weights=token_weights)
@@ -114,12 +147,14 @@ def token_logprobs_backward(passes: Passes, logits, ids, grad_logp, grad_entropy
 
 def sentence_grpo_loss_inplace(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps,
                                ref_logps, config, num_slots: int, *, with_metrics: bool, process_group=None,
-                               normalizer: torch.Tensor | None = None, is_weights: torch.Tensor | None = None):
+                               normalizer: torch.Tensor | None = None, is_weights: torch.Tensor | None = None,
+                               sampling_logps: torch.Tensor | None = None):
     """:func:`run_sentence_grpo_loss` writing the gradient over ``logits`` (eager mode only: a custom op may not
     mutate an input it differentiates); returns ``(loss wired to autograd, metrics or None)``."""
     loss, metrics = run_sentence_grpo_loss(passes, logits.detach(), completion_ids, segment_ids, advantages,
                                            old_logps, ref_logps, config, num_slots, gradient_out=logits.detach(),
                                            with_metrics=with_metrics, process_group=process_group,
-                                           normalizer=normalizer, is_weights=is_weights)
+                                           normalizer=normalizer, is_weights=is_weights,
+                                           sampling_logps=sampling_logps)
     torch.autograd.graph.increment_version(logits)   # autograd must refuse any later use of the overwritten logits
     return EagerGradient.apply(loss, (logits.detach(),), logits), metrics

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .driver import data_parallel_layout, entropy_bonus_coefficient
+from .driver import data_parallel_layout, entropy_bonus_coefficients, masks_needed, policy_token_weights
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
-from .passes import Passes, accumulator_dtype, flat_token_weights, new_output
+from .passes import Passes, accumulator_dtype, new_output
 
 CPU_CHUNK_BYTES = 32 * 2**20
 GPU_CHUNK_BYTES_MAX = 2**30
@@ -173,7 +173,7 @@ class _ScoreBuffers:
 def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
                           ref_logps, config, num_slots: int, chunk_size: int | None, *, wanted: tuple,
                           with_metrics: bool, process_group=None, normalizer: torch.Tensor | None = None,
-                          is_weights: torch.Tensor | None = None):
+                          is_weights: torch.Tensor | None = None, sampling_logps: torch.Tensor | None = None):
     """The loss (``reference.sentence_grpo_loss``) on ``logits = hidden @ weight.T + bias``, a chunk at a time.
 
     hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``; the rest as ``sentence_grpo_loss``.
@@ -192,11 +192,20 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
         ids = completion_ids.reshape(rows)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, normalizer=normalizer,
                                  **data_parallel_layout(process_group))
-        token_weights = flat_token_weights(is_weights, batch, length)
-        sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None)
-        scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics or config.entropy_coef != 0)
+        scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics or config.entropy_coef != 0
+                               or config.top_entropy_quantile < 1.0)
         logp = scores.logp
-        bonus = entropy_bonus_coefficient(layout, config, process_group) if config.entropy_coef != 0 else None
+        plan = plan_chunks(segment_ids, num_slots, chunk_size)
+        if masks_needed(config):
+            # the masks need every token's log-prob (off-policy: the sentence's mean) or entropy (a quantile of
+            # the batch) before any sentence is finished: a first visit of every chunk runs pass A only
+            for tokens in [*plan.whole, *(piece for pieces in plan.long for piece in pieces)]:
+                scores.score(passes, head, ids, tokens, temperature)
+        token_weights, bonus_tokens = policy_token_weights(config, scores, segment_ids, num_slots, advantages,
+                                                           old_logps, sampling_logps, is_weights, process_group)
+        sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None)
+        entropy_coef = (entropy_bonus_coefficients(bonus_tokens, config, dtype, process_group)
+                        if config.entropy_coef != 0 else None)
 
         def forward(tokens):
             chunk_rows, logits = scores.score(passes, head, ids, tokens, temperature)
@@ -209,13 +218,12 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
             coef = passes.token_coefficients(logp, ref_logps, segment_ids, num_slots, terms, config, tokens,
                                              token_weights=token_weights)
             grid = logits.unsqueeze(0)        # the gradient of the logits overwrites them
-            entropy_options = {} if bonus is None else dict(entropy_coef=bonus.expand(tokens.numel()),
-                                                            entropy=scores.entropy[tokens])
+            entropy_options = {} if entropy_coef is None else dict(entropy_coef=entropy_coef[tokens],
+                                                                   entropy=scores.entropy[tokens])
             passes.logits_gradient(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], temperature, grid,
                                    **entropy_options)
             head.accumulate(tokens, chunk_rows, logits)
 
-        plan = plan_chunks(segment_ids, num_slots, chunk_size)
         for tokens in plan.whole:
             chunk_rows, logits = forward(tokens)
             if needs_grad:
@@ -229,8 +237,8 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
                     backward(tokens, *head.logits(tokens))
         terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
-        if bonus is not None:
-            loss = loss + bonus * torch.where(segment_ids.reshape(-1) >= 0, scores.entropy, 0.0).sum()
+        if entropy_coef is not None:
+            loss = loss + torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum()
         if not with_metrics:
             return loss, head.gradients(), None
         arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl)
