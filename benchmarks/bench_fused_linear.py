@@ -6,8 +6,11 @@
 
 Providers: ``reference`` (materialise ``hidden @ weight.T``, then reference.py), ``torch`` / ``triton`` (this
 package's fused linear path), ``liger`` (Liger-Kernel's ``LigerFusedLinearGRPOLoss``, token level, compiled as
-it ships). The floor is ``6·N·H·V flops / matmul rate`` (logits, gradient of hidden, gradient of the weight)
-with the rate measured in the same run. Writes ``bench_fused_linear.{csv,png,md}`` into ``--out``.
+it ships), ``trl-chunked`` (TRL 1.16's own path: its chunked log-prob kernel ``ChunkedLogProbFunction`` on the
+LM head, with the vocabulary tile TRL uses, then its default loss in PyTorch: ``loss_type="dapo"`` at the token
+level, the KL bias-corrected). The floor is ``6·N·H·V flops / matmul rate`` (logits, gradient of hidden,
+gradient of the weight) with the rate measured in the same run. Writes ``bench_fused_linear.{csv,png,md}``
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ from sgrpo_kernels import reference  # noqa: E402
 from sgrpo_kernels.config import LossConfig  # noqa: E402
 
 PRESETS = {
-    "quick": dict(device="cpu", shapes=[Shape(4, 1024, 32000, "float32", 512)], providers=["reference", "torch"],
-                  repeats=1, memory=("full",)),
+    "quick": dict(device="cpu", shapes=[Shape(4, 1024, 32000, "float32", 512)],
+                  providers=["reference", "torch", "trl-chunked"], repeats=1, memory=("full",)),
     "cpu": dict(device="cpu", shapes=[Shape(4, 512, 32000, "float32", 512), Shape(4, 1024, 32000, "float32", 512),
                                       Shape(4, 2048, 32000, "float32", 512)],
-                providers=["reference", "torch", "liger"], repeats=3, memory=("full",)),
+                providers=["reference", "torch", "liger", "trl-chunked"], repeats=3, memory=("full",)),
     "gpu": dict(device="cuda", shapes=[Shape(2, 2048, 151936, "bfloat16", 4096),
                                        Shape(8, 2048, 151936, "bfloat16", 4096)],
-                providers=["reference", "triton", "liger"], repeats=10, memory=("forward", "full")),
+                providers=["reference", "triton", "liger", "trl-chunked"], repeats=10, memory=("forward", "full")),
 }
 ARGUMENTS = ("completion_ids", "segment_ids", "advantages", "old_logps", "ref_logps")
 
@@ -75,7 +78,31 @@ def provider(name: str):
                              old_per_token_logps=inputs["old_logps"])
             return loss
         return liger
+    if name == "trl-chunked":
+        return trl_chunked_dapo
     raise ValueError(f"unknown provider {name!r}")
+
+
+TRL_VOCAB_TILE = 32768      # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
+
+
+def trl_chunked_dapo(inputs: dict) -> torch.Tensor:
+    """TRL 1.16's fused-LM-head path: ``ChunkedLogProbFunction`` for the log-probs, then the arithmetic of its
+    ``_compute_loss`` for its defaults (``loss_type="dapo"``, token level, ``use_bias_correction_kl=True``,
+    one advantage per answer), normalised by the batch's scored tokens."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    hidden, weight = inputs["hidden"], inputs["weight"]
+    batch, length, width = hidden.shape
+    mask = inputs["segment_ids"] >= 0
+    logp = ChunkedLogProbFunction.apply(hidden[mask], weight, None, inputs["completion_ids"][mask], 1.0,
+                                        TRL_VOCAB_TILE, None, 1.0, ())[0]
+    advantage = inputs["advantages"].mean(1, keepdim=True).expand(batch, length)[mask]
+    ratio = torch.exp(logp - inputs["old_logps"][mask])
+    per_token = -torch.min(ratio * advantage, ratio.clamp(0.8, 1.2) * advantage)
+    ref_minus_logp = inputs["ref_logps"][mask] - logp
+    per_token = per_token + BETA * (torch.exp(ref_minus_logp) - ref_minus_logp - 1) * ratio
+    return per_token.sum() / mask.sum().clamp(min=1)
 
 
 def leaves(name: str, inputs: dict) -> list[torch.Tensor]:
@@ -88,6 +115,11 @@ def provider_available(name: str, device: torch.device) -> str | None:
             import liger_kernel.chunked_loss  # noqa: F401
         except ImportError:
             return "liger-kernel not installed"
+    if name == "trl-chunked":
+        try:
+            import trl.kernels.chunked_logprob  # noqa: F401
+        except ImportError:
+            return "trl >= 1.16 not installed"
     if name == "triton" and device.type != "cuda":
         return "Triton kernels need CUDA (the CPU interpreter is not a speed measurement)"
     return None
