@@ -154,3 +154,46 @@ def test_the_family_matches_liger_triton_grpo_loss(loss_type, level, corrections
     # Liger computes in fp32: its loss is good to ~1e-5 of the terms it sums, not of a loss that nearly cancels
     assert abs(liger_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
     assert_relative_close(liger_logits.grad[:, :length].cpu(), our_grad.cpu(), 1e-5, "logits.grad")
+
+
+@pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("bnpo", "token"), ("dapo", "token"),
+                                             ("dr_grpo", "token"), ("cispo", "token"), ("sapo", "token"),
+                                             ("grpo", "sequence"), ("dapo", "sequence")])
+@pytest.mark.parametrize("corrections", [False, True], ids=["plain", "kl_correction+vllm_is"])
+def test_the_family_matches_liger_fused_linear_grpo_loss(loss_type, level, corrections, backend):
+    """Liger's LigerFusedLinearGRPOLoss (hidden states and LM head, fp32, uncompiled) against our fused linear
+    loss: loss and the gradients of hidden and weight."""
+    chunked = pytest.importorskip("liger_kernel.chunked_loss",
+                                  reason="liger-kernel (the dev extra) is the oracle of this test")
+    case = level_case(level, seed=43, vocab=200)
+    batch, length, _ = case["logits"].shape
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(batch, length, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(200, 16, generator=generator, dtype=torch.float64) * 0.3
+    objective, reduction, normalizer = LIGER_LOSS_TYPES[loss_type]
+    eps_high = 1.5 if loss_type == "cispo" else 0.28
+    is_ratio = 0.5 + torch.rand(batch, length, generator=generator, dtype=torch.float64)
+    options = dict(beta=0.05, eps_low=0.2, eps_high=eps_high, objective=objective, reduction=reduction,
+                   kl_importance_weighting=corrections, ratio_level="mean" if level == "sequence" else "sum",
+                   normalizer=None if normalizer is None else normalizer(batch, length))
+    rest = list(moved(case, device_of(backend)).values())[1:]
+    ours_hidden = hidden.clone().to(device_of(backend)).requires_grad_()
+    ours_weight = weight.clone().to(device_of(backend)).requires_grad_()
+    loss = sk.fused_linear_sentence_grpo_loss(
+        ours_hidden, ours_weight, *rest, backend=backend, chunk_size=5,
+        is_weights=is_ratio.to(device_of(backend)) if corrections else None, **options)
+    loss.backward()
+
+    module = chunked.LigerFusedLinearGRPOLoss(beta=0.05, compiled=False, epsilon_low=0.2, epsilon_high=eps_high,
+                                              loss_type=loss_type, importance_sampling_level=level,
+                                              use_bias_correction_kl=corrections, max_completion_length=length)
+    their_hidden, their_weight = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    mask = (case["segment_ids"] >= 0).float()
+    their_loss, _ = module(their_hidden, their_weight, case["completion_ids"].clamp(min=0), mask,
+                           case["advantages"].float(), ref_per_token_logps=case["ref_logps"].float(),
+                           old_per_token_logps=case["old_logps"].float(),
+                           vllm_is_ratio=is_ratio.float() if corrections else None)
+    their_loss.backward()
+    assert abs(their_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
+    assert_relative_close(their_hidden.grad, ours_hidden.grad.cpu(), 1e-4, "grad hidden")
+    assert_relative_close(their_weight.grad, ours_weight.grad.cpu(), 1e-4, "grad weight")
