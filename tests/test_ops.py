@@ -127,10 +127,17 @@ def test_odd_shapes_fp32(backend, vocab, length):
     check_against_gold(case, backend, beta=0.05, ratio_level="mean" if length > 7 else "sum")
 
 
+LOW_PRECISION_OPTIONS = [dict(beta=0.1, temperature=0.9),
+                         dict(objective="cispo", eps_high=1.2, beta=0.1, kl_estimator="k2", reduction="token_mean"),
+                         dict(objective="sapo", beta=0.1, kl_importance_weighting=True, entropy_coef=0.05),
+                         dict(clip_ratio_c=1.5, beta=0.1, kl_estimator="abs", reduction="answer_mean_token_sum",
+                              top_entropy_quantile=0.5)]
+
+
+@pytest.mark.parametrize("options", LOW_PRECISION_OPTIONS, ids=["default", "cispo", "sapo", "dual_clip+mask"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_twice_the_reference_error(backend, dtype):
+def test_low_precision_within_twice_the_reference_error(backend, dtype, options):
     case = random_case(batch=3, length=9, vocab=1000, num_slots=5, dtype=dtype, seed=5, old_spread=0.2)
-    options = dict(beta=0.1, temperature=0.9)
     gold_loss, gold_grad, _ = loss_and_grad(gold_of(case), "reference", **options)
     ref_loss, ref_grad, _ = loss_and_grad(case, "reference", **options)
     loss, grad, _ = loss_and_grad(case, backend, **options)
