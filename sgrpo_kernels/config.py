@@ -15,6 +15,8 @@ import torch
 RATIO_LEVELS = ("sum", "mean")
 OBJECTIVES = ("ppo_clip", "cispo", "sapo")
 KL_ESTIMATORS = ("k3", "k1", "k2", "abs")
+IS_MODES = ("token_truncate", "token_mask", "sentence_truncate", "sentence_mask", "sequence_truncate",
+            "sequence_mask")
 KL_REDUCTIONS = ("mean", "sum")
 REDUCTIONS = ("sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum", "answer_mean_token_sum")
 ADVANTAGE_WEIGHTINGS = ("output", "sentence")
@@ -71,6 +73,11 @@ OPTION_DOCS = {
     "off_policy_mask_threshold": "drop the policy loss of a sentence with ``Â < 0`` whose mean "
                                  "``log π_sampling − log π`` exceeds it (DeepSeek-V3.2's off-policy mask, per "
                                  "sentence; TRL's ``off_policy_mask_threshold``); ``None`` = off.",
+    "is_mode": "importance weights of the rollout engine computed here from ``sampling_logps``: ``exp(old − "
+               "sampling)`` per token, or of its sum over the sentence or the answer, truncated to or masked "
+               "outside ``[is_clip_min, is_clip_max]`` (TRL's ``vllm_importance_sampling_mode``); ``None`` = off.",
+    "is_clip_min": "lower bound of ``is_mode``'s weights (``None``: none).",
+    "is_clip_max": "upper bound of ``is_mode``'s weights (``None``: none).",
     "entropy_coef": "subtract ``entropy_coef ·`` the mean entropy of the scored tokens (an exploration bonus, "
                     "with its gradient; TRL's ``entropy_coef``, verl's ``entropy_coeff``); 0 = off.",
 }
@@ -111,6 +118,9 @@ class LossConfig:
     entropy_coef: float = 0.0
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: float | None = None
+    is_mode: str | None = None
+    is_clip_min: float | None = None
+    is_clip_max: float | None = 3.0
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # the dataclass is frozen
@@ -139,6 +149,11 @@ class LossConfig:
                                                  low_inclusive=False))
         if self.top_entropy_quantile > 1.0:
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+        if self.is_mode is not None:
+            _check_choice("is_mode", self.is_mode, IS_MODES)
+        for name in ("is_clip_min", "is_clip_max"):
+            if getattr(self, name) is not None:
+                set_(name, _check_real(name, getattr(self, name), low=0.0))
         if self.off_policy_mask_threshold is not None:
             set_("off_policy_mask_threshold", _check_real("off_policy_mask_threshold", self.off_policy_mask_threshold))
         if not isinstance(self.kl_importance_weighting, bool):

@@ -65,6 +65,16 @@ def _check_per_token(name: str, value, batch_and_length, device) -> None:
         raise ValueError(f"{name} is on {value.device} but the loss's inputs are on {device}")
 
 
+def _check_rollout_inputs(config: LossConfig, old_logps, sampling_logps, is_weights) -> None:
+    if config.is_mode is None:
+        return
+    if sampling_logps is None or old_logps is None:
+        raise ValueError(f"is_mode={config.is_mode!r} needs sampling_logps and old_logps (its weights are "
+                         "exp(old_logps - sampling_logps))")
+    if is_weights is not None:
+        raise ValueError("pass either is_weights or is_mode, not both")
+
+
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -80,7 +90,8 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                        kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                        clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
                        kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
-                       off_policy_mask_threshold=None, normalizer=None, is_weights=None, sampling_logps=None,
+                       off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0,
+                       normalizer=None, is_weights=None, sampling_logps=None,
                        inplace=False, backend="auto",
                        return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
@@ -123,7 +134,8 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                         sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
                         kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef,
                         top_entropy_quantile=top_entropy_quantile,
-                        off_policy_mask_threshold=off_policy_mask_threshold)
+                        off_policy_mask_threshold=off_policy_mask_threshold, is_mode=is_mode,
+                        is_clip_min=is_clip_min, is_clip_max=is_clip_max)
     return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
                             inplace=inplace, backend=backend, return_metrics=return_metrics,
                             process_group=process_group, normalizer=normalizer, is_weights=is_weights,
@@ -142,6 +154,7 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
                       old_logps, ref_logps, config)
     _check_is_weights(is_weights, logits.shape[:2], logits.device)
     _check_per_token("sampling_logps", sampling_logps, logits.shape[:2], logits.device)
+    _check_rollout_inputs(config, old_logps, sampling_logps, is_weights)
     normalizer = _normalizer_tensor(normalizer, logits.device)
     chosen = resolve_backend(backend, logits.device)
     if chosen.name == "reference":
@@ -203,9 +216,9 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                                     clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
                                     kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
-                                    off_policy_mask_threshold=None, normalizer=None, is_weights=None,
-                                    sampling_logps=None, inplace=False, backend="auto", return_metrics=False,
-                                    process_group=None):
+                                    off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0,
+                                    normalizer=None, is_weights=None, sampling_logps=None, inplace=False,
+                                    backend="auto", return_metrics=False, process_group=None):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
     Args:
@@ -227,7 +240,8 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                         sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
                         kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef,
                         top_entropy_quantile=top_entropy_quantile,
-                        off_policy_mask_threshold=off_policy_mask_threshold)
+                        off_policy_mask_threshold=off_policy_mask_threshold, is_mode=is_mode,
+                        is_clip_min=is_clip_min, is_clip_max=is_clip_max)
     _check_flag("inplace", inplace)
     return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                             config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
@@ -246,6 +260,7 @@ def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantag
                       old_logps, ref_logps, config, logits_name="hidden")
     _check_is_weights(is_weights, hidden.shape[:2], hidden.device)
     _check_per_token("sampling_logps", sampling_logps, hidden.shape[:2], hidden.device)
+    _check_rollout_inputs(config, old_logps, sampling_logps, is_weights)
     normalizer = _normalizer_tensor(normalizer, hidden.device)
     chosen = resolve_backend(backend, hidden.device)
     if chosen.name == "reference":
@@ -339,8 +354,8 @@ class SentenceGRPOLoss(nn.Module):
                  kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
                  clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
                  kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
-                 off_policy_mask_threshold=None, inplace=False, backend="auto", return_metrics=False, chunk_size=None,
-                 process_group=None):
+                 off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0, inplace=False,
+                 backend="auto", return_metrics=False, chunk_size=None, process_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
         self.config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta,
@@ -349,7 +364,8 @@ class SentenceGRPOLoss(nn.Module):
                                  clip_ratio_c=clip_ratio_c, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                                  kl_estimator=kl_estimator, kl_importance_weighting=kl_importance_weighting,
                                  entropy_coef=entropy_coef, top_entropy_quantile=top_entropy_quantile,
-                                 off_policy_mask_threshold=off_policy_mask_threshold)
+                                 off_policy_mask_threshold=off_policy_mask_threshold, is_mode=is_mode,
+                                 is_clip_min=is_clip_min, is_clip_max=is_clip_max)
         check_backend_name(backend)
         _check_flag("inplace", inplace)
         _check_flag("return_metrics", return_metrics)

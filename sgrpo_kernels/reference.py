@@ -7,6 +7,8 @@ Readable next to the formulas, vectorised (no Python loop over tokens: sentences
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import LossConfig
@@ -94,7 +96,8 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
                                                       config.temperature, return_entropy=True)[1].to(work_dtype),
         None if sampling_logps is None else sampling_logps[scored].to(work_dtype),
         old if old_logps is not None else None, token_advantage, sentence_of_token, batch * num_slots,
-        None if is_weights is None else token_weights(is_weights, scored).to(work_dtype), process_group)
+        None if is_weights is None else token_weights(is_weights, scored).to(work_dtype), process_group,
+        answer_of_token=rows, answers=batch)
     if config.objective == "cispo":
         weight = ratio.clamp(max=config.eps_high).detach()
         weighted_logp = logp if token_weight is None else token_weight * logp
@@ -158,17 +161,41 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     return loss, metrics
 
 
+def rollout_weights(config: LossConfig, old_logps, sampling_logps, sentence_of_token, total_slots: int,
+                    answer_of_token, answers: int):
+    """``is_mode``'s importance weights ``[M]``: ``exp(old − sampling)`` per token, or of its sum over the token's
+    sentence or answer (TRL sums over the sequence), truncated to ``[is_clip_min, is_clip_max]`` or set to 0
+    outside it. Tokens whose rollout log-prob is NaN count as ratio 1 (TRL's rule)."""
+    difference = torch.nan_to_num(old_logps - sampling_logps, nan=0.0)
+    level = config.is_mode.split("_")[0]
+    if level != "token":
+        groups, count = ((sentence_of_token, total_slots) if level == "sentence" else (answer_of_token, answers))
+        sums = torch.zeros(count, dtype=difference.dtype, device=difference.device).index_add(0, groups, difference)
+        difference = sums[groups]
+    ratio = torch.exp(difference)
+    low = -math.inf if config.is_clip_min is None else config.is_clip_min
+    high = math.inf if config.is_clip_max is None else config.is_clip_max
+    if config.is_mode.endswith("truncate"):
+        return ratio.clamp(low, high)
+    return torch.where((ratio < low) | (ratio > high), 0.0, ratio)
+
+
 def policy_token_weights(config: LossConfig, logp, entropy_of, sampling_logps, old_logps, token_advantage,
-                         sentence_of_token, total_slots: int, is_weights, process_group=None):
+                         sentence_of_token, total_slots: int, is_weights, process_group=None, answer_of_token=None,
+                         answers: int = 0):
     """The constant weights ``q_t`` of each scored token's policy loss (``[M]``, or ``None`` when all are 1) and
-    the top-entropy mask (``[M]`` bool, or ``None``): ``is_weights`` × the top-entropy mask × the off-policy mask.
+    the top-entropy mask (``[M]`` bool, or ``None``): ``is_weights`` (or ``is_mode``'s weights) × the top-entropy
+    mask × the off-policy mask.
 
     ``logp`` ``[M]`` (detached), ``entropy_of()`` gives the ``[M]`` entropies (called only when needed),
     ``sampling_logps``/``old_logps`` ``[M]`` or ``None``, ``token_advantage`` ``[M]`` (its sentence's ``Â``),
     ``sentence_of_token`` ``[M]`` slot indices in ``[0, total_slots)``. The entropy quantile is taken over the
-    scored tokens of every rank of ``process_group``.
+    scored tokens of every rank of ``process_group``. ``answer_of_token`` ``[M]`` (its row) for the sequence modes.
     """
     weight = is_weights
+    if config.is_mode is not None:
+        weight = rollout_weights(config, old_logps, sampling_logps, sentence_of_token, total_slots, answer_of_token,
+                                 answers)
     entropy_mask = None
     if config.top_entropy_quantile < 1.0:
         entropy = entropy_of().detach()

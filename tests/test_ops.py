@@ -497,3 +497,18 @@ def test_token_masks(backend, masks, objective):
     masked, _, _ = loss_and_grad(case, backend, **options)
     assert (plain - masked).abs() > 1e-4                             # the masks really drop something
     check_fused_linear_against_gold(case, backend, chunk_size=4, **options)
+
+
+@pytest.mark.parametrize("is_mode", ["token_truncate", "token_mask", "sentence_truncate", "sentence_mask",
+                                     "sequence_truncate", "sequence_mask"])
+def test_rollout_weights_from_sampling_logps(backend, is_mode):
+    case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=16, old_spread=0.3)
+    sampling = case["old_logps"] + 0.4 * torch.randn(case["old_logps"].shape, dtype=torch.float64,
+                                                     generator=torch.Generator().manual_seed(8))
+    options = dict(beta=0.1, is_mode=is_mode, is_clip_min=0.5, is_clip_max=2.0,
+                   sampling_logps=sampling.to(device_of(backend)))
+    check_against_gold(case, backend, rel=1e-10, **options)
+    plain, _, _ = loss_and_grad(case, backend, beta=0.1)
+    weighted, _, _ = loss_and_grad(case, backend, **options)
+    assert (plain - weighted).abs() > 1e-4
+    check_fused_linear_against_gold(case, backend, chunk_size=4, **options)

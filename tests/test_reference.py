@@ -251,3 +251,21 @@ def test_sentence_level_differs_from_token_level():
     case = random_case(batch=2, length=8, num_slots=8, seed=11, per_row_advantages=True, empty_row=False)
     token_level = dict(case, segment_ids=torch.where(case["segment_ids"] >= 0, torch.arange(8), -1))
     assert abs(loss_of(case).item() - loss_of(token_level).item()) > 1e-6
+
+
+def test_rollout_weights_by_hand():
+    """is_mode: exp(old − sampling) per token / summed per sentence / summed per answer; truncate or mask."""
+    old = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5], dtype=torch.float64))
+    sampling = torch.log(torch.tensor([0.25, 1.0, 0.5, 0.1], dtype=torch.float64))   # ratios 2, 0.5, 1, 5
+    sentence_of_token, answer_of_token = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 0, 0, 1])
+    run = lambda mode, low=None, high=3.0: reference.rollout_weights(   # noqa: E731
+        LossConfig(is_mode=mode, is_clip_min=low, is_clip_max=high), old, sampling, sentence_of_token, 3,
+        answer_of_token, 2).tolist()
+    assert run("token_truncate") == pytest.approx([2.0, 0.5, 1.0, 3.0])
+    assert run("token_mask", low=0.6) == pytest.approx([2.0, 0.0, 1.0, 0.0])
+    assert run("sentence_truncate") == pytest.approx([1.0, 1.0, 1.0, 3.0])        # 2 · 0.5 = 1 for sentence 0
+    assert run("sequence_mask", high=None) == pytest.approx([1.0, 1.0, 1.0, 5.0])  # answer 0: 2 · 0.5 · 1
+    nan_sampling = sampling.clone()
+    nan_sampling[0] = float("nan")                        # no rollout log-prob: ratio 1 for that token
+    config = LossConfig(is_mode="token_truncate")
+    assert reference.rollout_weights(config, old, nan_sampling, sentence_of_token, 3, answer_of_token, 2)[0] == 1.0

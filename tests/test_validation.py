@@ -95,7 +95,7 @@ def test_beta_without_ref_logps():
 
 
 @pytest.mark.parametrize("option", ["ratio_level", "kl_reduction", "reduction", "backend", "objective",
-                                    "kl_estimator"])
+                                    "kl_estimator", "is_mode"])
 def test_unknown_option_string(option):
     with pytest.raises(ValueError, match=option):
         call(**{option: "nonsense"})
@@ -122,6 +122,11 @@ def test_option_of_wrong_type(name, value):
 def test_bad_normalizer(normalizer):
     with pytest.raises(ValueError, match="normalizer"):
         call(normalizer=normalizer)
+
+
+def test_is_mode_needs_rollout_and_old_logps():
+    with pytest.raises(ValueError, match="is_mode='token_mask' needs sampling_logps and old_logps"):
+        call(is_mode="token_mask")
 
 
 def test_backend_not_built_yet_says_so():

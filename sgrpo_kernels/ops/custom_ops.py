@@ -29,7 +29,8 @@ from .passes import accumulator_dtype
 
 NAMESPACE = "sgrpo_kernels"
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
-_SCHEMA_TYPES = {"float": "float", "float | None": "float?", "str": "str", "int": "int", "bool": "bool"}
+_SCHEMA_TYPES = {"float": "float", "float | None": "float?", "str": "str", "str | None": "str?", "int": "int",
+                 "bool": "bool"}
 OPTION_FIELDS = tuple(field.name for field in dataclasses.fields(LossConfig))
 _OPTION_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[field.type]} {field.name}" for field in dataclasses.fields(LossConfig))
 

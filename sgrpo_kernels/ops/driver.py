@@ -71,7 +71,7 @@ def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages
     batch, length = segment_ids.shape
     segments = segment_ids.reshape(-1)
     scored = segments >= 0
-    if not masks_needed(config):     # no mask: the weights are is_weights as given, the bonus covers every token
+    if not masks_needed(config) and config.is_mode is None:   # is_weights as given; the bonus covers every token
         return flat_token_weights(is_weights, batch, length), scored
     positions = torch.nonzero(scored).squeeze(1)
     slots = (positions // max(length, 1)) * num_slots + segments[positions].long()
@@ -81,7 +81,8 @@ def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages
     pick = lambda tensor: None if tensor is None else tensor.reshape(-1)[positions].to(scores.logp.dtype)  # noqa: E731
     entropy_mask, weight = reference.policy_token_weights(
         config, scores.logp[positions], lambda: scores.entropy[positions], pick(sampling_logps), pick(old_logps),
-        slot_advantages[slots], slots, batch * num_slots, pick(flat_weights), process_group)
+        slot_advantages[slots], slots, batch * num_slots, pick(flat_weights), process_group,
+        answer_of_token=positions // max(length, 1), answers=batch)
     bonus_tokens = scored.clone()
     if entropy_mask is not None:
         bonus_tokens[positions] = entropy_mask
