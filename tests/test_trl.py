@@ -46,7 +46,7 @@ def make(tmp_path, trainer_class=SentenceGRPOTrainer, **kwargs):
                                                                              "loss_type", "num_iterations",
                                                                              "use_bias_correction_kl",
                                                                              "top_entropy_quantile", "bf16",
-                                                                             "entropy_coef",
+                                                                             "entropy_coef", "use_adaptive_entropy",
                                                                              "off_policy_mask_threshold",
                                                                              "num_generations")}
     return trainer_class(model, args=config(tmp_path, **trl_options), train_dataset=dataset(),
@@ -120,10 +120,12 @@ def perturb(model, seed=1, scale=0.3):
     ("token", "token", "cispo", True), ("output", "sequence", "cispo", False),
     ("token", "token", "sapo", True), ("output", "sequence", "sapo", False),
     ("token", "token", "luspo", False), ("output", "sequence", "luspo", True)])
-def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, loss_type, bias_correction):
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.02])
+def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, loss_type, bias_correction,
+                                               entropy_coef):
     options = dict(reward_funcs=[length_reward], beta=0.05, importance_sampling_level=sampling_level,
                    loss_type=loss_type, num_iterations=2,        # num_iterations > 1: TRL keeps old log-probs
-                   use_bias_correction_kl=bias_correction)
+                   use_bias_correction_kl=bias_correction, entropy_coef=entropy_coef)
     ours = make(tmp_path / "ours", level=level, **options)
     theirs = make(tmp_path / "theirs", trl.GRPOTrainer, **options)
     inputs = batch_inputs(ours)
@@ -227,8 +229,8 @@ def test_arguments_are_checked(tmp_path):
         make(tmp_path, reward_funcs=[length_reward], level="token", loss_type="vespo")
     with pytest.raises(ValueError, match="level='output'"):
         make(tmp_path, reward_funcs=[length_reward], level="token", off_policy_mask_threshold=0.1)
-    with pytest.raises(ValueError, match="entropy bonus"):
-        make(tmp_path, reward_funcs=[length_reward], level="token", entropy_coef=0.01)
+    with pytest.raises(ValueError, match="adaptive entropy"):
+        make(tmp_path, reward_funcs=[length_reward], level="token", use_adaptive_entropy=True)
 
 
 def _free_port() -> int:

@@ -17,10 +17,11 @@ With ``level="token"`` or ``"output"`` and TRL's own ``reward_funcs``, the loss 
 ``importance_sampling_level="token"`` or ``"sequence"`` and ``loss_type`` in ``grpo`` (our
 ``reduction="sentence_mean"``), ``bnpo`` (``"token_mean"``), ``dr_grpo``, ``dapo`` and ``cispo`` (token sums over
 TRL's own normalisers), ``sapo`` and ``luspo``, with or without ``use_bias_correction_kl`` (our
-``kl_importance_weighting``). TRL options that change the loss in ways this package's loss does not define yet
-are refused with an error (``vespo``, the entropy bonus). The entropy mask and the off-policy mask (per sentence:
-TRL's at ``level="output"``) are TRL's. vLLM's importance-sampling
-correction is applied as TRL computes it (``importance_sampling_ratio`` as ``is_weights``). Needs ``trl >= 1.0``.
+``kl_importance_weighting``), the entropy bonus, the entropy mask and the off-policy mask (per sentence: TRL's at
+``level="output"``); vLLM's importance-sampling correction is applied as TRL computes it
+(``importance_sampling_ratio`` as ``is_weights``). Each loss type's normaliser is passed to the loss as its
+``normalizer``. TRL options this package's loss does not define yet are refused with an error (``vespo``, the
+adaptive entropy controller). Needs ``trl >= 1.0``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def _check_supported(args) -> None:
         raise ValueError(f"SentenceGRPOTrainer supports loss_type in {tuple(LOSS_TYPES)}, got {args.loss_type!r}")
     option = lambda name, default: getattr(args, name, default)    # noqa: E731 (older TRL lacks some options)
     refused = []
-    if option("entropy_coef", 0.0) != 0.0 or option("use_adaptive_entropy", False):
-        refused.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
+    if option("use_adaptive_entropy", False):
+        refused.append("use_adaptive_entropy (TRL's adaptive entropy controller)")
     if refused:
         raise ValueError("SentenceGRPOTrainer does not implement: " + "; ".join(refused))
 
@@ -180,6 +181,8 @@ class SentenceGRPOTrainer(GRPOTrainer):
         weight, bias = output_projection(self.accelerator.unwrap_model(model))
         ratio_level = levels.loss_ratio_level(self.level, self.ratio_level)
         objective, reduction = LOSS_TYPES[self.loss_type]
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         loss, metrics = fused_linear_sentence_grpo_loss(
             hidden, weight, inputs["completion_ids"], inputs["segment_ids"], inputs["advantages"].detach(),
             inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
@@ -191,9 +194,10 @@ class SentenceGRPOTrainer(GRPOTrainer):
             is_weights=self._rollout_weights(inputs), sampling_logps=inputs.get("sampling_per_token_logps"),
             top_entropy_quantile=getattr(self.args, "top_entropy_quantile", 1.0),
             off_policy_mask_threshold=getattr(self.args, "off_policy_mask_threshold", None),
-            chunk_size=self.chunk_size, return_metrics=True)
-        mode = "train" if self.model.training else "eval"
-        loss = self._normalise(loss, inputs, mode)
+            # TRL scales its entropy bonus by the accumulation steps only, never by the loss type's normaliser
+            entropy_coef=getattr(self.args, "entropy_coef", 0.0) / accumulation,
+            normalizer=self._normalizer(inputs, mode, accumulation), chunk_size=self.chunk_size,
+            return_metrics=True)
         for name in ("clip_fraction", "ratio_mean", "kl_mean", "entropy_mean"):
             if name in metrics:
                 self._metrics[mode][f"sentence/{name}"].append(
@@ -208,19 +212,17 @@ class SentenceGRPOTrainer(GRPOTrainer):
         ratio = inputs["importance_sampling_ratio"].detach()
         return ratio.squeeze(1) if ratio.dim() == 2 and ratio.shape[1] == 1 else ratio
 
-    def _normalise(self, loss: torch.Tensor, inputs, mode: str) -> torch.Tensor:
-        """TRL's normalisation of each loss type, given our per-micro-batch sentence or token mean."""
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        if self.loss_type in ("grpo", "bnpo", "sapo"):
-            return loss / accumulation
-        if self.loss_type == "luspo":     # TRL: per-answer token sums, mean over all B answers (ours: over B')
-            answers = ((inputs["segment_ids"] >= 0).sum(1) > 0).sum()
-            return loss * answers / inputs["segment_ids"].shape[0] / accumulation
-        tokens = (inputs["segment_ids"] >= 0).sum()              # turns the token mean back into a token sum
+    def _normalizer(self, inputs, mode: str, accumulation: int):
+        """The denominator TRL divides each loss type's summed loss by (our reductions' ``normalizer``)."""
+        rows = inputs["segment_ids"].shape[0]
+        if self.loss_type in ("grpo", "sapo", "luspo"):    # the mean over the B answers, per accumulation step
+            return rows * accumulation
+        if self.loss_type == "bnpo":                       # the micro-batch's tokens
+            return (inputs["segment_ids"] >= 0).sum().clamp(min=1) * accumulation
         if self.loss_type == "dr_grpo":
-            return loss * tokens / (inputs["segment_ids"].shape[0] * self.max_completion_length) / accumulation
-        # dapo, cispo: the token sum over the whole generation batch's token count, as TRL computes it
+            return rows * self.max_completion_length * accumulation
+        # dapo, cispo: the whole generation batch's token count, as TRL computes it
         normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normaliser = normaliser * accumulation / self.args.steps_per_generation
-        return loss * tokens / normaliser
+        return normaliser
