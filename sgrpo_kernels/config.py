@@ -83,6 +83,12 @@ OPTION_DOCS = {
 }
 
 
+def config_from(values: dict) -> "LossConfig":
+    """The :class:`LossConfig` of the options in ``values`` (a public function's ``locals()``): the functions keep
+    explicit keyword signatures without writing the option list out a second time."""
+    return LossConfig(**{name: values[name] for name in OPTION_DOCS})
+
+
 def option_docs(indent: int = 8) -> str:
     """``name: text`` lines of every option, for docstrings (``{options}`` in the public functions' docs)."""
     pad = " " * indent

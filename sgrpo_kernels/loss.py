@@ -12,7 +12,15 @@ from torch import nn
 
 from . import reference
 from .backends import check_backend_name, resolve_backend
-from .config import LossConfig, _check_real, check_loss_inputs, check_loss_values, check_token_ids, documented
+from .config import (
+    LossConfig,
+    _check_real,
+    check_loss_inputs,
+    check_loss_values,
+    check_token_ids,
+    config_from,
+    documented,
+)
 from .ops import custom_ops
 from .ops.driver import sentence_grpo_loss_inplace
 
@@ -63,6 +71,15 @@ def _check_per_token(name: str, value, batch_and_length, device) -> None:
         raise ValueError(f"{name} must have shape [B, T] = {tuple(batch_and_length)}, got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the loss's inputs are on {device}")
+
+
+def _checked_batch_arguments(config: LossConfig, batch_and_length, device, old_logps, is_weights, sampling_logps,
+                             normalizer):
+    """Check the per-batch arguments beside the loss's inputs; returns the normalizer as a tensor (or ``None``)."""
+    _check_is_weights(is_weights, batch_and_length, device)
+    _check_per_token("sampling_logps", sampling_logps, batch_and_length, device)
+    _check_rollout_inputs(config, old_logps, sampling_logps, is_weights)
+    return _normalizer_tensor(normalizer, device)
 
 
 def _check_rollout_inputs(config: LossConfig, old_logps, sampling_logps, is_weights) -> None:
@@ -128,14 +145,7 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
     Returns:
         The scalar loss (float32, or float64 for float64 inputs), or ``(loss, metrics)``.
     """
-    config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
-                        ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
-                        clamp_log_ratio=clamp_log_ratio, objective=objective, clip_ratio_c=clip_ratio_c,
-                        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
-                        kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef,
-                        top_entropy_quantile=top_entropy_quantile,
-                        off_policy_mask_threshold=off_policy_mask_threshold, is_mode=is_mode,
-                        is_clip_min=is_clip_min, is_clip_max=is_clip_max)
+    config = config_from(locals())
     return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
                             inplace=inplace, backend=backend, return_metrics=return_metrics,
                             process_group=process_group, normalizer=normalizer, is_weights=is_weights,
@@ -152,10 +162,8 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config)
-    _check_is_weights(is_weights, logits.shape[:2], logits.device)
-    _check_per_token("sampling_logps", sampling_logps, logits.shape[:2], logits.device)
-    _check_rollout_inputs(config, old_logps, sampling_logps, is_weights)
-    normalizer = _normalizer_tensor(normalizer, logits.device)
+    normalizer = _checked_batch_arguments(config, logits.shape[:2], logits.device, old_logps, is_weights,
+                                          sampling_logps, normalizer)
     chosen = resolve_backend(backend, logits.device)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
@@ -234,14 +242,7 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
     Returns:
         The scalar loss, or ``(loss, metrics)``; gradients flow to ``hidden``, ``weight`` and ``bias``.
     """
-    config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta, temperature=temperature,
-                        ratio_level=ratio_level, kl_reduction=kl_reduction, reduction=reduction,
-                        clamp_log_ratio=clamp_log_ratio, objective=objective, clip_ratio_c=clip_ratio_c,
-                        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_estimator=kl_estimator,
-                        kl_importance_weighting=kl_importance_weighting, entropy_coef=entropy_coef,
-                        top_entropy_quantile=top_entropy_quantile,
-                        off_policy_mask_threshold=off_policy_mask_threshold, is_mode=is_mode,
-                        is_clip_min=is_clip_min, is_clip_max=is_clip_max)
+    config = config_from(locals())
     _check_flag("inplace", inplace)
     return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                             config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
@@ -258,10 +259,8 @@ def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantag
     logits_shape = (*hidden.shape[:2], weight.shape[0])
     check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
                       old_logps, ref_logps, config, logits_name="hidden")
-    _check_is_weights(is_weights, hidden.shape[:2], hidden.device)
-    _check_per_token("sampling_logps", sampling_logps, hidden.shape[:2], hidden.device)
-    _check_rollout_inputs(config, old_logps, sampling_logps, is_weights)
-    normalizer = _normalizer_tensor(normalizer, hidden.device)
+    normalizer = _checked_batch_arguments(config, hidden.shape[:2], hidden.device, old_logps, is_weights,
+                                          sampling_logps, normalizer)
     chosen = resolve_backend(backend, hidden.device)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, weight.shape[0])
@@ -358,14 +357,7 @@ class SentenceGRPOLoss(nn.Module):
                  backend="auto", return_metrics=False, chunk_size=None, process_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
-        self.config = LossConfig(eps_low=eps_low, eps_high=eps_high, beta=beta, delta=delta,
-                                 temperature=temperature, ratio_level=ratio_level, kl_reduction=kl_reduction,
-                                 reduction=reduction, clamp_log_ratio=clamp_log_ratio, objective=objective,
-                                 clip_ratio_c=clip_ratio_c, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-                                 kl_estimator=kl_estimator, kl_importance_weighting=kl_importance_weighting,
-                                 entropy_coef=entropy_coef, top_entropy_quantile=top_entropy_quantile,
-                                 off_policy_mask_threshold=off_policy_mask_threshold, is_mode=is_mode,
-                                 is_clip_min=is_clip_min, is_clip_max=is_clip_max)
+        self.config = config_from(locals())
         check_backend_name(backend)
         _check_flag("inplace", inplace)
         _check_flag("return_metrics", return_metrics)

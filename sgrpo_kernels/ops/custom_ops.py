@@ -96,14 +96,12 @@ def _scale_gradients(gradients: list[torch.Tensor], scale: torch.Tensor) -> None
     # Skipped when ``scale`` is exactly 1 (the usual ``loss.backward()``), which saves a read and a write of
     # each gradient. On CUDA a Triton kernel reads the scale on the device and leaves the gradient untouched when
     # it is 1; a CPU scale is read on the host (no device sync); elsewhere the gradients are always multiplied.
+    host_scale_is_one = scale.device.type == "cpu" and scale.item() == 1.0    # read once, not per gradient
     for gradient in gradients:
         if _scaled_on_device(gradient):
             from .triton.scale import scale_unless_one_
             scale_unless_one_(gradient, scale)
-        elif scale.device.type == "cpu":
-            if scale.item() != 1.0:
-                gradient.mul_(scale.to(gradient.dtype))
-        else:
+        elif not host_scale_is_one:
             gradient.mul_(scale.to(gradient.dtype))
 
 
