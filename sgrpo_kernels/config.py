@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 RATIO_LEVELS = ("sum", "mean")
-OBJECTIVES = ("ppo_clip", "cispo", "sapo")
+OBJECTIVES = ("ppo_clip", "cispo", "sapo", "geo_mean", "vespo")
 KL_ESTIMATORS = ("k3", "k1", "k2", "abs")
 IS_MODES = ("token_truncate", "token_mask", "sentence_truncate", "sentence_mask", "sequence_truncate",
             "sequence_mask")
@@ -59,11 +59,17 @@ OPTION_DOCS = {
                  'the sum over their tokens); a ``normalizer`` replaces the denominator.',
     "clamp_log_ratio": "the sentence log-ratio is clamped to ``±clamp_log_ratio`` (``inf``: no clamp).",
     "objective": '``"ppo_clip"`` (clipped surrogate), ``"cispo"`` (``−sg(min(ρ, eps_high)) · Â · log π`` per '
-                 'token) or ``"sapo"`` (soft gate ``4/τ · σ(τ(ρ − 1)) · Â``); ``docs/design.md``, "Objectives".',
+                 'token), ``"sapo"`` (soft gate ``4/τ · σ(τ(ρ − 1)) · Â``), ``"geo_mean"`` (GMPO: the ratio of the '
+                 'sign-aware clipped token log-ratios, ``−Â · ρ_clip``) or ``"vespo"`` (``−sg(φ(w)) · Â · log π`` '
+                 'with the gamma weight ``φ``); ``docs/design.md``, "Objectives".',
     "clip_ratio_c": "dual clip of ``ppo_clip`` (verl): where ``Â < 0`` the sentence loss is at most "
                     "``−clip_ratio_c · Â``; ``None`` = off, else ``> 1``.",
     "sapo_tau_pos": "``τ`` of ``sapo`` for ``Â > 0``; ``> 0``.",
     "sapo_tau_neg": "``τ`` of ``sapo`` for ``Â <= 0``; ``> 0``.",
+    "vespo_k_pos": "``k`` of ``vespo``'s ``φ(w) = e^λ · w^k · e^(−λw)`` for ``Â >= 0`` (TRL's ``vespo_k_pos``).",
+    "vespo_lambda_pos": "``λ`` of ``vespo`` for ``Â >= 0``; ``> 0``.",
+    "vespo_k_neg": "``k`` of ``vespo`` for ``Â < 0``.",
+    "vespo_lambda_neg": "``λ`` of ``vespo`` for ``Â < 0``; ``> 0``.",
     "kl_estimator": '``"k3"`` (``e^x − x − 1``, ``x = log π_ref − log π``), ``"k1"`` (``−x``), ``"k2"`` (``x²/2``) '
                     'or ``"abs"`` (``|x|``).',
     "kl_importance_weighting": "multiply the sentence's KL term by its ratio ``ρ`` (TRL's "
@@ -119,6 +125,10 @@ class LossConfig:
     clip_ratio_c: float | None = None
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     kl_estimator: str = "k3"
     kl_importance_weighting: bool = False
     entropy_coef: float = 0.0
@@ -150,6 +160,10 @@ class LossConfig:
             set_("clip_ratio_c", _check_real("clip_ratio_c", self.clip_ratio_c, low=1.0, low_inclusive=False))
         set_("sapo_tau_pos", _check_real("sapo_tau_pos", self.sapo_tau_pos, low=0.0, low_inclusive=False))
         set_("sapo_tau_neg", _check_real("sapo_tau_neg", self.sapo_tau_neg, low=0.0, low_inclusive=False))
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            set_(name, _check_real(name, getattr(self, name)))
+        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+            set_(name, _check_real(name, getattr(self, name), low=0.0, low_inclusive=False))
         set_("entropy_coef", _check_real("entropy_coef", self.entropy_coef))
         set_("top_entropy_quantile", _check_real("top_entropy_quantile", self.top_entropy_quantile, low=0.0,
                                                  low_inclusive=False))

@@ -83,6 +83,13 @@ def _checked_batch_arguments(config: LossConfig, batch_and_length, device, old_l
 
 
 def _check_rollout_inputs(config: LossConfig, old_logps, sampling_logps, is_weights) -> None:
+    if config.objective == "vespo":     # its weight w takes the product of the tokens' importance weights
+        if is_weights is not None and is_weights.dim() != 2:
+            raise ValueError("objective='vespo' folds per-token importance weights into its sentence weight w: "
+                             "pass is_weights as [B, T], not [B]")
+        if config.is_mode is not None and not config.is_mode.startswith("token"):
+            raise ValueError(f"objective='vespo' folds per-token importance weights into its sentence weight w: "
+                             f"is_mode must be 'token_truncate' or 'token_mask' (as in TRL), got {config.is_mode!r}")
     if config.is_mode is None:
         return
     if sampling_logps is None or old_logps is None:
@@ -105,7 +112,8 @@ def _output_logp_dtype(dtype: torch.dtype) -> torch.dtype:
 def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None, *,
                        eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                        kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
-                       clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
+                       clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                       vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_estimator="k3",
                        kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
                        off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0,
                        normalizer=None, is_weights=None, sampling_logps=None,
@@ -222,7 +230,8 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     ref_logps=None, *, bias=None, chunk_size=None, eps_low=0.2, eps_high=0.2,
                                     beta=0.0, delta=None, temperature=1.0, ratio_level="sum", kl_reduction="mean",
                                     reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
-                                    clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
+                                    clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, vespo_k_pos=2.0,
+                                    vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_estimator="k3",
                                     kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
                                     off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0,
                                     normalizer=None, is_weights=None, sampling_logps=None, inplace=False,
@@ -351,7 +360,8 @@ class SentenceGRPOLoss(nn.Module):
 
     def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
                  kl_reduction="mean", reduction="sentence_mean", clamp_log_ratio=20.0, objective="ppo_clip",
-                 clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_estimator="k3",
+                 clip_ratio_c=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                 vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_estimator="k3",
                  kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
                  off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0, inplace=False,
                  backend="auto", return_metrics=False, chunk_size=None, process_group=None):

@@ -76,7 +76,8 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     divisor = tokens_per_sentence.clamp(min=1)
 
     # log ρ = Σ Δ_t (or its mean), clamped
-    log_ratio = per_sentence_sum(logp - old)
+    log_ratio_sum = per_sentence_sum(logp - old)
+    log_ratio = log_ratio_sum
     if config.ratio_level == "mean":
         log_ratio = log_ratio / divisor
     log_ratio = log_ratio.clamp(-config.clamp_log_ratio, config.clamp_log_ratio)
@@ -91,17 +92,36 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     # for ppo_clip and sapo), plus the KL term
     # with token weights q_t (is_weights and the masks): the mean over the sentence of q_t · ℓ_t
     token_advantage = sentence_advantage[sentence_of_token]
-    entropy_mask, token_weight = policy_token_weights(
+    entropy_mask, token_weight, token_log_is = policy_token_weights(
         config, logp.detach(), lambda: token_logprobs(logits[scored].detach(), completion_ids[scored],
                                                       config.temperature, return_entropy=True)[1].to(work_dtype),
         None if sampling_logps is None else sampling_logps[scored].to(work_dtype),
         old if old_logps is not None else None, token_advantage, sentence_of_token, batch * num_slots,
         None if is_weights is None else token_weights(is_weights, scored).to(work_dtype), process_group,
         answer_of_token=rows, answers=batch)
-    if config.objective == "cispo":
-        weight = ratio.clamp(max=config.eps_high).detach()
+    clipped_tokens = None
+    if config.objective in ("cispo", "vespo"):     # −sg(weight) · Â · mean_t q_t logp_t
+        if config.objective == "cispo":
+            weight = ratio.clamp(max=config.eps_high)
+        else:
+            log_is = None if token_log_is is None else per_sentence_sum(token_log_is)
+            weight = vespo_weight(log_ratio_sum, log_is, sentence_advantage, config)
         weighted_logp = logp if token_weight is None else token_weight * logp
-        sentence_loss = -weight * sentence_advantage * per_sentence_sum(weighted_logp) / divisor
+        sentence_loss = -weight.detach() * sentence_advantage * per_sentence_sum(weighted_logp) / divisor
+    elif config.objective == "geo_mean":
+        # GMPO: each token's log-ratio clipped on the side the advantage's sign makes harmful, then aggregated
+        token_delta = logp - old
+        sign = torch.sign(token_advantage)
+        clipped_delta = token_delta.clamp(-config.eps_low, config.eps_high)
+        kept = sign * torch.minimum(sign * token_delta, sign * clipped_delta)
+        clipped_tokens = per_sentence_sum(((kept != token_delta) & (sign != 0)).to(work_dtype))
+        geo_log_ratio = per_sentence_sum(kept)
+        if config.ratio_level == "mean":
+            geo_log_ratio = geo_log_ratio / divisor
+        geo_ratio = torch.exp(geo_log_ratio.clamp(-config.clamp_log_ratio, config.clamp_log_ratio))
+        sentence_loss = -sentence_advantage * geo_ratio
+        if token_weight is not None:
+            sentence_loss = sentence_loss * per_sentence_sum(token_weight) / divisor
     else:
         sentence_loss = -policy_surrogate(ratio, sentence_advantage, config)
         if token_weight is not None:
@@ -147,7 +167,7 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         return loss
     with torch.no_grad():
         num_sentences = exists.sum()
-        clipped = clipped_sentences(ratio, sentence_advantage, config)
+        clipped = clipped_sentences(ratio, sentence_advantage, config, clipped_tokens)
         metrics = {
             "clip_fraction": (clipped & exists).sum() / num_sentences.clamp(min=1),
             "ratio_mean": torch.where(exists, ratio, 0.0).sum() / num_sentences.clamp(min=1),
@@ -183,9 +203,11 @@ def rollout_weights(config: LossConfig, old_logps, sampling_logps, sentence_of_t
 def policy_token_weights(config: LossConfig, logp, entropy_of, sampling_logps, old_logps, token_advantage,
                          sentence_of_token, total_slots: int, is_weights, process_group=None, answer_of_token=None,
                          answers: int = 0):
-    """The constant weights ``q_t`` of each scored token's policy loss (``[M]``, or ``None`` when all are 1) and
-    the top-entropy mask (``[M]`` bool, or ``None``): ``is_weights`` (or ``is_mode``'s weights) × the top-entropy
-    mask × the off-policy mask.
+    """The top-entropy mask (``[M]`` bool, or ``None``), the constant weights ``q_t`` of each scored token's policy
+    loss (``[M]``, or ``None`` when all are 1): ``is_weights`` (or ``is_mode``'s weights) × the top-entropy
+    mask × the off-policy mask, and ``None``; except for ``vespo``, whose importance weights are not a factor
+    of ``q_t`` but enter its sentence weight ``w``: then the third value is their log ``[M]`` (clamped to
+    ``[log 1e-8, clamp_log_ratio]``, TRL's bounds), or ``None`` without importance weights.
 
     ``logp`` ``[M]`` (detached), ``entropy_of()`` gives the ``[M]`` entropies (called only when needed),
     ``sampling_logps``/``old_logps`` ``[M]`` or ``None``, ``token_advantage`` ``[M]`` (its sentence's ``Â``),
@@ -196,6 +218,10 @@ def policy_token_weights(config: LossConfig, logp, entropy_of, sampling_logps, o
     if config.is_mode is not None:
         weight = rollout_weights(config, old_logps, sampling_logps, sentence_of_token, total_slots, answer_of_token,
                                  answers)
+    log_is = None
+    if config.objective == "vespo" and weight is not None:
+        log_is = torch.log(weight).clamp(VESPO_MIN_LOG_WEIGHT, config.clamp_log_ratio)
+        weight = None
     entropy_mask = None
     if config.top_entropy_quantile < 1.0:
         entropy = entropy_of().detach()
@@ -215,7 +241,7 @@ def policy_token_weights(config: LossConfig, logp, entropy_of, sampling_logps, o
         mean_drift = (sums / counts.clamp(min=1))[sentence_of_token]
         keep = ((token_advantage >= 0) | (mean_drift <= config.off_policy_mask_threshold)).to(logp.dtype)
         weight = keep if weight is None else weight * keep
-    return entropy_mask, weight
+    return entropy_mask, weight, log_is
 
 
 def token_weights(is_weights: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
@@ -242,6 +268,25 @@ def policy_surrogate(ratio: torch.Tensor, advantage: torch.Tensor, config: LossC
     return surrogate
 
 
+VESPO_MIN_LOG_WEIGHT = math.log(1e-8)    # TRL's lower bound of VESPO's log w
+
+
+def vespo_weight(log_ratio: torch.Tensor, log_is: torch.Tensor | None, advantage: torch.Tensor,
+                 config: LossConfig) -> torch.Tensor:
+    """VESPO's gamma weight ``φ(w) = exp(λ + k log w − λ w)`` (``φ(1) = 1``) of each sentence (any shape), with
+    ``log w = Σ_t Δ_t (+ Σ_t log q_t`` of the importance weights) over the sentence's tokens, always the sum
+    (VESPO's weight is the product of the token ratios; ``ratio_level`` shapes ``ρ`` only), clamped to
+    ``[log 1e-8, clamp_log_ratio]``, and ``(k, λ)`` by the sign of ``Â`` (``Â >= 0``: the ``_pos`` pair).
+    Not finite → 0, as in TRL."""
+    log_w = log_ratio if log_is is None else log_ratio + log_is
+    log_w = log_w.clamp(VESPO_MIN_LOG_WEIGHT, config.clamp_log_ratio)
+    positive = advantage >= 0
+    k = torch.where(positive, torch.full_like(log_w, config.vespo_k_pos), torch.full_like(log_w, config.vespo_k_neg))
+    lam = torch.where(positive, torch.full_like(log_w, config.vespo_lambda_pos),
+                      torch.full_like(log_w, config.vespo_lambda_neg))
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def kl_estimate(ref_minus_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(π || π_ref) at ``x = log π_ref − log π``: k3 ``e^x − x − 1`` (DeepSeekMath,
     verl's ``low_var_kl`` without its clamp), k1 ``−x``, k2 ``x²/2``, abs ``|x|``."""
@@ -255,12 +300,16 @@ def kl_estimate(ref_minus_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     return torch.exp(x) - x - 1
 
 
-def clipped_sentences(ratio: torch.Tensor, advantage: torch.Tensor, config: LossConfig) -> torch.Tensor:
+def clipped_sentences(ratio: torch.Tensor, advantage: torch.Tensor, config: LossConfig,
+                      clipped_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Where the objective clipped the sentence: ``ppo_clip``'s active clip branch (dual clip included),
-    ``cispo``'s truncated weight (``ρ > eps_high``); ``sapo`` clips nothing."""
+    ``cispo``'s truncated weight (``ρ > eps_high``), ``geo_mean``'s clip of at least one token
+    (``clipped_tokens``: their count per sentence); ``sapo`` and ``vespo`` clip nothing."""
     if config.objective == "cispo":
         return ratio > config.eps_high
-    if config.objective == "sapo":
+    if config.objective == "geo_mean":
+        return clipped_tokens > 0
+    if config.objective in ("sapo", "vespo"):
         return torch.zeros_like(ratio, dtype=torch.bool)
     clipped = ((ratio > 1 + config.eps_high) & (advantage > 0)) | ((ratio < 1 - config.eps_low) & (advantage < 0))
     if config.clip_ratio_c is not None:

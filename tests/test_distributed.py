@@ -52,7 +52,9 @@ def check_loss_and_gradients(rank):
     for backend in BACKENDS:
         for reduction, extra in (("sentence_mean", {}), ("token_mean", {}), ("sum", {}),
                                  ("answer_mean_token_sum", dict(entropy_coef=0.05, objective="sapo")),
-                                 ("token_mean", dict(objective="cispo", eps_high=1.3, kl_importance_weighting=True))):
+                                 ("token_mean", dict(objective="cispo", eps_high=1.3, kl_importance_weighting=True)),
+                                 ("answer_mean_sentence_sum", dict(objective="geo_mean", ratio_level="mean")),
+                                 ("token_mean", dict(objective="vespo"))):
             options = dict(beta=0.1, reduction=reduction, backend=backend, **extra)
             case = global_case()
             whole = dict(case, logits=case["logits"].detach().clone().requires_grad_())

@@ -117,10 +117,10 @@ def public_api_launches() -> set[Launch]:
         for dtype, options in itertools.product(DTYPES, option_grid(fused_options)):
             inputs = loss_inputs(2, 3, 5, dtype, per_row_advantages=options["per_row_advantages"])
             call_loss(inputs, fused=True, **options)
-        # objectives and KL estimators are runtime flags; cispo also sums logp per sentence and token weights
-        # add two sums and a per-token factor (constexprs)
-        for dtype, objective, fused, weighted in itertools.product(DTYPES, ["cispo", "sapo"], [False, True],
-                                                                   [False, True]):
+        # objectives and KL estimators are runtime flags; cispo/vespo also sum logp per sentence, geo_mean its
+        # clipped log-ratios (the GEO constexpr), and token weights add two sums and a per-token factor
+        for dtype, objective, fused, weighted in itertools.product(DTYPES, ["cispo", "sapo", "geo_mean", "vespo"],
+                                                                   [False, True], [False, True]):
             inputs = loss_inputs(2, 3, 5, dtype, per_row_advantages=False)
             is_weights = torch.rand(2, 3, dtype=dtype, device=KERNEL_DEVICE) if weighted else None
             call_loss(inputs, fused=fused, per_row_advantages=False, with_old=True, requires_grad=True,

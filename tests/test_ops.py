@@ -73,7 +73,8 @@ def test_option_grid_fp32(backend, options):
 OBJECTIVE_GRID = [dict(objective=o, kl_estimator=k, kl_importance_weighting=w, clip_ratio_c=c, ratio_level=r,
                        beta=0.1, reduction=red)
                   for o, k, w, c, r, red in itertools.product(
-                      ["ppo_clip", "cispo", "sapo"], ["k3", "k1", "k2", "abs"], [False, True], [None, 2.0],
+                      ["ppo_clip", "cispo", "sapo", "geo_mean", "vespo"], ["k3", "k1", "k2", "abs"], [False, True],
+                      [None, 2.0],
                       ["sum", "mean"], ["sentence_mean", "token_mean"])
                   if not (c is not None and o != "ppo_clip")]      # the dual clip belongs to ppo_clip
 
@@ -96,7 +97,7 @@ def test_normalizer_replaces_the_denominator(backend, reduction, normalizer):
     check_against_gold(case, backend, rel=1e-10, reduction=reduction, normalizer=value, beta=0.1)
 
 
-@pytest.mark.parametrize("objective", ["ppo_clip", "cispo", "sapo"])
+@pytest.mark.parametrize("objective", ["ppo_clip", "cispo", "sapo", "geo_mean", "vespo"])
 def test_objectives_fused_linear_fp32(backend, objective):
     case = random_case(batch=2, length=9, vocab=500, num_slots=4, dtype=torch.float32, seed=3, old_spread=0.5)
     hidden = torch.randn(2, 9, 16, dtype=torch.float64)
@@ -131,10 +132,13 @@ LOW_PRECISION_OPTIONS = [dict(beta=0.1, temperature=0.9),
                          dict(objective="cispo", eps_high=1.2, beta=0.1, kl_estimator="k2", reduction="token_mean"),
                          dict(objective="sapo", beta=0.1, kl_importance_weighting=True, entropy_coef=0.05),
                          dict(clip_ratio_c=1.5, beta=0.1, kl_estimator="abs", reduction="answer_mean_token_sum",
-                              top_entropy_quantile=0.5)]
+                              top_entropy_quantile=0.5),
+                         dict(objective="geo_mean", ratio_level="mean", beta=0.1, kl_importance_weighting=True),
+                         dict(objective="vespo", beta=0.1, reduction="token_mean", off_policy_mask_threshold=0.1)]
 
 
-@pytest.mark.parametrize("options", LOW_PRECISION_OPTIONS, ids=["default", "cispo", "sapo", "dual_clip+mask"])
+@pytest.mark.parametrize("options", LOW_PRECISION_OPTIONS,
+                         ids=["default", "cispo", "sapo", "dual_clip+mask", "geo_mean", "vespo"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_the_reference_error(backend, dtype, options):
     case = random_case(batch=3, length=9, vocab=1000, num_slots=5, dtype=dtype, seed=5, old_spread=0.2)
@@ -449,9 +453,10 @@ def check_fused_linear_against_gold(case, backend, **options):
 
 
 @pytest.mark.parametrize("shape", ["answer", "token"])
-@pytest.mark.parametrize("objective", ["ppo_clip", "cispo", "sapo"])
+@pytest.mark.parametrize("objective", ["ppo_clip", "cispo", "sapo", "geo_mean", "vespo"])
 def test_is_weights_on_the_policy_term(backend, objective, shape):
-    """Importance weights of the rollout engine, [B] or [B, T], on both paths, against the reference in fp64."""
+    """Importance weights of the rollout engine, [B] or [B, T], on both paths, against the reference in fp64
+    (vespo folds them into its weight w, per token: [B] has no meaning there and is refused)."""
     case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=8, old_spread=0.4)
     generator = torch.Generator().manual_seed(1)
     size = (3,) if shape == "answer" else (3, 7)
@@ -459,6 +464,10 @@ def test_is_weights_on_the_policy_term(backend, objective, shape):
                                                                                      if backend == "triton" else "cpu")
     options = dict(objective=objective, beta=0.1, kl_importance_weighting=True, is_weights=weights,
                    eps_high=1.2 if objective == "cispo" else 0.2)
+    if objective == "vespo" and shape == "answer":
+        with pytest.raises(ValueError, match="pass is_weights as \\[B, T\\]"):
+            loss_and_grad(case, backend, **options)
+        return
     check_against_gold(case, backend, rel=1e-10, **options)
     # the weights change the loss (the test would pass vacuously if they were dropped)
     plain, _, _ = loss_and_grad(case, backend, **{k: v for k, v in options.items() if k != "is_weights"})
@@ -483,7 +492,7 @@ def test_entropy_bonus_with_its_gradient(backend, entropy_coef, temperature):
 @pytest.mark.parametrize("masks", [dict(top_entropy_quantile=0.4), dict(off_policy_mask_threshold=0.05),
                                    dict(top_entropy_quantile=0.6, off_policy_mask_threshold=0.0, entropy_coef=0.1)],
                          ids=["entropy", "off_policy", "both+bonus"])
-@pytest.mark.parametrize("objective", ["ppo_clip", "cispo"])
+@pytest.mark.parametrize("objective", ["ppo_clip", "cispo", "geo_mean", "vespo"])
 def test_token_masks(backend, masks, objective):
     """The top-entropy mask and the off-policy sentence mask (with rollout log-probs) on both paths; the fused path
     visits its chunks twice for them."""
@@ -501,14 +510,19 @@ def test_token_masks(backend, masks, objective):
 
 @pytest.mark.parametrize("is_mode", ["token_truncate", "token_mask", "sentence_truncate", "sentence_mask",
                                      "sequence_truncate", "sequence_mask"])
-def test_rollout_weights_from_sampling_logps(backend, is_mode):
+@pytest.mark.parametrize("objective", ["ppo_clip", "vespo"])
+def test_rollout_weights_from_sampling_logps(backend, is_mode, objective):
     case = random_case(batch=3, length=7, vocab=300, num_slots=4, dtype=torch.float64, seed=16, old_spread=0.3)
     sampling = case["old_logps"] + 0.4 * torch.randn(case["old_logps"].shape, dtype=torch.float64,
                                                      generator=torch.Generator().manual_seed(8))
-    options = dict(beta=0.1, is_mode=is_mode, is_clip_min=0.5, is_clip_max=2.0,
+    options = dict(beta=0.1, is_mode=is_mode, is_clip_min=0.5, is_clip_max=2.0, objective=objective,
                    sampling_logps=sampling.to(device_of(backend)))
+    if objective == "vespo" and not is_mode.startswith("token"):    # vespo folds per-token weights (as in TRL)
+        with pytest.raises(ValueError, match="is_mode must be 'token_truncate' or 'token_mask'"):
+            loss_and_grad(case, backend, **options)
+        return
     check_against_gold(case, backend, rel=1e-10, **options)
-    plain, _, _ = loss_and_grad(case, backend, beta=0.1)
+    plain, _, _ = loss_and_grad(case, backend, beta=0.1, objective=objective)
     weighted, _, _ = loss_and_grad(case, backend, **options)
     assert (plain - weighted).abs() > 1e-4
     check_fused_linear_against_gold(case, backend, chunk_size=4, **options)

@@ -153,10 +153,10 @@ def test_gradcheck_over_option_grid(ratio_level, kl_reduction, reduction, delta,
 
 @pytest.mark.parametrize("objective,kl_estimator,kl_importance_weighting,clip_ratio_c",
                          [("ppo_clip", "k1", True, 1.5), ("ppo_clip", "k2", False, 3.0), ("sapo", "abs", False, None),
-                          ("sapo", "k3", True, None)])
+                          ("sapo", "k3", True, None), ("geo_mean", "k3", True, None), ("geo_mean", "k2", False, None)])
 def test_gradcheck_objectives(objective, kl_estimator, kl_importance_weighting, clip_ratio_c):
-    """(cispo's gradient is by definition not the derivative of its value: its weight is a stopped gradient;
-    see the hand case below.)"""
+    """(cispo's and vespo's gradients are by definition not the derivatives of their values: their weights are
+    stopped gradients; see the hand cases below.)"""
     case = random_case(batch=3, length=6, vocab=5, num_slots=4, seed=11, old_spread=0.5)
     config = LossConfig(objective=objective, kl_estimator=kl_estimator, beta=0.3, clip_ratio_c=clip_ratio_c,
                         kl_importance_weighting=kl_importance_weighting, eps_high=1.05 if objective == "cispo" else 0.2)
@@ -183,6 +183,57 @@ def test_dual_clip_and_cispo_by_hand():
     reference.sentence_grpo_loss(leaf, ids, segments, advantage, old, None,
                                  LossConfig(objective="cispo", eps_high=5.0)).backward()
     torch.testing.assert_close(leaf.grad, torch.tensor([[[0.75, -0.75]]], dtype=torch.float64))
+
+
+def _two_token_sentence(deltas):
+    """One answer, one sentence of two tokens (V = 3) whose log-ratios ``logp − old`` are ``deltas``."""
+    logits = torch.tensor([[[0.3, -0.2, 0.9], [1.1, 0.0, -0.4]]], dtype=torch.float64)
+    ids, segments = torch.tensor([[2, 0]]), torch.zeros(1, 2, dtype=torch.long)
+    logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return logits, ids, segments, logp, logp - torch.tensor([deltas], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("advantage,kept,unclipped", [(1.0, (0.2, -0.5), (False, True)),     # Â > 0: min(Δ, 0.2)
+                                                      (-1.0, (0.5, -0.2), (True, False)),    # Â < 0: max(Δ, −0.2)
+                                                      (0.0, (0.0, 0.0), (True, True))])
+@pytest.mark.parametrize("ratio_level", ["mean", "sum"])
+def test_geo_mean_by_hand(advantage, kept, unclipped, ratio_level):
+    """GMPO: each token's log-ratio clipped on the side where ``Â`` makes a large move harmful, ``ρ = exp`` of
+    their mean (sum), ``L = −Â ρ``; the gradient reaches only the tokens the clip left alone."""
+    logits, ids, segments, logp, old = _two_token_sentence((0.5, -0.5))
+    leaf = logits.clone().requires_grad_()
+    loss, metrics = reference.sentence_grpo_loss(leaf, ids, segments, torch.tensor([advantage], dtype=torch.float64),
+                                                 old, None, LossConfig(objective="geo_mean", ratio_level=ratio_level),
+                                                 return_metrics=True)
+    scale = 0.5 if ratio_level == "mean" else 1.0
+    ratio = math.exp(scale * sum(kept))
+    assert loss.item() == pytest.approx(-advantage * ratio)
+    assert metrics["clip_fraction"].item() == (0.0 if advantage == 0 else 1.0)
+    probs = torch.softmax(logits, -1)
+    onehot = torch.nn.functional.one_hot(ids, 3).double()
+    coef = torch.tensor([[-advantage * ratio * scale * keep for keep in unclipped]], dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(loss, leaf)[0], coef.unsqueeze(-1) * (onehot - probs))
+
+
+@pytest.mark.parametrize("advantage,k,lam", [(1.0, 2.0, 3.0), (-0.5, 3.0, 2.0)])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_vespo_by_hand(advantage, k, lam, with_weights):
+    """VESPO: ``L = −sg(φ(w)) · Â · mean_t log π`` with ``φ(w) = exp(λ + k log w − λ w)`` and ``log w`` the
+    sentence's summed log-ratios (whatever ``ratio_level``) plus the log importance weights."""
+    logits, ids, segments, logp, old = _two_token_sentence((0.3, 0.2))
+    weights = torch.tensor([[1.5, 0.5]], dtype=torch.float64)
+    log_w = 0.5 + (math.log(1.5) + math.log(0.5) if with_weights else 0.0)
+    phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+    leaf = logits.clone().requires_grad_()
+    loss = reference.sentence_grpo_loss(leaf, ids, segments, torch.tensor([advantage], dtype=torch.float64), old,
+                                        None, LossConfig(objective="vespo", ratio_level="mean"),
+                                        is_weights=weights if with_weights else None)
+    assert loss.item() == pytest.approx(-phi * advantage * logp.mean().item())
+    loss.backward()
+    probs = torch.softmax(logits, -1)
+    onehot = torch.nn.functional.one_hot(ids, 3).double()
+    torch.testing.assert_close(leaf.grad, -phi * advantage / 2 * (onehot - probs))
+    assert phi != pytest.approx(1.0, abs=1e-3)                                  # w != 1: the weight acts
 
 
 def test_normalizer_and_answer_mean_sentence_sum_by_hand():

@@ -197,3 +197,64 @@ def test_the_family_matches_liger_fused_linear_grpo_loss(loss_type, level, corre
     assert abs(their_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
     assert_relative_close(their_hidden.grad, ours_hidden.grad.cpu(), 1e-4, "grad hidden")
     assert_relative_close(their_weight.grad, ours_weight.grad.cpu(), 1e-4, "grad weight")
+
+
+@pytest.mark.parametrize("with_is_ratio", [False, True], ids=["plain", "vllm_is"])
+def test_vespo_matches_liger_at_the_sequence_level(with_is_ratio, backend):
+    """Liger's VESPO (TRL's ``get_gamma_weights``: one gamma weight per answer from the summed token log-ratios,
+    the rollout engine's token ratios folded into it) is our ``vespo`` with one sentence per answer, for both of
+    Liger's entry points. Liger sums the log ratios over every position, padding included: the rollout ratios
+    are 1 there, as TRL computes them (its log-ratio difference is masked)."""
+    grpo_loss = pytest.importorskip("liger_kernel.transformers.grpo_loss",
+                                    reason="liger-kernel (the dev extra) is the oracle of this test")
+    chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is the oracle of this test")
+    case = level_case("sequence", seed=45, vocab=200)
+    batch, length, vocab = case["logits"].shape
+    scored = case["segment_ids"] >= 0
+    is_ratio = torch.where(scored, 0.5 + torch.rand(batch, length, generator=torch.Generator().manual_seed(9),
+                                                    dtype=torch.float64), 1.0)
+    options = dict(beta=0.05, temperature=0.9, objective="vespo", reduction="token_mean",
+                   is_weights=is_ratio.to(device_of(backend)) if with_is_ratio else None)
+    arguments = moved(case, device_of(backend))
+    if backend == "reference":
+        weights = options.pop("is_weights")
+        loss = reference.sentence_grpo_loss(*arguments.values(), LossConfig(**options), is_weights=weights)
+    else:
+        loss = sk.sentence_grpo_loss(*arguments.values(), backend=backend, **options)
+    (our_grad,) = torch.autograd.grad(loss, arguments["logits"])
+
+    device = device_of("liger")
+    as_input = lambda tensor: tensor.float().contiguous().to(device)
+    liger_logits = torch.cat([case["logits"].detach(), torch.randn(batch, 1, vocab, dtype=torch.float64)], 1)
+    liger_logits = liger_logits.float().contiguous().to(device).requires_grad_()
+    liger_loss, _ = grpo_loss.triton_grpo_loss(
+        liger_logits, as_input(case["old_logps"]), as_input(case["ref_logps"]),
+        case["completion_ids"].clamp(min=0).to(device), as_input(case["advantages"]), as_input(scored.float()),
+        temperature=0.9, beta=0.05, inplace=False, loss_type="vespo", importance_sampling_level="token",
+        reduce=True, vllm_is_ratio=as_input(is_ratio) if with_is_ratio else None)
+    liger_loss.backward()
+    assert abs(liger_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
+    assert_relative_close(liger_logits.grad[:, :length].cpu(), our_grad.cpu(), 1e-5, "logits.grad")
+
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(batch, length, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(vocab, 16, generator=generator, dtype=torch.float64) * 0.3
+    ours_hidden = hidden.clone().to(device_of(backend)).requires_grad_()
+    ours_weight = weight.clone().to(device_of(backend)).requires_grad_()
+    fused_options = {**options, "temperature": 1.0}
+    fused_options.pop("is_weights", None)
+    loss = sk.fused_linear_sentence_grpo_loss(
+        ours_hidden, ours_weight, *list(arguments.values())[1:], backend=backend, chunk_size=5,
+        is_weights=is_ratio.to(device_of(backend)) if with_is_ratio else None, **fused_options)
+    loss.backward()
+    module = chunked.LigerFusedLinearGRPOLoss(beta=0.05, compiled=False, loss_type="vespo",
+                                              importance_sampling_level="token", max_completion_length=length)
+    their_hidden, their_weight = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    their_loss, _ = module(their_hidden, their_weight, case["completion_ids"].clamp(min=0), scored.float(),
+                           case["advantages"].float(), ref_per_token_logps=case["ref_logps"].float(),
+                           old_per_token_logps=case["old_logps"].float(),
+                           vllm_is_ratio=is_ratio.float() if with_is_ratio else None)
+    their_loss.backward()
+    assert abs(their_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
+    assert_relative_close(their_hidden.grad, ours_hidden.grad.cpu(), 1e-4, "grad hidden")
+    assert_relative_close(their_weight.grad, ours_weight.grad.cpu(), 1e-4, "grad weight")

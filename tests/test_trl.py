@@ -119,7 +119,8 @@ def perturb(model, seed=1, scale=0.3):
     ("token", "token", "grpo", True), ("output", "sequence", "dapo", True),           # TRL's default KL correction
     ("token", "token", "cispo", True), ("output", "sequence", "cispo", False),
     ("token", "token", "sapo", True), ("output", "sequence", "sapo", False),
-    ("token", "token", "luspo", False), ("output", "sequence", "luspo", True)])
+    ("token", "token", "luspo", False), ("output", "sequence", "luspo", True),
+    ("output", "token", "vespo", False), ("output", "sequence", "vespo", True)])    # vespo weighs sequences
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.02])
 def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, loss_type, bias_correction,
                                                entropy_coef):
@@ -139,15 +140,15 @@ def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, 
     ours.current_gradient_accumulation_steps = 2
     our_loss, our_grad, their_loss, their_grad = losses_and_head_gradients(ours, theirs, inputs)
     assert their_loss.abs() > 1e-3
-    if loss_type != "sapo":         # sapo gates softly: nothing is clipped
+    if loss_type not in ("sapo", "vespo"):         # soft gate, gamma weight: nothing is clipped
         assert ours._metrics["train"]["sentence/clip_fraction"][-1] > 0
     assert_relative_close(our_loss, their_loss, 1e-5, "loss")
     assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
 
 
 @pytest.mark.parametrize("level,sampling_level,loss_type,ratio_shape", [
-    ("token", "token", "dapo", "token"), ("output", "sequence", "grpo", "sequence"), ("token", "token", "cispo",
-                                                                                      "sequence")])
+    ("token", "token", "dapo", "token"), ("output", "sequence", "grpo", "sequence"),
+    ("token", "token", "cispo", "sequence"), ("output", "token", "vespo", "token")])
 def test_vllm_importance_sampling_correction_reproduces_trl(tmp_path, level, sampling_level, loss_type,
                                                              ratio_shape):
     """TRL's default with vLLM: the loss times the rollout engine's importance ratio that TRL computed
@@ -164,6 +165,8 @@ def test_vllm_importance_sampling_correction_reproduces_trl(tmp_path, level, sam
     generator = torch.Generator().manual_seed(2)
     shape = (rows, length) if ratio_shape == "token" else (rows, 1)
     inputs["importance_sampling_ratio"] = 0.5 + torch.rand(shape, generator=generator)
+    if ratio_shape == "token":          # TRL's ratio is 1 on padding (its log-prob difference is masked first)
+        inputs["importance_sampling_ratio"][inputs["completion_mask"] == 0] = 1.0
     our_loss, our_grad, their_loss, their_grad = losses_and_head_gradients(ours, theirs, inputs)
     assert_relative_close(our_loss, their_loss, 1e-5, "loss")
     assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
@@ -225,7 +228,7 @@ def test_arguments_are_checked(tmp_path):
         make(tmp_path, reward_funcs=[length_reward])                       # level="sentence" without one
     with pytest.raises(ValueError, match="level"):
         make(tmp_path, reward_funcs=[length_reward], level="paragraph")
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(ValueError, match="no token form"):
         make(tmp_path, reward_funcs=[length_reward], level="token", loss_type="vespo")
     with pytest.raises(ValueError, match="level='output'"):
         make(tmp_path, reward_funcs=[length_reward], level="token", off_policy_mask_threshold=0.1)

@@ -105,7 +105,8 @@ def test_unknown_option_string(option):
                                         ("eps_low", -0.1), ("eps_low", 1.0), ("eps_high", -0.1), ("beta", -0.5),
                                         ("delta", 0.0), ("clamp_log_ratio", 0.0), ("beta", float("inf")),
                                         ("clip_ratio_c", 1.0), ("clip_ratio_c", 0.5), ("sapo_tau_pos", 0.0),
-                                        ("sapo_tau_neg", -1.0)])
+                                        ("sapo_tau_neg", -1.0), ("vespo_lambda_pos", 0.0),
+                                        ("vespo_lambda_neg", -2.0), ("vespo_k_pos", float("nan"))])
 def test_bad_scalar_option(name, value):
     with pytest.raises(ValueError, match=name):
         call(**{name: value})

@@ -20,8 +20,9 @@ TRL's own normalisers), ``sapo`` and ``luspo``, with or without ``use_bias_corre
 ``kl_importance_weighting``), the entropy bonus, the entropy mask and the off-policy mask (per sentence: TRL's at
 ``level="output"``); vLLM's importance-sampling correction is applied as TRL computes it
 (``importance_sampling_ratio`` as ``is_weights``). Each loss type's normaliser is passed to the loss as its
-``normalizer``. TRL options this package's loss does not define yet are refused with an error (``vespo``, the
-adaptive entropy controller). Needs ``trl >= 1.0``.
+``normalizer``. ``vespo`` weighs each sentence (TRL: each sequence, so ``level="output"`` reproduces it; it has
+no token form and is refused at ``level="token"``), with vLLM's token ratios folded into its weight as TRL does.
+TRL's adaptive entropy controller is refused with an error. Needs ``trl >= 1.0``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .hf import output_projection
 LOSS_TYPES = {"grpo": ("ppo_clip", "sentence_mean"), "bnpo": ("ppo_clip", "token_mean"),
               "dr_grpo": ("ppo_clip", "token_mean"), "dapo": ("ppo_clip", "token_mean"),
               "cispo": ("cispo", "token_mean"), "sapo": ("sapo", "sentence_mean"),
-              "luspo": ("ppo_clip", "answer_mean_token_sum")}
+              "luspo": ("ppo_clip", "answer_mean_token_sum"), "vespo": ("vespo", "token_mean")}
 
 
 def _check_supported(args) -> None:
@@ -91,6 +92,9 @@ class SentenceGRPOTrainer(GRPOTrainer):
                  segmenter: Segmenter | None = None, ratio_level: str = levels.DEFAULT_SENTENCE_RATIO_LEVEL,
                  reference_column: str = "answer", chunk_size: int | None = None, **kwargs):
         levels.check_level(level, ratio_level)
+        if level == "token" and getattr(args, "loss_type", None) == "vespo":
+            raise ValueError("loss_type='vespo' weighs whole sequences in TRL (its gamma weight of the summed token "
+                             "log-ratios) and has no token form: use level='output' (TRL's vespo) or 'sentence'")
         if level == "token" and getattr(args, "off_policy_mask_threshold", None) is not None:
             raise ValueError("off_policy_mask_threshold masks whole sentences here; at level='token' a sentence is a "
                              "token, not TRL's sequence: use level='output' (TRL's mask) or 'sentence'")
@@ -189,7 +193,7 @@ class SentenceGRPOTrainer(GRPOTrainer):
             bias=bias, eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta,
             delta=self.args.delta, temperature=self.temperature, ratio_level=ratio_level, reduction=reduction,
             objective=objective, sapo_tau_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
-            sapo_tau_neg=getattr(self.args, "sapo_temperature_neg", 1.05),
+            sapo_tau_neg=getattr(self.args, "sapo_temperature_neg", 1.05), **self._vespo_options(),
             kl_importance_weighting=self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False),
             is_weights=self._rollout_weights(inputs), sampling_logps=inputs.get("sampling_per_token_logps"),
             top_entropy_quantile=getattr(self.args, "top_entropy_quantile", 1.0),
@@ -203,6 +207,14 @@ class SentenceGRPOTrainer(GRPOTrainer):
                 self._metrics[mode][f"sentence/{name}"].append(
                     self.accelerator.gather(metrics[name].float().reshape(1)).mean().item())
         return loss
+
+    def _vespo_options(self) -> dict:
+        """TRL's gamma-weight parameters (its λ are floored at 1e-4, as TRL does)."""
+        if self.loss_type != "vespo":
+            return {}
+        return dict(vespo_k_pos=self.args.vespo_k_pos, vespo_k_neg=self.args.vespo_k_neg,
+                    vespo_lambda_pos=max(self.args.vespo_lambda_pos, 1e-4),
+                    vespo_lambda_neg=max(self.args.vespo_lambda_neg, 1e-4))
 
     def _rollout_weights(self, inputs) -> torch.Tensor | None:
         """TRL's vLLM importance-sampling ratio (its ``vllm_importance_sampling_mode``, computed by TRL from the
@@ -221,7 +233,7 @@ class SentenceGRPOTrainer(GRPOTrainer):
             return (inputs["segment_ids"] >= 0).sum().clamp(min=1) * accumulation
         if self.loss_type == "dr_grpo":
             return rows * self.max_completion_length * accumulation
-        # dapo, cispo: the whole generation batch's token count, as TRL computes it
+        # dapo, cispo, vespo: the whole generation batch's token count, as TRL computes it
         normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normaliser = normaliser * accumulation / self.args.steps_per_generation

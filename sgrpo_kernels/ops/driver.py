@@ -59,6 +59,13 @@ def entropy_bonus_coefficients(bonus_tokens: torch.Tensor, config, dtype, proces
     return torch.where(bonus_tokens, -config.entropy_coef * options.get("ranks", 1) / tokens.to(dtype), 0.0)
 
 
+def clip_inputs(config, old_logps, advantages) -> tuple[dict, dict]:
+    """The keywords of ``token_coefficients`` and ``sentence_sums`` that only ``geo_mean``'s per-token clip reads."""
+    if config.objective != "geo_mean":
+        return {}, {}
+    return dict(old_logps=old_logps, advantages=advantages), dict(advantages=advantages)
+
+
 def masks_needed(config) -> bool:
     """Whether the policy's token weights depend on the current log-probs or entropies (the masks)."""
     return config.top_entropy_quantile < 1.0 or config.off_policy_mask_threshold is not None
@@ -66,31 +73,38 @@ def masks_needed(config) -> bool:
 
 def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages, old_logps, sampling_logps,
                          is_weights, process_group):
-    """Flat ``[B*T]`` weights ``q_t`` of the policy loss (``None``: all 1) and the flat bool tokens of the entropy
-    bonus, from ``reference.policy_token_weights`` on the scored tokens (``scores``: pass A of every token)."""
+    """Flat ``[B*T]`` weights ``q_t`` of the policy loss (``None``: all 1), the flat bool tokens of the entropy
+    bonus, and ``vespo``'s per-sentence sums of log importance weights (fp64 ``[B*S_max]``, else ``None``), from
+    ``reference.policy_token_weights`` on the scored tokens (``scores``: pass A of every token; read only
+    where a mask needs it)."""
     batch, length = segment_ids.shape
     segments = segment_ids.reshape(-1)
     scored = segments >= 0
-    if not masks_needed(config) and config.is_mode is None:   # is_weights as given; the bonus covers every token
-        return flat_token_weights(is_weights, batch, length), scored
+    folds_weights = config.objective == "vespo" and (is_weights is not None or config.is_mode is not None)
+    if not masks_needed(config) and config.is_mode is None and not folds_weights:
+        return flat_token_weights(is_weights, batch, length), scored, None   # the bonus covers every token
     positions = torch.nonzero(scored).squeeze(1)
     slots = (positions // max(length, 1)) * num_slots + segments[positions].long()
     slot_advantages = (advantages.reshape(-1) if advantages.dim() == 2
                        else advantages.repeat_interleave(num_slots)).to(scores.logp.dtype)
     flat_weights = flat_token_weights(is_weights, batch, length)
     pick = lambda tensor: None if tensor is None else tensor.reshape(-1)[positions].to(scores.logp.dtype)  # noqa: E731
-    entropy_mask, weight = reference.policy_token_weights(
+    entropy_mask, weight, log_is = reference.policy_token_weights(
         config, scores.logp[positions], lambda: scores.entropy[positions], pick(sampling_logps), pick(old_logps),
         slot_advantages[slots], slots, batch * num_slots, pick(flat_weights), process_group,
         answer_of_token=positions // max(length, 1), answers=batch)
     bonus_tokens = scored.clone()
     if entropy_mask is not None:
         bonus_tokens[positions] = entropy_mask
+    sentence_log_is = None
+    if log_is is not None:
+        sentence_log_is = torch.zeros(batch * num_slots, dtype=torch.float64, device=segment_ids.device)
+        sentence_log_is.index_add_(0, slots, log_is.double())
     if weight is None:
-        return None, bonus_tokens
+        return None, bonus_tokens, sentence_log_is
     token_weights = torch.zeros(batch * length, dtype=scores.logp.dtype, device=segment_ids.device)
     token_weights[positions] = weight
-    return token_weights, bonus_tokens
+    return token_weights, bonus_tokens, sentence_log_is
 
 
 def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
@@ -110,11 +124,11 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
                                      or config.top_entropy_quantile < 1.0)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, scores.logp.dtype, normalizer=normalizer,
                                  **data_parallel_layout(process_group))
-        token_weights, bonus_tokens = policy_token_weights(config, scores, segment_ids, num_slots, advantages,
-                                                           old_logps, sampling_logps, is_weights, process_group)
-        sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None)
+        token_weights, bonus_tokens, log_is = policy_token_weights(
+            config, scores, segment_ids, num_slots, advantages, old_logps, sampling_logps, is_weights, process_group)
+        sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None, log_is=log_is)
         passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, sums, config,
-                             token_weights=token_weights)
+                             token_weights=token_weights, **clip_inputs(config, old_logps, advantages)[1])
         terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
         entropy_coef = None
@@ -123,13 +137,15 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
             loss = loss + torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum()
         if gradient_out is not None:
             token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms, config,
-                                                   token_weights=token_weights)
+                                                   token_weights=token_weights,
+                                                   **clip_inputs(config, old_logps, advantages)[0])
             passes.logits_gradient(logits, completion_ids, token_coef, scores.lse, config.temperature, gradient_out,
                                    entropy_coef=entropy_coef, entropy=scores.entropy if entropy_coef is not None
                                    else None)
         if not with_metrics:
             return loss, None
-        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl)
+        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl,
+                                clipped_tokens=sums.clipped_tokens)
         return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .driver import data_parallel_layout, entropy_bonus_coefficients, masks_needed, policy_token_weights
+from .driver import clip_inputs, data_parallel_layout, entropy_bonus_coefficients, masks_needed, policy_token_weights
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
 from .passes import Passes, accumulator_dtype, new_output
 
@@ -201,22 +201,23 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
             # the batch) before any sentence is finished: a first visit of every chunk runs pass A only
             for tokens in [*plan.whole, *(piece for pieces in plan.long for piece in pieces)]:
                 scores.score(passes, head, ids, tokens, temperature)
-        token_weights, bonus_tokens = policy_token_weights(config, scores, segment_ids, num_slots, advantages,
-                                                           old_logps, sampling_logps, is_weights, process_group)
-        sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None)
+        token_weights, bonus_tokens, log_is = policy_token_weights(
+            config, scores, segment_ids, num_slots, advantages, old_logps, sampling_logps, is_weights, process_group)
+        sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None, log_is=log_is)
+        coef_inputs, sums_inputs = clip_inputs(config, old_logps, advantages)
         entropy_coef = (entropy_bonus_coefficients(bonus_tokens, config, dtype, process_group)
                         if config.entropy_coef != 0 else None)
 
         def forward(tokens):
             chunk_rows, logits = scores.score(passes, head, ids, tokens, temperature)
             passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, sums, config, tokens,
-                                 token_weights=token_weights)
+                                 token_weights=token_weights, **sums_inputs)
             return chunk_rows, logits
 
         def backward(tokens, chunk_rows, logits):
             terms = passes.sentence_terms(layout, sums, advantages, config)
             coef = passes.token_coefficients(logp, ref_logps, segment_ids, num_slots, terms, config, tokens,
-                                             token_weights=token_weights)
+                                             token_weights=token_weights, **coef_inputs)
             grid = logits.unsqueeze(0)        # the gradient of the logits overwrites them
             entropy_options = {} if entropy_coef is None else dict(entropy_coef=entropy_coef[tokens],
                                                                    entropy=scores.entropy[tokens])
@@ -241,7 +242,8 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
             loss = loss + torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum()
         if not with_metrics:
             return loss, head.gradients(), None
-        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl)
+        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl,
+                                clipped_tokens=sums.clipped_tokens)
         metrics = sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
         return loss, head.gradients(), metrics
 

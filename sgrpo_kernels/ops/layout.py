@@ -68,45 +68,57 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
 @dataclass
 class SentenceSums:
     """Pass B's per-sentence sums over the tokens, fp64, flat ``[B * S_max]`` (``None``: not needed):
-    ``Σ Δ_t`` (log-ratio), ``Σ kl_t`` (the KL estimator, when ``beta > 0``), ``Σ q_t logp_t`` (for ``cispo``; ``q_t``
-    the token weight, 1 without one) and ``Σ q_t`` (with token weights)."""
+    ``Σ Δ_t`` (log-ratio), ``Σ kl_t`` (the KL estimator, when ``beta > 0``), ``Σ q_t logp_t`` (for ``cispo`` and
+    ``vespo``; ``q_t`` the token weight, 1 without one), ``Σ q_t`` (with token weights), for ``geo_mean`` the sum
+    of the clipped ``Δ_t`` and the number of clipped tokens, and for ``vespo`` with importance weights the sum of
+    their logs (computed by the driver, not by the passes)."""
 
     log_ratio: torch.Tensor
     kl: torch.Tensor | None
     logp: torch.Tensor | None
     weight: torch.Tensor | None = None
+    clipped_log_ratio: torch.Tensor | None = None
+    clipped_tokens: torch.Tensor | None = None
+    log_is: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, layout: SentenceLayout, config, with_token_weights: bool = False) -> SentenceSums:
-        """Zeroed accumulators for the options of ``config`` (a ``LossConfig``) and token weights if any."""
-        def zeros():
-            return torch.zeros(layout.count.numel(), dtype=torch.float64, device=layout.count.device)
-        return cls(zeros(), zeros() if config.beta > 0 else None, zeros() if config.objective == "cispo" else None,
-                   zeros() if with_token_weights else None)
+    def zeros(cls, layout: SentenceLayout, config, with_token_weights: bool = False,
+              log_is: torch.Tensor | None = None) -> SentenceSums:
+        """Zeroed accumulators for the options of ``config`` (a ``LossConfig``) and token weights if any;
+        ``log_is`` (``vespo``'s per-sentence log importance weights) is kept as given."""
+        def zeros(needed=True):
+            return torch.zeros(layout.count.numel(), dtype=torch.float64, device=layout.count.device) if needed \
+                else None
+        geo = config.objective == "geo_mean"
+        return cls(zeros(), zeros(config.beta > 0), zeros(config.objective in ("cispo", "vespo")),
+                   zeros(with_token_weights), zeros(geo), zeros(geo), log_is)
 
 
 @dataclass
 class SentenceTerms:
     """Output of the terms step, flat ``[B * S_max]``: ``w · L``, ratio, and the two gradient factors:
     ``ratio_coef``, the part of ``c_t`` every token of the sentence shares, ``kl_coef``, which multiplies the
-    token's own ``∂kl_t/∂logp_t``, and ``weight_coef`` (``cispo`` only), which multiplies the token's weight ``q_t``
-    (1 without token weights)."""
+    token's own ``∂kl_t/∂logp_t``, ``weight_coef`` (``cispo``, ``vespo``), which multiplies the token's weight
+    ``q_t`` (1 without token weights), and ``clip_coef`` (``geo_mean``), which reaches only the tokens its clip
+    left alone."""
 
     weighted_loss: torch.Tensor
     ratio: torch.Tensor
     ratio_coef: torch.Tensor
     kl_coef: torch.Tensor | None
     weight_coef: torch.Tensor | None = None
+    clip_coef: torch.Tensor | None = None
 
 
 @dataclass
 class SentenceArrays:
     """Per-slot results of pass B, flat ``[B * S_max]``: token count (int32), ratio ρ (after the log clamp),
-    and the raw sum of k3 (fp64, ``None`` when ``beta == 0``)."""
+    the raw sum of k3 (fp64, ``None`` when ``beta == 0``) and ``geo_mean``'s count of clipped tokens."""
 
     count: torch.Tensor
     ratio: torch.Tensor
     kl_sum: torch.Tensor | None
+    clipped_tokens: torch.Tensor | None = None
 
 
 def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, scored: torch.Tensor,
@@ -124,7 +136,7 @@ def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, scored: t
         else:
             slot_advantages = advantages.repeat_interleave(arrays.count.numel() // max(advantages.shape[0], 1))
         ratio = arrays.ratio
-        clipped = clipped_sentences(ratio, slot_advantages.to(ratio.dtype), config)
+        clipped = clipped_sentences(ratio, slot_advantages.to(ratio.dtype), config, arrays.clipped_tokens)
         sentences = num_sentences.clamp(min=1)
         metrics = {
             "clip_fraction": (clipped & exists).sum() / sentences,

@@ -40,17 +40,19 @@ class Passes(Protocol):
         ``segment_ids >= 0`` when ``segment_ids`` is given."""
 
     def sentence_sums(self, logp, old_logps, ref_logps, segment_ids, num_slots: int, sums, config,
-                      tokens=None, token_weights=None) -> None:
-        """Pass B: add ``Δ_t = logp − old``, the KL estimate ``kl_t``, ``q_t logp_t`` and ``q_t`` of each scored
-        token (of ``tokens``, flat positions, if given) into the fp64 ``layout.SentenceSums`` that are not
-        ``None``; ``token_weights``: flat ``[B*T]`` ``q_t`` or ``None`` (all 1)."""
+                      tokens=None, token_weights=None, advantages=None) -> None:
+        """Pass B: add ``Δ_t = logp − old``, the KL estimate ``kl_t``, ``q_t logp_t``, ``q_t`` and (``geo_mean``,
+        whose clip depends on the sign of the sentence's ``advantages``) the clipped ``Δ_t`` and the clip count of
+        each scored token (of ``tokens``, flat positions, if given) into the fp64 ``layout.SentenceSums`` that
+        are not ``None``; ``token_weights``: flat ``[B*T]`` ``q_t`` or ``None`` (all 1)."""
 
     def sentence_terms(self, layout, sums, advantages, config):
         """Pass B: per sentence, the ratio, ``w · L`` and the two gradient factors -> ``SentenceTerms``."""
 
     def token_coefficients(self, logp, ref_logps, segment_ids, num_slots: int, terms, config,
-                           tokens=None, token_weights=None) -> torch.Tensor:
-        """Pass B: ``c_t = ∂loss/∂logp_t`` for every token (or for ``tokens``), 0 where not scored."""
+                           tokens=None, token_weights=None, old_logps=None, advantages=None) -> torch.Tensor:
+        """Pass B: ``c_t = ∂loss/∂logp_t`` for every token (or for ``tokens``), 0 where not scored
+        (``old_logps``, ``advantages``: for ``geo_mean``'s per-token clip)."""
 
     def logits_gradient(self, logits, ids, logp_coef, lse, temperature: float, out, *, entropy_coef=None,
                         entropy=None) -> torch.Tensor:

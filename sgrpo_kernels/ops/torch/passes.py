@@ -93,13 +93,34 @@ def _token_slots(segment_ids: torch.Tensor, num_slots: int, tokens: torch.Tensor
     return positions, list_positions, (positions // length) * num_slots + segments[positions].long()
 
 
+def _slot_advantages(advantages, num_slots: int, slots, dtype):
+    """The advantage of each listed token's sentence slot."""
+    per_slot = advantages.reshape(-1) if advantages.dim() == 2 else advantages.repeat_interleave(num_slots)
+    return per_slot[slots].to(dtype)
+
+
+def geo_clip(token_delta, advantage, config: LossConfig):
+    """``geo_mean``'s clipped token log-ratio (``min(Δ, eps_high)`` where ``Â > 0``, ``max(Δ, −eps_low)`` where
+    ``Â < 0``, 0 where ``Â = 0``; NaN passes) and where the clip acted."""
+    upper = torch.where(token_delta > config.eps_high, config.eps_high, token_delta)
+    lower = torch.where(token_delta < -config.eps_low, -config.eps_low, token_delta)
+    kept = torch.where(advantage > 0, upper, torch.where(advantage < 0, lower, 0.0))
+    clipped = ((advantage > 0) & (token_delta > config.eps_high)) | ((advantage < 0) & (token_delta < -config.eps_low))
+    return kept, clipped
+
+
 def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, sums: SentenceSums, config,
-                  tokens=None, token_weights=None) -> None:
+                  tokens=None, token_weights=None, advantages=None) -> None:
     """Pass B, sums; the contract of ``ops.passes.Passes.sentence_sums``."""
     positions, _, slots = _token_slots(segment_ids, num_slots, tokens)
     token_logp = logp[positions]
     if old_logps is not None:
-        sums.log_ratio.index_add_(0, slots, (token_logp - old_logps.reshape(-1)[positions].to(logp.dtype)).double())
+        token_delta = token_logp - old_logps.reshape(-1)[positions].to(logp.dtype)
+        sums.log_ratio.index_add_(0, slots, token_delta.double())
+        if sums.clipped_log_ratio is not None:
+            kept, clipped = geo_clip(token_delta, _slot_advantages(advantages, num_slots, slots, logp.dtype), config)
+            sums.clipped_log_ratio.index_add_(0, slots, kept.double())
+            sums.clipped_tokens.index_add_(0, slots, clipped.double())
     if sums.kl is not None:
         ref_minus_logp = ref_logps.reshape(-1)[positions].to(logp.dtype) - token_logp
         sums.kl.index_add_(0, slots, reference.kl_estimate(ref_minus_logp, config.kl_estimator).double())
@@ -159,17 +180,32 @@ def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, confi
     if config.ratio_level == "mean":
         per_token_slope = per_token_slope / divisor
 
-    weight_coef = None
-    if config.objective == "cispo":     # L = −sg(min(ρ, eps_high)) · Â · mean_t q_t logp_t
-        weight = ratio.clamp(max=config.eps_high)
+    mean_weight = None if sums.weight is None else sums.weight.to(dtype) / divisor
+    weight_coef = clip_coef = None
+    if config.objective in ("cispo", "vespo"):     # L = −sg(weight) · Â · mean_t q_t logp_t
+        if config.objective == "cispo":
+            weight = ratio.clamp(max=config.eps_high)
+        else:
+            log_is = None if sums.log_is is None else sums.log_is.to(dtype)
+            weight = reference.vespo_weight(sums.log_ratio.to(dtype), log_is, advantage, config)
         loss = -weight * advantage * sums.logp.to(dtype) / divisor
         weight_coef = torch.where(exists, layout.weight * -weight * advantage / divisor, 0.0)
+        shared = torch.zeros_like(loss)
+    elif config.objective == "geo_mean":      # L = −Â · ρ_clip · mean_t q_t; the clip decides which tokens it reaches
+        geo_log_ratio = sums.clipped_log_ratio.to(dtype)
+        geo_slope = torch.ones_like(divisor)
+        if config.ratio_level == "mean":
+            geo_log_ratio, geo_slope = geo_log_ratio / divisor, geo_slope / divisor
+        geo_slope = torch.where((geo_log_ratio >= -clamp) & (geo_log_ratio <= clamp), geo_slope, 0.0)
+        loss = -advantage * torch.exp(geo_log_ratio.clamp(-clamp, clamp))
+        if mean_weight is not None:
+            loss = loss * mean_weight
+        clip_coef = torch.where(exists, layout.weight * loss * geo_slope, 0.0)
         shared = torch.zeros_like(loss)
     else:                               # L = ℓ(ρ) · mean_t q_t
         surrogate, slope = policy_surrogate_and_slope(ratio, advantage, config)
         loss, shared = -surrogate, -slope * per_token_slope
-        if sums.weight is not None:
-            mean_weight = sums.weight.to(dtype) / divisor
+        if mean_weight is not None:
             loss, shared = loss * mean_weight, shared * mean_weight
     kl_coef = None
     if sums.kl is not None:
@@ -183,7 +219,7 @@ def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, confi
         kl_coef = torch.where(exists, layout.weight * kl_weight, 0.0)
     return SentenceTerms(weighted_loss=torch.where(exists, layout.weight * loss, 0.0), ratio=ratio,
                          ratio_coef=torch.where(exists, layout.weight * shared, 0.0), kl_coef=kl_coef,
-                         weight_coef=weight_coef)
+                         weight_coef=weight_coef, clip_coef=clip_coef)
 
 
 def kl_slope(ref_minus_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -199,12 +235,19 @@ def kl_slope(ref_minus_logp: torch.Tensor, estimator: str) -> torch.Tensor:
 
 
 def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, config,
-                       tokens=None, token_weights=None):
+                       tokens=None, token_weights=None, old_logps=None, advantages=None):
     """Pass B, per-token coefficient; the contract of ``ops.passes.Passes.token_coefficients``."""
     count = segment_ids.numel() if tokens is None else tokens.numel()
     coef = torch.zeros(count, dtype=logp.dtype, device=logp.device)
     positions, list_positions, slots = _token_slots(segment_ids, num_slots, tokens)
     values = terms.ratio_coef[slots]
+    if terms.clip_coef is not None:       # geo_mean: only the tokens its clip left alone (none clipped without old)
+        clip_coef = terms.clip_coef[slots]
+        if old_logps is not None:
+            token_delta = logp[positions] - old_logps.reshape(-1)[positions].to(logp.dtype)
+            _, clipped = geo_clip(token_delta, _slot_advantages(advantages, num_slots, slots, logp.dtype), config)
+            clip_coef = torch.where(clipped, 0.0, clip_coef)
+        values = values + clip_coef
     if terms.weight_coef is not None:
         weight = 1.0 if token_weights is None else token_weights[positions].to(logp.dtype)
         values = values + terms.weight_coef[slots] * weight
