@@ -3,6 +3,7 @@
     python -m benchmarks.bench_fused_linear --preset quick   # CPU, about a minute
     python -m benchmarks.bench_fused_linear --preset cpu     # CPU, the README's table (B=4, T=1024, H=512, V=32000)
     python -m benchmarks.bench_fused_linear --preset gpu     # CUDA, H=4096, V=151936, N in {4096, 16384}, bf16
+    python -m benchmarks.bench_fused_linear --preset options # CPU, what each loss option costs
 
 Providers: ``reference`` (materialise ``hidden @ weight.T``, then reference.py), ``torch`` / ``triton`` (this
 package's fused linear path), ``liger`` (Liger-Kernel's ``LigerFusedLinearGRPOLoss``, token level, compiled as
@@ -25,6 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sgrpo_kernels as sk  # noqa: E402
+from benchmarks import options  # noqa: E402
 from benchmarks.bench_loss import BETA, off_policy, sentence_batch  # noqa: E402
 from benchmarks.runner import Shape, Suite, main  # noqa: E402
 from sgrpo_kernels import reference  # noqa: E402
@@ -39,6 +41,12 @@ PRESETS = {
     "gpu": dict(device="cuda", shapes=[Shape(2, 2048, 151936, "bfloat16", 4096),
                                        Shape(8, 2048, 151936, "bfloat16", 4096)],
                 providers=["reference", "triton", "liger", "trl-chunked"], repeats=10, memory=("forward", "full")),
+    "options": dict(device="cpu", shapes=[Shape(4, 1024, 32000, "float32", 512)],
+                    providers=options.providers("torch"), baseline="torch", suffix="_options", repeats=2,
+                    memory=("full",)),
+    "gpu-options": dict(device="cuda", shapes=[Shape(8, 2048, 151936, "bfloat16", 4096)],
+                        providers=options.providers("triton"), baseline="triton", suffix="_options", repeats=10,
+                        memory=("full",)),
 }
 ARGUMENTS = ("completion_ids", "segment_ids", "advantages", "old_logps", "ref_logps")
 
@@ -63,10 +71,11 @@ def provider(name: str):
         config = LossConfig(beta=BETA)
         return lambda inputs: reference.sentence_grpo_loss(inputs["hidden"] @ inputs["weight"].T,
                                                            *(inputs[key] for key in ARGUMENTS), config)
-    if name in ("torch", "triton"):
+    if name.split(":")[0] in ("torch", "triton"):
+        backend, variant = options.split(name)
         return lambda inputs: sk.fused_linear_sentence_grpo_loss(inputs["hidden"], inputs["weight"],
                                                                  *(inputs[key] for key in ARGUMENTS), beta=BETA,
-                                                                 backend=name)
+                                                                 backend=backend, **options.keywords(variant, inputs))
     if name == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         module = LigerFusedLinearGRPOLoss(beta=BETA, loss_type="grpo", importance_sampling_level="token")
@@ -120,7 +129,7 @@ def provider_available(name: str, device: torch.device) -> str | None:
             import trl.kernels.chunked_logprob  # noqa: F401
         except ImportError:
             return "trl >= 1.16 not installed"
-    if name == "triton" and device.type != "cuda":
+    if name.split(":")[0] == "triton" and device.type != "cuda":
         return "Triton kernels need CUDA (the CPU interpreter is not a speed measurement)"
     return None
 

@@ -3,6 +3,7 @@
     python -m benchmarks.bench_loss --preset quick     # CPU, about a minute
     python -m benchmarks.bench_loss --preset cpu       # CPU, the README's table (B=4, T=1024, V=32000 fp32)
     python -m benchmarks.bench_loss --preset gpu       # CUDA, V=151936, N in {4096, 16384, 65536}, bf16
+    python -m benchmarks.bench_loss --preset options   # CPU, what each loss option costs (benchmarks/options.py)
 
 Writes ``bench_loss.csv`` (one row per provider, shape, mode and metric), ``bench_loss.png`` and
 ``bench_loss.md`` into ``--out``. Times are medians; the floor is ``3·N·V·bytes / copy bandwidth``
@@ -21,6 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sgrpo_kernels as sk  # noqa: E402
+from benchmarks import options  # noqa: E402
 from benchmarks.runner import Shape, Suite, main  # noqa: E402
 from sgrpo_kernels import reference  # noqa: E402
 from sgrpo_kernels.config import LossConfig  # noqa: E402
@@ -37,6 +39,11 @@ PRESETS = {
                                        Shape(16, 4096, 151936, "bfloat16")],
                 providers=["reference", "reference-compiled", "triton", "triton-inplace", "liger", "liger-inplace"],
                 repeats=20, memory=("forward", "full")),
+    "options": dict(device="cpu", shapes=[Shape(4, 1024, 32000, "float32")], providers=options.providers("torch"),
+                    baseline="torch", suffix="_options", repeats=3, memory=("full",)),
+    "gpu-options": dict(device="cuda", shapes=[Shape(8, 2048, 151936, "bfloat16")],
+                        providers=options.providers("triton"), baseline="triton", suffix="_options", repeats=10,
+                        memory=("full",)),
 }
 
 
@@ -55,9 +62,12 @@ def sentence_batch(shape: Shape, device: torch.device, generator: torch.Generato
 
 
 def off_policy(logps: torch.Tensor, generator: torch.Generator) -> dict:
-    """Old and reference log-probs a little away from the current ones (some sentences clip)."""
+    """Old, reference and rollout-engine log-probs a little away from the current ones (some sentences clip),
+    and rollout importance weights ``[B, T]`` near 1 (for the option variants)."""
     noise = lambda: 0.05 * torch.randn(logps.shape, generator=generator).to(logps.device)  # noqa: E731
-    return dict(old_logps=logps + noise(), ref_logps=logps + noise())
+    old = logps + noise()
+    return dict(old_logps=old, ref_logps=logps + noise(), sampling_logps=old + noise(),
+                is_weights=torch.exp(noise()))
 
 
 def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
@@ -83,10 +93,11 @@ def provider(name: str):
                                                 ref_logps, config)
         function = torch.compile(eager) if name == "reference-compiled" else eager
         return lambda inputs: function(*(inputs[key] for key in ARGUMENTS))
-    if name.split("-")[0] in ("torch", "triton"):
-        backend, inplace = name.split("-")[0], name.endswith("-inplace")
+    if name.split("-")[0].split(":")[0] in ("torch", "triton"):
+        backend, variant = options.split(name.removesuffix("-inplace"))
+        inplace = name.endswith("-inplace")
         return lambda inputs: sk.sentence_grpo_loss(*(inputs[key] for key in ARGUMENTS), beta=BETA, backend=backend,
-                                                    inplace=inplace)
+                                                    inplace=inplace, **options.keywords(variant, inputs))
     if name.startswith("liger"):
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
         inplace = name.endswith("-inplace")

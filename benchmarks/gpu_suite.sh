@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lease, one command (see GPU.md of the project): the GPU test suite, then every benchmark at its GPU
 # preset, then a summary of each target with its measured ratio. Everything lands in $OUT (default
-# benchmarks/out/gpu). Usage: benchmarks/gpu_suite.sh [all|tests|bench]
+# benchmarks/out/gpu). Usage: benchmarks/gpu_suite.sh [all|tests|bench|options]; "options" (not in "all") measures
+# what each loss option costs on the fused paths (benchmarks/options.py), in a call of its own.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
@@ -41,5 +42,11 @@ if [[ "$PART" == all || "$PART" == bench ]]; then
     for bench in bench_loss bench_fused_linear; do
         python3 -m "benchmarks.$bench" --preset gpu --out "$OUT" 2>&1 | grep -v "^bench_" | tail -n 20
     done
+fi
+if [[ "$PART" == options ]]; then
+    for bench in bench_loss bench_fused_linear; do
+        python3 -m "benchmarks.$bench" --preset gpu-options --out "$OUT" 2>&1 | grep -v "^bench_" | tail -n 20
+    done
+    exit 0
 fi
 python3 -m benchmarks.gpu_summary "$OUT" | tee "$OUT/summary.md"

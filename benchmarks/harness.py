@@ -193,10 +193,11 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     plt.close(figure)
 
 
-def markdown_table(rows: list[Row], mode: str = "full") -> str:
-    """Providers × shapes for one mode: time, ratio to floor, ratio to reference, extra peak memory."""
+def markdown_table(rows: list[Row], mode: str = "full", baseline: str = "reference") -> str:
+    """Providers × shapes for one mode: time, ratio to floor, ratio to ``baseline`` (the provider the rows'
+    ``ratio_to_reference`` were filled against), extra peak memory."""
     shapes = sorted({(row.batch, row.length, row.vocab, row.hidden, row.dtype) for row in rows})
-    lines = ["| shape | provider | time (ms) | × floor | × reference | extra peak (MiB) | × reference |",
+    lines = [f"| shape | provider | time (ms) | × floor | × {baseline} | extra peak (MiB) | × {baseline} |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     index = {(row.batch, row.length, row.vocab, row.hidden, row.dtype, row.provider, row.metric): row
              for row in rows if row.mode == mode}

@@ -197,11 +197,14 @@ def run(suite: Suite, preset: dict, providers: list[str], out_dir: str, repeats:
             rows.append(memory_row(suite, name, shape, inputs, device, mode, common))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    harness.fill_reference_ratios(rows)
-    harness.write_csv(rows, os.path.join(out_dir, f"bench_{suite.name}.csv"))
-    harness.plot(rows, os.path.join(out_dir, f"bench_{suite.name}.png"), f"{suite.title}, {device} ({ceiling_text})")
-    table = harness.markdown_table(rows, "full")
-    with open(os.path.join(out_dir, f"bench_{suite.name}.md"), "w") as handle:
+    # option presets compare every variant with the plain backend of the same run, and keep their own files
+    baseline = preset.get("baseline", "reference")
+    harness.fill_reference_ratios(rows, baseline)
+    stem = os.path.join(out_dir, f"bench_{suite.name}{preset.get('suffix', '')}")
+    harness.write_csv(rows, f"{stem}.csv")
+    harness.plot(rows, f"{stem}.png", f"{suite.title}, {device} ({ceiling_text})")
+    table = harness.markdown_table(rows, "full", baseline)
+    with open(f"{stem}.md", "w") as handle:
         handle.write(f"forward + backward; {suite.floor_text}; measured {ceiling_text}\n\n{table}\n")
     print(table)
     return rows

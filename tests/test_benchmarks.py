@@ -66,3 +66,25 @@ def test_gpu_summary_judges_targets(tmp_path, capsys):
     assert "triton-inplace: 7.00 ms = 1.40× floor (target ≤ 1.3×): MISSED" in text
     assert "2.11% of the logits (target ≤ 5%): met" in text
     assert "triton: 50.0 ms = 1.10× floor (target ≤ 1.5×): met" in text
+
+
+def test_option_variants_run_and_compare_with_the_plain_backend(tmp_path):
+    """Every option variant of ``benchmarks/options.py`` builds a loss that runs (on a tiny shape) and differs from
+    the plain one; the options preset writes its own files with ratios to the plain backend."""
+    from benchmarks import bench_fused_linear, options
+
+    shape = runner.Shape(2, 48, 300, "float64", 16)
+    inputs = bench_fused_linear.make_inputs(shape, torch.device("cpu"))
+    plain = bench_fused_linear.provider("torch")(inputs).item()
+    for variant in options.VARIANTS:
+        value = bench_fused_linear.provider(f"torch:{variant}")(inputs).item()
+        assert value == value, variant
+        if variant != "dual_clip":                  # it acts only where ρ > 3 and Â < 0: not at this drift
+            assert value != plain, variant
+    preset = dict(bench_loss.PRESETS["options"], shapes=[runner.Shape(1, 64, 500, "float32")])
+    rows = runner.run(bench_loss.SUITE, preset, ["torch", "torch:geo_mean"], str(tmp_path), repeats=1)
+    assert (tmp_path / "bench_loss_options.md").exists() and not (tmp_path / "bench_loss.md").exists()
+    ratios = [row.ratio_to_reference for row in rows if row.provider == "torch:geo_mean" and row.metric == "time_ms"
+              and row.mode == "full"]
+    assert len(ratios) == 1 and ratios[0] > 0
+    assert "× torch" in (tmp_path / "bench_loss_options.md").read_text()
