@@ -8,11 +8,14 @@ DEMO ?= runs/demo
 
 .PHONY: demo demo-loss test bench lint clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+# The C++ extension (csrc/, backend="native") is built by setup.py against the installed torch, hence
+# --no-build-isolation and the build tools installed first; SGRPO_BUILD_NATIVE=1: a failed build is an error here.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0   # the CPU build; an unpinned torch would pull a CUDA build
-	$(BIN)/pip install -q -e '.[dev,train,trl]'
+	$(BIN)/pip install -q 'setuptools>=77' wheel ninja
+	SGRPO_BUILD_NATIVE=$${SGRPO_BUILD_NATIVE:-1} $(BIN)/pip install -q --no-build-isolation -e '.[dev,train,trl]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -34,4 +37,4 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check sgrpo_kernels tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache sgrpo_kernels/*.so

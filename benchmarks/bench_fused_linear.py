@@ -34,10 +34,10 @@ from sgrpo_kernels.config import LossConfig  # noqa: E402
 
 PRESETS = {
     "quick": dict(device="cpu", shapes=[Shape(4, 1024, 32000, "float32", 512)],
-                  providers=["reference", "torch", "trl-chunked"], repeats=1, memory=("full",)),
+                  providers=["reference", "torch", "native", "trl-chunked"], repeats=1, memory=("full",)),
     "cpu": dict(device="cpu", shapes=[Shape(4, 512, 32000, "float32", 512), Shape(4, 1024, 32000, "float32", 512),
                                       Shape(4, 2048, 32000, "float32", 512)],
-                providers=["reference", "torch", "liger", "trl-chunked"], repeats=3, memory=("full",)),
+                providers=["reference", "torch", "native", "liger", "trl-chunked"], repeats=3, memory=("full",)),
     "gpu": dict(device="cuda", shapes=[Shape(2, 2048, 151936, "bfloat16", 4096),
                                        Shape(8, 2048, 151936, "bfloat16", 4096)],
                 providers=["reference", "triton", "liger", "trl-chunked"], repeats=10, memory=("forward", "full")),
@@ -71,7 +71,7 @@ def provider(name: str):
         config = LossConfig(beta=BETA)
         return lambda inputs: reference.sentence_grpo_loss(inputs["hidden"] @ inputs["weight"].T,
                                                            *(inputs[key] for key in ARGUMENTS), config)
-    if name.split(":")[0] in ("torch", "triton"):
+    if name.split(":")[0] in ("torch", "triton", "native"):
         backend, variant = options.split(name)
         return lambda inputs: sk.fused_linear_sentence_grpo_loss(inputs["hidden"], inputs["weight"],
                                                                  *(inputs[key] for key in ARGUMENTS), beta=BETA,
@@ -129,6 +129,9 @@ def provider_available(name: str, device: torch.device) -> str | None:
             import trl.kernels.chunked_logprob  # noqa: F401
         except ImportError:
             return "trl >= 1.16 not installed"
+    if name.split(":")[0] == "native":
+        from sgrpo_kernels.backends import availability
+        return availability(device)["native"]
     if name.split(":")[0] == "triton" and device.type != "cuda":
         return "Triton kernels need CUDA (the CPU interpreter is not a speed measurement)"
     return None

@@ -30,11 +30,12 @@ from sgrpo_kernels.config import LossConfig  # noqa: E402
 BETA = 0.04
 PRESETS = {
     "quick": dict(device="cpu", shapes=[Shape(1, 512, 32000, "float32"), Shape(4, 1024, 32000, "float32")],
-                  providers=["reference", "torch", "torch-inplace"], repeats=2, memory=("full",)),
-    "cpu": dict(device="cpu", shapes=[Shape(1, 1024, 32000, "float32"), Shape(4, 1024, 32000, "float32"),
-                                      Shape(8, 1024, 32000, "float32")],
-                providers=["reference", "reference-compiled", "torch", "torch-inplace"], repeats=5,
-                memory=("forward", "full")),
+                  providers=["reference", "torch", "torch-inplace", "native", "native-inplace"], repeats=2,
+                  memory=("full",)),
+    "cpu": dict(device="cpu", shapes=[Shape(batch, 1024, 32000, dtype) for dtype in ("float32", "bfloat16")
+                                      for batch in (1, 4, 8)],
+                providers=["reference", "reference-compiled", "torch", "torch-inplace", "native", "native-inplace"],
+                repeats=3, memory=("forward", "full")),
     "gpu": dict(device="cuda", shapes=[Shape(4, 1024, 151936, "bfloat16"), Shape(8, 2048, 151936, "bfloat16"),
                                        Shape(16, 4096, 151936, "bfloat16")],
                 providers=["reference", "reference-compiled", "triton", "triton-inplace", "liger", "liger-inplace"],
@@ -93,7 +94,7 @@ def provider(name: str):
                                                 ref_logps, config)
         function = torch.compile(eager) if name == "reference-compiled" else eager
         return lambda inputs: function(*(inputs[key] for key in ARGUMENTS))
-    if name.split("-")[0].split(":")[0] in ("torch", "triton"):
+    if name.split("-")[0].split(":")[0] in ("torch", "triton", "native"):
         backend, variant = options.split(name.removesuffix("-inplace"))
         inplace = name.endswith("-inplace")
         return lambda inputs: sk.sentence_grpo_loss(*(inputs[key] for key in ARGUMENTS), beta=BETA, backend=backend,
@@ -137,6 +138,9 @@ def provider_available(name: str, device: torch.device) -> str | None:
             return "liger-kernel not installed"
         if device.type != "cuda":
             return "Liger's kernels need CUDA"
+    if name.startswith("native"):
+        from sgrpo_kernels.backends import availability
+        return availability(device)["native"]
     if name.startswith("triton") and device.type != "cuda":
         return "Triton kernels need CUDA (the CPU interpreter is not a speed measurement)"
     return None

@@ -116,7 +116,10 @@ def _any_device(device: torch.device) -> str | None:
 
 
 def _native_unavailable(device: torch.device) -> str | None:
-    return "the C++ extension (csrc/) is not built yet"
+    if device.type != "cpu":
+        return f"the C++ extension runs on CPU tensors, not {device.type}"
+    from .ops.native.extension import unavailable_reason
+    return unavailable_reason()
 
 
 register_backend(Backend("reference", "reference.py in plain PyTorch: the specification, differentiable in every "
@@ -125,4 +128,5 @@ register_backend(Backend("triton", "fused Triton kernels (CUDA; CPU under TRITON
                          "sgrpo_kernels.ops.triton", _triton_unavailable), auto_rank=0)
 register_backend(Backend("torch", "the same passes in chunked PyTorch, no [N, V] fp32 temporaries",
                          "sgrpo_kernels.ops.torch", _any_device), auto_rank=1)
-register_backend(Backend("native", "C++ extension for CPU tensors", None, _native_unavailable))
+register_backend(Backend("native", "passes A and C in C++ (csrc/, vectorised, parallel over rows) for CPU tensors",
+                         "sgrpo_kernels.ops.native", _native_unavailable), auto_rank=0)

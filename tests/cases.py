@@ -58,6 +58,12 @@ def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, rel: flo
 KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_unavailable() -> str | None:
+    """Why the native backend (the C++ extension) cannot be tested here, or ``None``."""
+    from sgrpo_kernels.ops.native.extension import unavailable_reason
+    return unavailable_reason()
+
+
 def device_of(backend: str) -> torch.device:
     """The device whose tensors a backend is tested on ("triton" and Liger: KERNEL_DEVICE; others: CPU)."""
     return KERNEL_DEVICE if backend in ("triton", "liger") else torch.device("cpu")

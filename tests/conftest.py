@@ -21,13 +21,18 @@ def poison_fresh_outputs(monkeypatch):
     monkeypatch.setattr(passes, "POISON_FRESH_OUTPUTS", True)
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=["triton", "torch", "native"])
 def backend(request):
-    """The two fused backends; Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    """The fused backends; Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1; native on the CPU when the
+    C++ extension is built (``tests/test_backends.py`` fails if it should have been and was not)."""
     if request.param == "triton":
         pytest.importorskip("triton", reason="the Triton backend needs triton")
         if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
             pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    if request.param == "native":
+        from cases import native_unavailable
+        if native_unavailable() is not None:
+            pytest.skip(native_unavailable())
     return request.param
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from cases import KERNEL_DEVICE
+from cases import KERNEL_DEVICE, native_unavailable
 
 import sgrpo_kernels.advantages as advantages_module
 from sgrpo_kernels import group_sentence_advantages
@@ -19,17 +19,21 @@ def compute(rewards, num_sentences, group_size, **options):
     return group_sentence_advantages(rewards.to(device), num_sentences.to(device), group_size, **options).cpu()
 
 
-@pytest.fixture(autouse=True, params=["triton", "torch"])
+@pytest.fixture(autouse=True, params=["triton", "torch", "native"])
 def implementation(request, monkeypatch):
-    """Run every test on the Triton kernel (CUDA, or interpreted on CPU) and on the PyTorch statement."""
+    """Run every test on the Triton kernel (CUDA, or interpreted on CPU), the PyTorch statement and the C++
+    loop of the native backend."""
+    if request.param == "native" and native_unavailable() is not None:
+        pytest.skip(native_unavailable())
     monkeypatch.setitem(TESTED_DEVICE, "device", torch.device("cpu"))
     monkeypatch.setitem(TESTED_DEVICE, "backend", request.param)
-    if request.param == "triton":
-        pytest.importorskip("triton", reason="the Triton kernel needs triton")
-        monkeypatch.setitem(TESTED_DEVICE, "device", KERNEL_DEVICE)
+    if request.param in ("triton", "native"):
+        if request.param == "triton":
+            pytest.importorskip("triton", reason="the Triton kernel needs triton")
+            monkeypatch.setitem(TESTED_DEVICE, "device", KERNEL_DEVICE)
 
         def refuse(*args, **kwargs):
-            raise AssertionError("the Triton kernel was expected to handle this case")
+            raise AssertionError(f"the {request.param} kernel was expected to handle this case")
         monkeypatch.setattr(advantages_module.reference, "group_sentence_advantages", refuse)
     return request.param
 

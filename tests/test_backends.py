@@ -1,6 +1,8 @@
 """The backend registry: one resolver for every entry point, errors that say what is available, and a new
 backend that needs nothing but a module and a registry entry."""
 
+import os
+import shutil
 import sys
 import types
 
@@ -11,11 +13,41 @@ from cases import random_case
 import sgrpo_kernels as sk
 from sgrpo_kernels import backends
 from sgrpo_kernels.ops import torch as torch_backend
+from sgrpo_kernels.ops.native import extension
 
 CPU = torch.device("cpu")
 
 
-def test_auto_takes_triton_under_the_interpreter_and_torch_otherwise(monkeypatch):
+@pytest.fixture
+def without_native(monkeypatch):
+    """As on a machine where the C++ extension was not built."""
+    monkeypatch.setattr(extension, "_import", lambda: (None, "No module named 'sgrpo_kernels._native'"))
+
+
+def test_the_native_extension_is_built_wherever_it_can_be():
+    """`make test` builds it (a C++ compiler is part of the CI image): a missing build must fail, not skip."""
+    if os.environ.get("SGRPO_BUILD_NATIVE") == "0" or shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("SGRPO_BUILD_NATIVE=0 or no C++ compiler: the native backend is not expected here")
+    assert extension.unavailable_reason() is None
+    assert extension.instruction_set() in ("avx2", "avx512", "neon", "scalar")
+    native = backends.resolve_backend("native", CPU).passes()
+    for name in ("token_scores", "sentence_sums", "sentence_terms", "token_coefficients", "logits_gradient",
+                 "group_advantages"):
+        assert getattr(native, name).__module__.startswith("sgrpo_kernels.ops.native."), name   # the C++ passes
+        operator = name if name == "group_advantages" else f"{name}_"      # the in-place ones end in _
+        assert hasattr(torch.ops.sgrpo_native, operator), name
+
+
+def test_auto_takes_native_on_the_cpu_when_built(monkeypatch):
+    if extension.unavailable_reason() is not None:
+        pytest.skip(extension.unavailable_reason())
+    for interpreting in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpreting)
+        assert backends.resolve_backend("auto", CPU).name == "native"
+    assert backends.resolve_backend("auto", "meta").name == "torch"
+
+
+def test_auto_without_native_takes_triton_under_the_interpreter_and_torch_otherwise(monkeypatch, without_native):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backends.resolve_backend("auto", CPU).name == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -24,7 +56,7 @@ def test_auto_takes_triton_under_the_interpreter_and_torch_otherwise(monkeypatch
     assert backends.resolve_backend("auto", "meta").name == "torch"     # plain PyTorch runs on any device
 
 
-def test_unavailable_backend_says_why_and_lists_the_rest(monkeypatch):
+def test_unavailable_backend_says_why_and_lists_the_rest(monkeypatch, without_native):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError) as raised:
         backends.resolve_backend("triton", CPU)
@@ -32,7 +64,8 @@ def test_unavailable_backend_says_why_and_lists_the_rest(monkeypatch):
     assert "backend='triton' cannot run on cpu" in message and "TRITON_INTERPRET=1" in message
     for name in ("reference", "torch"):
         assert f"  {name}: available" in message
-    assert "  native: unavailable, the C++ extension" in message
+    assert "  native: unavailable, the C++ extension sgrpo_kernels._native is not built" in message
+    assert "pip install --no-build-isolation" in message
 
 
 def test_unknown_backend_lists_every_name():
@@ -42,7 +75,7 @@ def test_unknown_backend_lists_every_name():
 
 @pytest.mark.parametrize("entry_point", ["loss", "fused_linear", "token_logprobs", "fused_linear_token_logprobs",
                                          "group_advantages", "module"])
-def test_every_entry_point_uses_the_resolver(entry_point):
+def test_every_entry_point_uses_the_resolver(entry_point, without_native):
     case = random_case(batch=2, length=5, vocab=50, num_slots=3, dtype=torch.float32)
     hidden, weight = torch.randn(2, 5, 8), torch.randn(50, 8)
     calls = {

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from cases import native_unavailable
 
 import sgrpo_kernels as sk
 from sgrpo_kernels.ops import custom_ops
@@ -111,11 +112,15 @@ def test_fullgraph_step_with_inductor_and_an_optimizer():
 
 
 @pytest.mark.parametrize("entry_point", ["sentence_grpo_loss", "fused_linear_sentence_grpo_loss", "token_logprobs"])
-def test_fullgraph_step_equals_eager_triton_backend(entry_point):
-    pytest.importorskip("triton", reason="the Triton backend needs triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
-    step, parameters = tiny_step(entry_point, "triton")
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_fullgraph_step_equals_eager_kernel_backends(entry_point, backend):
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the Triton backend needs triton")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    elif native_unavailable() is not None:
+        pytest.skip(native_unavailable())
+    step, parameters = tiny_step(entry_point, backend)
     eager_loss, eager_grads = run(step, parameters)
     compiled_loss, compiled_grads = run(torch.compile(step, fullgraph=True, backend="aot_eager"), parameters)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-12, atol=0)

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from cases import leave_worker, random_case
+from cases import leave_worker, native_unavailable, random_case
 
 import sgrpo_kernels as sk
 from sgrpo_kernels.integrations.hf import output_projection
 
 WORLD = 2
-BACKENDS = ["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+BACKENDS = (["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+            + (["native"] if native_unavailable() is None else []))
 
 
 def _worker(rank, init_file, test, errors):

@@ -138,7 +138,8 @@ def public_api_launches() -> set[Launch]:
                 DTYPES, [(4, 3), (2, 40), (1, 1)], ["output", "sentence"], ["std", "none"], ["sentence", "cumulative"]):
             rewards = torch.rand(batch, num_slots, dtype=dtype, device=KERNEL_DEVICE)
             counts = torch.full((batch,), num_slots, dtype=torch.int32, device=KERNEL_DEVICE)
-            sk.group_sentence_advantages(rewards, counts, batch // 2 or 1, weighting=weighting, scale=scale, mode=mode)
+            sk.group_sentence_advantages(rewards, counts, batch // 2 or 1, weighting=weighting, scale=scale, mode=mode,
+                                         backend="triton")
     return launches
 
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from cases import assert_relative_close, device_of, moved, random_case
+from cases import assert_relative_close, device_of, moved, native_unavailable, random_case
 
 import sgrpo_kernels as sk
 from sgrpo_kernels import reference
@@ -56,10 +56,12 @@ def our_loss_and_grad(case, level, backend, **options):
     return loss.detach().cpu(), grad.cpu()
 
 
-@pytest.fixture(params=["reference", "triton", "torch"])
+@pytest.fixture(params=["reference", "triton", "torch", "native"])
 def backend(request):
     if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    if request.param == "native" and native_unavailable() is not None:
+        pytest.skip(native_unavailable())
     return request.param
 
 

@@ -130,8 +130,11 @@ def test_is_mode_needs_rollout_and_old_logps():
         call(is_mode="token_mask")
 
 
-def test_backend_not_built_yet_says_so():
-    with pytest.raises(ValueError, match=r"backend='native' cannot run on cpu: the C\+\+ extension"):
+def test_native_backend_not_built_says_how_to_build_it(monkeypatch):
+    from sgrpo_kernels.ops.native import extension
+    monkeypatch.setattr(extension, "_import", lambda: (None, "No module named 'sgrpo_kernels._native'"))
+    with pytest.raises(ValueError, match=r"backend='native' cannot run on cpu: the C\+\+ extension .* is not built"
+                                         r".*pip install --no-build-isolation"):
         call(backend="native")
 
 

@@ -13,6 +13,12 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from ..config import KL_ESTIMATORS, OBJECTIVES
+
+# The integer codes the compiled backends (Triton, C++) take for the string options.
+KL_ESTIMATOR_CODES = {name: code for code, name in enumerate(KL_ESTIMATORS)}
+OBJECTIVE_CODES = {name: code for code, name in enumerate(OBJECTIVES)}
+
 # Tests set this to True: every fresh output is then filled with NaN, so an element that a kernel
 # forgets to write shows up as a failure instead of as a lucky zero.
 POISON_FRESH_OUTPUTS = False

@@ -20,7 +20,7 @@ import triton.language as tl
 from ...config import LossConfig
 from ...reference import VESPO_MIN_LOG_WEIGHT
 from ..layout import SentenceLayout, SentenceSums, SentenceTerms
-from ..passes import float_vector, index_vector, new_output
+from ..passes import KL_ESTIMATOR_CODES, OBJECTIVE_CODES, float_vector, index_vector, new_output
 from .common import COMPILE_OPTIONS, as_dtype
 
 NAN = tl.constexpr(tl.PropagateNan.ALL)
@@ -272,8 +272,6 @@ def _token_coef_kernel(logp_ptr, ref_ptr, weights_ptr, old_ptr, advantages_ptr, 
     tl.store(coef_ptr + position, tl.where(scored, coef, 0.0), mask=in_range)
 
 
-KL_ESTIMATOR_CODES = {"k3": 0, "k1": 1, "k2": 2, "abs": 3}
-OBJECTIVE_CODES = {"ppo_clip": 0, "cispo": 1, "sapo": 2, "geo_mean": 3, "vespo": 4}
 
 
 def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, sums: SentenceSums, config,

@@ -1,0 +1,102 @@
+// Group-relative sentence advantages on CPU (reference.group_sentence_advantages): one task per group of
+// `group_size` consecutive answers, sums in double, arithmetic in fp32 for fp16/bf16 rewards (fp64 for fp64), the
+// result in the dtype of the rewards.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace sgrpo_native {
+namespace {
+
+at::Tensor group_advantages(const at::Tensor& rewards_in, const at::Tensor& num_sentences_in, int64_t group_size,
+                            double eps, bool output_weighting, bool std_scale, bool cumulative) {
+  TORCH_CHECK(rewards_in.dim() == 2 && rewards_in.device().is_cpu(), "rewards must be a CPU tensor [B, S_max]");
+  const at::Tensor rewards = rewards_in.contiguous();
+  const at::Tensor counts = num_sentences_in.to(at::kLong).contiguous();
+  const int64_t batch = rewards.size(0), slots = rewards.size(1);
+  TORCH_CHECK(group_size > 0 && batch % group_size == 0, "group_size must divide the batch");
+  at::Tensor advantages = at::zeros_like(rewards);
+  if (batch == 0 || slots == 0) return advantages;
+  const int64_t* n = counts.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "sgrpo_group_advantages", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* r = rewards.data_ptr<scalar_t>();
+    scalar_t* out = advantages.data_ptr<scalar_t>();
+    at::parallel_for(0, batch / group_size, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t group = begin; group < end; ++group) {
+        const int64_t first = group * group_size, last = first + group_size;
+        auto exists = [&](int64_t row, int64_t s) { return s < n[row]; };
+        // shift by the group's largest reward: the statistics are shift-invariant, and equal rewards then
+        // centre to exactly 0 (a NaN or an empty group: no shift)
+        T shift = -std::numeric_limits<T>::infinity();
+        bool nan = false;
+        for (int64_t row = first; row < last; ++row) {
+          for (int64_t s = 0; s < slots; ++s) {
+            if (!exists(row, s)) continue;
+            const T value = static_cast<T>(r[row * slots + s]);
+            nan |= std::isnan(value);
+            shift = std::max(shift, value);
+          }
+        }
+        if (nan || !std::isfinite(shift)) shift = T(0);
+        auto weight = [&](int64_t row, int64_t s) -> T {
+          if (!exists(row, s)) return T(0);
+          return output_weighting ? T(1) / static_cast<T>(std::max<int64_t>(n[row], 1)) : T(1);
+        };
+        auto value = [&](int64_t row, int64_t s) -> T {
+          return exists(row, s) ? static_cast<T>(r[row * slots + s]) - shift : T(0);
+        };
+        double total = 0, weighted = 0;
+        for (int64_t row = first; row < last; ++row) {
+          for (int64_t s = 0; s < slots; ++s) {
+            total += weight(row, s);
+            weighted += static_cast<double>(weight(row, s) * value(row, s));
+          }
+        }
+        const T total_weight = static_cast<T>(std::max(total, 1.0));
+        const T mean = static_cast<T>(weighted) / total_weight;
+        T scale = T(1);
+        if (std_scale) {
+          double spread = 0;
+          for (int64_t row = first; row < last; ++row) {
+            for (int64_t s = 0; s < slots; ++s) {
+              const T centered = value(row, s) - mean;
+              spread += static_cast<double>(weight(row, s) * centered * centered);
+            }
+          }
+          scale = std::sqrt(static_cast<T>(spread) / total_weight) + static_cast<T>(eps);
+        }
+        for (int64_t row = first; row < last; ++row) {
+          T running = T(0);
+          for (int64_t s = slots - 1; s >= 0; --s) {     // cumulative: the sum from s to the answer's end
+            T advantage = exists(row, s) ? (value(row, s) - mean) / scale : T(0);
+            if (cumulative) {
+              running += advantage;
+              advantage = exists(row, s) ? running : T(0);
+            }
+            out[row * slots + s] = static_cast<scalar_t>(advantage);
+          }
+        }
+      }
+    });
+  });
+  return advantages;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sgrpo_native, m) {
+  m.def("group_advantages(Tensor rewards, Tensor num_sentences, int group_size, float eps, bool output_weighting, "
+        "bool std_scale, bool cumulative) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sgrpo_native, CPU, m) {
+  m.impl("group_advantages", &group_advantages);
+}
+
+}  // namespace sgrpo_native
