@@ -79,8 +79,9 @@ void token_scores_(const at::Tensor& logits, const at::Tensor& ids, const std::o
       for (int64_t k = begin; k < end; ++k) {
         const int64_t row = row_index ? row_index[k] : k;
         const scalar_t* z = base + (row / length) * batch_stride + (row % length) * time_stride;
-        const auto scores = score_row(row_in_acc<scalar_t, acc_t>(z, vocab, buffer), vocab, id_data[row],
-                                      inv_temperature, with_entropy);
+        constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
+        const auto scores = score_row<acc_t, reduced>(row_in_acc<scalar_t, acc_t>(z, vocab, buffer), vocab,
+                                                      id_data[row], inv_temperature, with_entropy);
         logp_data[row] = scores.logp;
         lse_data[row] = scores.lse;
         if (with_entropy) entropy_data[row] = scores.entropy;
