@@ -6,8 +6,8 @@ The extension ``sgrpo_kernels._native`` (the ``backend="native"`` passes for CPU
 
     SGRPO_BUILD_NATIVE=0        skip the extension (pure Python install)
     SGRPO_BUILD_NATIVE=1        a failed or impossible build is an error (default: warn and install without it)
-    SGRPO_NATIVE_ARCH=auto      vector instructions: auto (AVX2 if this machine has it, NEON on ARM, else scalar),
-                                avx2, avx512 or scalar (a portable build)
+    SGRPO_NATIVE_ARCH=auto      vector instructions: auto (the widest of AVX-512 and AVX2 this machine has, NEON
+                                on ARM, else scalar), avx2, avx512 or scalar (a portable build)
     MAX_JOBS=N                  parallel compile jobs (ninja), as for PyTorch's own extensions
 """
 
@@ -48,7 +48,10 @@ def _arch() -> str:
     if choice != "auto":
         return choice
     machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
+    flags = _cpu_flags()
+    if machine in ("x86_64", "amd64") and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        return "avx512"
+    if machine in ("x86_64", "amd64") and {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "scalar"          # ARM builds get NEON from at::vec without flags
 
