@@ -45,15 +45,70 @@ def level_case(level, seed, batch=4, length=9, vocab=50):
 
 
 def our_loss_and_grad(case, level, backend, **options):
-    """Loss and ``logits.grad`` of one of our backends, on its device, returned on the CPU."""
-    ratio_level = "mean" if level == "sequence" else "sum"
+    """Loss and ``logits.grad`` of one of our backends, on its device, returned on the CPU (``ratio_level`` from
+    the level unless given; ``normalizer``/``is_weights`` are passed beside the options)."""
+    options.setdefault("ratio_level", "mean" if level == "sequence" else "sum")
     arguments = moved(case, device_of(backend))
     if backend == "reference":
-        loss = reference.sentence_grpo_loss(*arguments.values(), LossConfig(ratio_level=ratio_level, **options))
+        batch = {name: options.pop(name, None) for name in ("normalizer", "is_weights")}
+        loss = reference.sentence_grpo_loss(*arguments.values(), LossConfig(**options), **batch)
     else:
-        loss = sk.sentence_grpo_loss(*arguments.values(), ratio_level=ratio_level, backend=backend, **options)
+        loss = sk.sentence_grpo_loss(*arguments.values(), backend=backend, **options)
     (grad,) = torch.autograd.grad(loss, arguments["logits"])
     return loss.detach().cpu(), grad.cpu()
+
+
+def assert_liger_logits_loss_matches(case, our_loss, our_grad, is_ratio=None, **liger_options):
+    """Liger's ``triton_grpo_loss`` (under the interpreter; fp32) on the case's logits equals our loss and
+    ``logits.grad``. Liger scores ``[B, T + 1, V]`` logits: a random last position is appended."""
+    grpo_loss = pytest.importorskip("liger_kernel.transformers.grpo_loss",
+                                    reason="liger-kernel (the dev extra) is the oracle of this test")
+    batch, length, vocab = case["logits"].shape
+    device = device_of("liger")
+    as_input = lambda tensor: tensor.float().contiguous().to(device)  # noqa: E731
+    liger_logits = torch.cat([case["logits"].detach(), torch.randn(batch, 1, vocab, dtype=torch.float64)], 1)
+    liger_logits = liger_logits.float().contiguous().to(device).requires_grad_()
+    liger_loss, _ = grpo_loss.triton_grpo_loss(
+        liger_logits, as_input(case["old_logps"]), as_input(case["ref_logps"]),
+        case["completion_ids"].clamp(min=0).to(device), as_input(case["advantages"]),
+        as_input((case["segment_ids"] >= 0).float()), inplace=False, reduce=True,
+        vllm_is_ratio=None if is_ratio is None else as_input(is_ratio), **liger_options)
+    liger_loss.backward()
+    # Liger computes in fp32: its loss is good to ~1e-5 of the terms it sums, not of a loss that nearly cancels
+    assert abs(liger_loss.item() - our_loss.item()) <= 1e-5 * max(abs(our_loss.item()), 0.1)
+    assert_relative_close(liger_logits.grad[:, :length].cpu(), our_grad.cpu(), 1e-5, "logits.grad")
+
+
+def assert_liger_fused_loss_matches(case, backend, hidden, weight, options, is_ratio=None, **liger_options):
+    """Liger's ``LigerFusedLinearGRPOLoss`` (fp32, uncompiled) equals our fused linear loss on ``backend``
+    (``options``; ``is_ratio`` as our ``is_weights`` and Liger's ``vllm_is_ratio``): loss and both gradients."""
+    chunked = pytest.importorskip("liger_kernel.chunked_loss",
+                                  reason="liger-kernel (the dev extra) is the oracle of this test")
+    rest = list(moved(case, device_of(backend)).values())[1:]
+    ours_hidden = hidden.clone().to(device_of(backend)).requires_grad_()
+    ours_weight = weight.clone().to(device_of(backend)).requires_grad_()
+    loss = sk.fused_linear_sentence_grpo_loss(
+        ours_hidden, ours_weight, *rest, backend=backend, chunk_size=5,
+        is_weights=None if is_ratio is None else is_ratio.to(device_of(backend)), **options)
+    loss.backward()
+    module = chunked.LigerFusedLinearGRPOLoss(beta=0.05, compiled=False,
+                                              max_completion_length=case["logits"].shape[1], **liger_options)
+    their_hidden, their_weight = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    their_loss, _ = module(their_hidden, their_weight, case["completion_ids"].clamp(min=0),
+                           (case["segment_ids"] >= 0).float(), case["advantages"].float(),
+                           ref_per_token_logps=case["ref_logps"].float(), old_per_token_logps=case["old_logps"].float(),
+                           vllm_is_ratio=None if is_ratio is None else is_ratio.float())
+    their_loss.backward()
+    assert abs(their_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
+    assert_relative_close(their_hidden.grad, ours_hidden.grad.cpu(), 1e-4, "grad hidden")
+    assert_relative_close(their_weight.grad, ours_weight.grad.cpu(), 1e-4, "grad weight")
+
+
+def random_head(vocab, seed=7, width=16):
+    """Hidden states ``[4, 9, width]`` (the level cases' shape) and an LM head ``[vocab, width]``, float64."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(4, 9, width, generator=generator, dtype=torch.float64)
+    return hidden, torch.randn(vocab, width, generator=generator, dtype=torch.float64) * 0.3
 
 
 @pytest.fixture(params=["reference", "triton", "torch", "native"])
@@ -121,41 +176,18 @@ LIGER_LOSS_TYPES = {
 def test_the_family_matches_liger_triton_grpo_loss(loss_type, level, corrections, backend):
     """Every loss type Liger's triton_grpo_loss has, at the token and sequence levels, with and without TRL's
     bias-corrected KL and vLLM importance ratios, against our loss (Liger runs under the interpreter)."""
-    grpo_loss = pytest.importorskip("liger_kernel.transformers.grpo_loss",
-                                    reason="liger-kernel (the dev extra) is the oracle of this test")
     case = level_case(level, seed=41, vocab=300)
     batch, length, vocab = case["logits"].shape
     objective, reduction, normalizer = LIGER_LOSS_TYPES[loss_type]
     eps_high = 1.5 if loss_type == "cispo" else 0.28          # cispo caps the ratio at eps_high itself
     is_ratio = 0.5 + torch.rand(batch, length, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    options = dict(beta=0.05, temperature=0.9, eps_low=0.2, eps_high=eps_high, objective=objective,
-                   reduction=reduction, kl_importance_weighting=corrections,
-                   normalizer=None if normalizer is None else normalizer(batch, length),
-                   is_weights=is_ratio.to(device_of(backend)) if corrections else None)
-    ratio_level = "mean" if level == "sequence" else "sum"
-    arguments = moved(case, device_of(backend))
-    if backend == "reference":
-        normalizer_value, weights = options.pop("normalizer"), options.pop("is_weights")
-        loss = reference.sentence_grpo_loss(*arguments.values(), LossConfig(ratio_level=ratio_level, **options),
-                                            normalizer=normalizer_value, is_weights=weights)
-    else:
-        loss = sk.sentence_grpo_loss(*arguments.values(), ratio_level=ratio_level, backend=backend, **options)
-    (our_grad,) = torch.autograd.grad(loss, arguments["logits"])
-
-    device = device_of("liger")
-    liger_logits = torch.cat([case["logits"].detach(), torch.randn(batch, 1, vocab, dtype=torch.float64)], 1)
-    liger_logits = liger_logits.float().contiguous().to(device).requires_grad_()
-    as_input = lambda tensor: tensor.float().contiguous().to(device)
-    liger_loss, _ = grpo_loss.triton_grpo_loss(
-        liger_logits, as_input(case["old_logps"]), as_input(case["ref_logps"]),
-        case["completion_ids"].clamp(min=0).to(device), as_input(case["advantages"]),
-        as_input((case["segment_ids"] >= 0).float()), temperature=0.9, beta=0.05, eps_low=0.2, eps_high=eps_high,
-        inplace=False, loss_type=loss_type, importance_sampling_level=level, reduce=True,
-        use_bias_correction_kl=corrections, vllm_is_ratio=as_input(is_ratio) if corrections else None)
-    liger_loss.backward()
-    # Liger computes in fp32: its loss is good to ~1e-5 of the terms it sums, not of a loss that nearly cancels
-    assert abs(liger_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
-    assert_relative_close(liger_logits.grad[:, :length].cpu(), our_grad.cpu(), 1e-5, "logits.grad")
+    loss, grad = our_loss_and_grad(case, level, backend, beta=0.05, temperature=0.9, eps_low=0.2, eps_high=eps_high,
+                                   objective=objective, reduction=reduction, kl_importance_weighting=corrections,
+                                   normalizer=None if normalizer is None else normalizer(batch, length),
+                                   is_weights=is_ratio.to(device_of(backend)) if corrections else None)
+    assert_liger_logits_loss_matches(case, loss, grad, is_ratio if corrections else None, temperature=0.9,
+                                     beta=0.05, eps_low=0.2, eps_high=eps_high, loss_type=loss_type,
+                                     importance_sampling_level=level, use_bias_correction_kl=corrections)
 
 
 @pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("bnpo", "token"), ("dapo", "token"),
@@ -165,40 +197,18 @@ def test_the_family_matches_liger_triton_grpo_loss(loss_type, level, corrections
 def test_the_family_matches_liger_fused_linear_grpo_loss(loss_type, level, corrections, backend):
     """Liger's LigerFusedLinearGRPOLoss (hidden states and LM head, fp32, uncompiled) against our fused linear
     loss: loss and the gradients of hidden and weight."""
-    chunked = pytest.importorskip("liger_kernel.chunked_loss",
-                                  reason="liger-kernel (the dev extra) is the oracle of this test")
     case = level_case(level, seed=43, vocab=200)
     batch, length, _ = case["logits"].shape
-    generator = torch.Generator().manual_seed(7)
-    hidden = torch.randn(batch, length, 16, generator=generator, dtype=torch.float64)
-    weight = torch.randn(200, 16, generator=generator, dtype=torch.float64) * 0.3
+    hidden, weight = random_head(200)
     objective, reduction, normalizer = LIGER_LOSS_TYPES[loss_type]
     eps_high = 1.5 if loss_type == "cispo" else 0.28
-    is_ratio = 0.5 + torch.rand(batch, length, generator=generator, dtype=torch.float64)
+    is_ratio = 0.5 + torch.rand(batch, length, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     options = dict(beta=0.05, eps_low=0.2, eps_high=eps_high, objective=objective, reduction=reduction,
                    kl_importance_weighting=corrections, ratio_level="mean" if level == "sequence" else "sum",
                    normalizer=None if normalizer is None else normalizer(batch, length))
-    rest = list(moved(case, device_of(backend)).values())[1:]
-    ours_hidden = hidden.clone().to(device_of(backend)).requires_grad_()
-    ours_weight = weight.clone().to(device_of(backend)).requires_grad_()
-    loss = sk.fused_linear_sentence_grpo_loss(
-        ours_hidden, ours_weight, *rest, backend=backend, chunk_size=5,
-        is_weights=is_ratio.to(device_of(backend)) if corrections else None, **options)
-    loss.backward()
-
-    module = chunked.LigerFusedLinearGRPOLoss(beta=0.05, compiled=False, epsilon_low=0.2, epsilon_high=eps_high,
-                                              loss_type=loss_type, importance_sampling_level=level,
-                                              use_bias_correction_kl=corrections, max_completion_length=length)
-    their_hidden, their_weight = hidden.float().requires_grad_(), weight.float().requires_grad_()
-    mask = (case["segment_ids"] >= 0).float()
-    their_loss, _ = module(their_hidden, their_weight, case["completion_ids"].clamp(min=0), mask,
-                           case["advantages"].float(), ref_per_token_logps=case["ref_logps"].float(),
-                           old_per_token_logps=case["old_logps"].float(),
-                           vllm_is_ratio=is_ratio.float() if corrections else None)
-    their_loss.backward()
-    assert abs(their_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
-    assert_relative_close(their_hidden.grad, ours_hidden.grad.cpu(), 1e-4, "grad hidden")
-    assert_relative_close(their_weight.grad, ours_weight.grad.cpu(), 1e-4, "grad weight")
+    assert_liger_fused_loss_matches(case, backend, hidden, weight, options, is_ratio if corrections else None,
+                                    epsilon_low=0.2, epsilon_high=eps_high, loss_type=loss_type,
+                                    importance_sampling_level=level, use_bias_correction_kl=corrections)
 
 
 @pytest.mark.parametrize("with_is_ratio", [False, True], ids=["plain", "vllm_is"])
@@ -207,56 +217,16 @@ def test_vespo_matches_liger_at_the_sequence_level(with_is_ratio, backend):
     the rollout engine's token ratios folded into it) is our ``vespo`` with one sentence per answer, for both of
     Liger's entry points. Liger sums the log ratios over every position, padding included: the rollout ratios
     are 1 there, as TRL computes them (its log-ratio difference is masked)."""
-    grpo_loss = pytest.importorskip("liger_kernel.transformers.grpo_loss",
-                                    reason="liger-kernel (the dev extra) is the oracle of this test")
-    chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is the oracle of this test")
     case = level_case("sequence", seed=45, vocab=200)
-    batch, length, vocab = case["logits"].shape
+    batch, length, _ = case["logits"].shape
     scored = case["segment_ids"] >= 0
     is_ratio = torch.where(scored, 0.5 + torch.rand(batch, length, generator=torch.Generator().manual_seed(9),
-                                                    dtype=torch.float64), 1.0)
-    options = dict(beta=0.05, temperature=0.9, objective="vespo", reduction="token_mean",
-                   is_weights=is_ratio.to(device_of(backend)) if with_is_ratio else None)
-    arguments = moved(case, device_of(backend))
-    if backend == "reference":
-        weights = options.pop("is_weights")
-        loss = reference.sentence_grpo_loss(*arguments.values(), LossConfig(**options), is_weights=weights)
-    else:
-        loss = sk.sentence_grpo_loss(*arguments.values(), backend=backend, **options)
-    (our_grad,) = torch.autograd.grad(loss, arguments["logits"])
-
-    device = device_of("liger")
-    as_input = lambda tensor: tensor.float().contiguous().to(device)
-    liger_logits = torch.cat([case["logits"].detach(), torch.randn(batch, 1, vocab, dtype=torch.float64)], 1)
-    liger_logits = liger_logits.float().contiguous().to(device).requires_grad_()
-    liger_loss, _ = grpo_loss.triton_grpo_loss(
-        liger_logits, as_input(case["old_logps"]), as_input(case["ref_logps"]),
-        case["completion_ids"].clamp(min=0).to(device), as_input(case["advantages"]), as_input(scored.float()),
-        temperature=0.9, beta=0.05, inplace=False, loss_type="vespo", importance_sampling_level="token",
-        reduce=True, vllm_is_ratio=as_input(is_ratio) if with_is_ratio else None)
-    liger_loss.backward()
-    assert abs(liger_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
-    assert_relative_close(liger_logits.grad[:, :length].cpu(), our_grad.cpu(), 1e-5, "logits.grad")
-
-    generator = torch.Generator().manual_seed(7)
-    hidden = torch.randn(batch, length, 16, generator=generator, dtype=torch.float64)
-    weight = torch.randn(vocab, 16, generator=generator, dtype=torch.float64) * 0.3
-    ours_hidden = hidden.clone().to(device_of(backend)).requires_grad_()
-    ours_weight = weight.clone().to(device_of(backend)).requires_grad_()
-    fused_options = {**options, "temperature": 1.0}
-    fused_options.pop("is_weights", None)
-    loss = sk.fused_linear_sentence_grpo_loss(
-        ours_hidden, ours_weight, *list(arguments.values())[1:], backend=backend, chunk_size=5,
-        is_weights=is_ratio.to(device_of(backend)) if with_is_ratio else None, **fused_options)
-    loss.backward()
-    module = chunked.LigerFusedLinearGRPOLoss(beta=0.05, compiled=False, loss_type="vespo",
-                                              importance_sampling_level="token", max_completion_length=length)
-    their_hidden, their_weight = hidden.float().requires_grad_(), weight.float().requires_grad_()
-    their_loss, _ = module(their_hidden, their_weight, case["completion_ids"].clamp(min=0), scored.float(),
-                           case["advantages"].float(), ref_per_token_logps=case["ref_logps"].float(),
-                           old_per_token_logps=case["old_logps"].float(),
-                           vllm_is_ratio=is_ratio.float() if with_is_ratio else None)
-    their_loss.backward()
-    assert abs(their_loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), 0.1)
-    assert_relative_close(their_hidden.grad, ours_hidden.grad.cpu(), 1e-4, "grad hidden")
-    assert_relative_close(their_weight.grad, ours_weight.grad.cpu(), 1e-4, "grad weight")
+                                                    dtype=torch.float64), 1.0) if with_is_ratio else None
+    options = dict(beta=0.05, objective="vespo", reduction="token_mean")
+    loss, grad = our_loss_and_grad(case, "sequence", backend, temperature=0.9,
+                                   is_weights=None if is_ratio is None else is_ratio.to(device_of(backend)), **options)
+    assert_liger_logits_loss_matches(case, loss, grad, is_ratio, temperature=0.9, beta=0.05, loss_type="vespo",
+                                     importance_sampling_level="token")
+    hidden, weight = random_head(200)
+    assert_liger_fused_loss_matches(case, backend, hidden, weight, options, is_ratio, loss_type="vespo",
+                                    importance_sampling_level="token")

@@ -127,8 +127,9 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
         token_weights, bonus_tokens, log_is = policy_token_weights(
             config, scores, segment_ids, num_slots, advantages, old_logps, sampling_logps, is_weights, process_group)
         sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None, log_is=log_is)
+        coef_inputs, sums_inputs = clip_inputs(config, old_logps, advantages)
         passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, sums, config,
-                             token_weights=token_weights, **clip_inputs(config, old_logps, advantages)[1])
+                             token_weights=token_weights, **sums_inputs)
         terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
         entropy_coef = None
@@ -137,8 +138,7 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
             loss = loss + torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum()
         if gradient_out is not None:
             token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms, config,
-                                                   token_weights=token_weights,
-                                                   **clip_inputs(config, old_logps, advantages)[0])
+                                                   token_weights=token_weights, **coef_inputs)
             passes.logits_gradient(logits, completion_ids, token_coef, scores.lse, config.temperature, gradient_out,
                                    entropy_coef=entropy_coef, entropy=scores.entropy if entropy_coef is not None
                                    else None)
