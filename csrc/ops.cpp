@@ -7,8 +7,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -43,18 +41,6 @@ void check_logits(const at::Tensor& logits, const char* name) {
               " must be contiguous along the vocabulary (last) dimension");
 }
 
-// A row of logits in the accumulator dtype: the row itself for fp32/fp64, else a converted copy in `buffer`.
-template <typename scalar_t, typename acc_t>
-const acc_t* row_in_acc(const scalar_t* row, int64_t vocab, std::vector<acc_t>& buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return row;
-  } else {
-    buffer.resize(vocab);
-    at::vec::convert(row, buffer.data(), vocab);
-    return buffer.data();
-  }
-}
-
 void token_scores_(const at::Tensor& logits, const at::Tensor& ids, const std::optional<at::Tensor>& rows,
                    double temperature, at::Tensor& logp, at::Tensor& lse, std::optional<at::Tensor> entropy) {
   check_logits(logits, "logits");
@@ -75,13 +61,10 @@ void token_scores_(const at::Tensor& logits, const at::Tensor& ids, const std::o
     acc_t* entropy_data = with_entropy ? entropy->data_ptr<acc_t>() : nullptr;
     const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, count, grain_for(vocab), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buffer;
       for (int64_t k = begin; k < end; ++k) {
         const int64_t row = row_index ? row_index[k] : k;
         const scalar_t* z = base + (row / length) * batch_stride + (row % length) * time_stride;
-        constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
-        const auto scores = score_row<acc_t, reduced>(row_in_acc<scalar_t, acc_t>(z, vocab, buffer), vocab,
-                                                      id_data[row], inv_temperature, with_entropy);
+        const auto scores = score_row<acc_t>(z, vocab, id_data[row], inv_temperature, with_entropy);
         logp_data[row] = scores.logp;
         lse_data[row] = scores.lse;
         if (with_entropy) entropy_data[row] = scores.entropy;
@@ -113,7 +96,6 @@ void logits_gradient_(const at::Tensor& logits, const at::Tensor& ids, const at:
     const acc_t* entropy_data = with_entropy ? entropy->data_ptr<acc_t>() : nullptr;
     const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, count, grain_for(vocab), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buffer, scratch(kBlock);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t offset = (row / length) * logits.stride(0) + (row % length) * logits.stride(1);
         scalar_t* destination = out_base + (row / length) * out.stride(0) + (row % length) * out.stride(1);
@@ -123,9 +105,8 @@ void logits_gradient_(const at::Tensor& logits, const at::Tensor& ids, const at:
           std::fill(destination, destination + vocab, scalar_t(0));
           continue;
         }
-        const acc_t* z = row_in_acc<scalar_t, acc_t>(base + offset, vocab, buffer);
-        gradient_row(z, destination, vocab, id_data[row], inv_temperature, lse_data[row], coef, bonus,
-                     with_entropy ? entropy_data[row] : acc_t(0), with_entropy, scratch.data());
+        gradient_row<acc_t>(base + offset, destination, vocab, id_data[row], inv_temperature, lse_data[row], coef,
+                            bonus, with_entropy ? entropy_data[row] : acc_t(0), with_entropy);
       }
     });
   });
