@@ -9,9 +9,10 @@ Providers: ``reference`` (materialise ``hidden @ weight.T``, then reference.py),
 package's fused linear path), ``liger`` (Liger-Kernel's ``LigerFusedLinearGRPOLoss``, token level, compiled as
 it ships), ``trl-chunked`` (TRL 1.16's own path: its chunked log-prob kernel ``ChunkedLogProbFunction`` on the
 LM head, with the vocabulary tile TRL uses, then its default loss in PyTorch: ``loss_type="dapo"`` at the token
-level, the KL bias-corrected). The floor is ``6·N·H·V flops / matmul rate`` (logits, gradient of hidden,
-gradient of the weight) with the rate measured in the same run. Writes ``bench_fused_linear.{csv,png,md}``
-into ``--out``.
+level, the KL bias-corrected), ``matmuls`` (the path's three products chunk by chunk and nothing else: what
+the matmul library reaches at these shapes, below which no fused path can go). The floor is
+``6·N·H·V flops / matmul rate`` (logits, gradient of hidden, gradient of the weight) with the rate of a square
+matmul measured in the same run. Writes ``bench_fused_linear.{csv,png,md}`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ from benchmarks.bench_loss import BETA, off_policy, sentence_batch  # noqa: E402
 from benchmarks.runner import Shape, Suite, main  # noqa: E402
 from sgrpo_kernels import reference  # noqa: E402
 from sgrpo_kernels.config import LossConfig  # noqa: E402
+from sgrpo_kernels.ops.fused_linear import _LinearHead, default_chunk_size  # noqa: E402
 
 PRESETS = {
     "quick": dict(device="cpu", shapes=[Shape(4, 1024, 32000, "float32", 512)],
                   providers=["reference", "torch", "native", "trl-chunked"], repeats=1, memory=("full",)),
     "cpu": dict(device="cpu", shapes=[Shape(4, 512, 32000, "float32", 512), Shape(4, 1024, 32000, "float32", 512),
                                       Shape(4, 2048, 32000, "float32", 512)],
-                providers=["reference", "torch", "native", "liger", "trl-chunked"], repeats=3, memory=("full",)),
+                providers=["reference", "torch", "native", "liger", "trl-chunked", "matmuls"], repeats=3,
+                memory=("full",)),
     "gpu": dict(device="cuda", shapes=[Shape(2, 2048, 151936, "bfloat16", 4096),
                                        Shape(8, 2048, 151936, "bfloat16", 4096)],
                 providers=["reference", "triton", "liger", "trl-chunked"], repeats=10, memory=("forward", "full")),
@@ -89,7 +92,31 @@ def provider(name: str):
         return liger
     if name == "trl-chunked":
         return trl_chunked_dapo
+    if name == "matmuls":
+        return lambda inputs: _ProductsOnly.apply(inputs["hidden"], inputs["weight"])
     raise ValueError(f"unknown provider {name!r}")
+
+
+class _ProductsOnly(torch.autograd.Function):
+    """The fused linear path's three products at its own chunk shapes and nothing else (no softmax, no loss):
+    the floor this machine's matmul library actually reaches at these shapes. The chunk's logits stand in for
+    their gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        chunk = default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
+        head = _LinearHead(hidden, weight, None, (True, True, False))
+        for tokens in torch.arange(hidden.shape[0] * hidden.shape[1], device=hidden.device).split(chunk):
+            rows, logits = head.logits(tokens)
+            head.accumulate(tokens, rows, logits)
+        grad_hidden, grad_weight, _ = head.gradients()
+        ctx.save_for_backward(grad_hidden.view_as(hidden), grad_weight)
+        return hidden.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output
 
 
 TRL_VOCAB_TILE = 32768      # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16

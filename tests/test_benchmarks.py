@@ -88,3 +88,17 @@ def test_option_variants_run_and_compare_with_the_plain_backend(tmp_path):
               and row.mode == "full"]
     assert len(ratios) == 1 and ratios[0] > 0
     assert "× torch" in (tmp_path / "bench_loss_options.md").read_text()
+
+
+def test_matmuls_provider_computes_the_three_products():
+    """The ``matmuls`` floor of the fused-linear benchmark does the path's products (chunked, over a chunk size
+    smaller than the batch): its gradients are ``(h Wᵀ) W`` and ``(h Wᵀ)ᵀ h``."""
+    from benchmarks import bench_fused_linear
+
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 300, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(50000, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    bench_fused_linear.provider("matmuls")(dict(hidden=hidden, weight=weight)).backward()
+    logits = hidden.detach() @ weight.detach().T
+    torch.testing.assert_close(hidden.grad, logits @ weight.detach())
+    torch.testing.assert_close(weight.grad, logits.reshape(-1, 50000).T @ hidden.detach().reshape(-1, 8))
