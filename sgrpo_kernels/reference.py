@@ -51,8 +51,47 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     (importance weights of the rollout engine: TRL's vLLM correction, Liger's ``vllm_is_ratio``).
     ``sampling_logps`` (``[B, T]``): the rollout engine's log-probs, for the off-policy mask (else ``old_logps``).
     """
-    batch, length, _ = logits.shape
-    device = logits.device
+    scored = segment_ids >= 0                                             # [B, T]
+    logp = token_logprobs(logits[scored], completion_ids[scored], config.temperature)  # [M]
+
+    def entropy_of_scored():                                              # [M], with gradient
+        return token_logprobs(logits[scored], completion_ids[scored], config.temperature, return_entropy=True)[1]
+
+    return _loss_from_scored_logps(logp, entropy_of_scored, segment_ids, advantages, old_logps, ref_logps, config,
+                                   return_metrics, process_group, normalizer, is_weights, sampling_logps)
+
+
+def sentence_grpo_loss_from_logps(logps: torch.Tensor, segment_ids: torch.Tensor, advantages: torch.Tensor,
+                                  old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
+                                  config: LossConfig = LossConfig(), return_metrics: bool = False,
+                                  process_group=None, normalizer=None, is_weights=None, sampling_logps=None,
+                                  entropy: torch.Tensor | None = None):
+    """:func:`sentence_grpo_loss` for a trainer that already has the token log-probs (verl's policy losses).
+
+    logps ``[B, T]`` float, the log-probs of the sampled tokens at temperature ``config.temperature`` (gradient
+    flows into them); entropy ``[B, T]`` or ``None``, the token entropies, needed only by ``entropy_coef`` and
+    ``top_entropy_quantile`` (gradient flows into it for the bonus) and reported as ``entropy_mean`` when given.
+    Everything else as :func:`sentence_grpo_loss`; with the log-probs of ``logits`` it returns the same loss.
+    """
+    scored = segment_ids >= 0
+
+    def entropy_of_scored():
+        if entropy is None:
+            raise ValueError("entropy_coef and top_entropy_quantile need the token entropies: pass entropy=[B, T]")
+        return entropy[scored]
+
+    return _loss_from_scored_logps(logps[scored], entropy_of_scored, segment_ids, advantages, old_logps, ref_logps,
+                                   config, return_metrics, process_group, normalizer, is_weights, sampling_logps,
+                                   entropy_known=entropy is not None)
+
+
+def _loss_from_scored_logps(logp, entropy_of_scored, segment_ids, advantages, old_logps, ref_logps, config,
+                            return_metrics, process_group, normalizer, is_weights, sampling_logps,
+                            entropy_known=True):
+    """The loss from the log-probs ``logp [M]`` of the scored tokens (row-major order); ``entropy_of_scored()``
+    gives their entropies ``[M]`` with gradient (``entropy_known=False``: it raises, and no ``entropy_mean``)."""
+    batch, length = segment_ids.shape
+    device = segment_ids.device
     scored = segment_ids >= 0                                             # [B, T]
     rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)[scored]  # [M]
     segments = segment_ids[scored].long()                                 # [M]
@@ -62,7 +101,6 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         num_slots = int(segments.max()) + 1 if segments.numel() else 1
     sentence_of_token = rows * num_slots + segments                       # [M], in [0, B * num_slots)
 
-    logp = token_logprobs(logits[scored], completion_ids[scored], config.temperature)  # [M]
     work_dtype = torch.promote_types(logp.dtype, torch.float32)
     logp = logp.to(work_dtype)
     old = logp.detach() if old_logps is None else old_logps[scored].to(work_dtype)
@@ -93,8 +131,7 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
     # with token weights q_t (is_weights and the masks): the mean over the sentence of q_t · ℓ_t
     token_advantage = sentence_advantage[sentence_of_token]
     entropy_mask, token_weight, token_log_is = policy_token_weights(
-        config, logp.detach(), lambda: token_logprobs(logits[scored].detach(), completion_ids[scored],
-                                                      config.temperature, return_entropy=True)[1].to(work_dtype),
+        config, logp.detach(), lambda: entropy_of_scored().detach().to(work_dtype),
         None if sampling_logps is None else sampling_logps[scored].to(work_dtype),
         old if old_logps is not None else None, token_advantage, sentence_of_token, batch * num_slots,
         None if is_weights is None else token_weights(is_weights, scored).to(work_dtype), process_group,
@@ -156,8 +193,7 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
             row_loss = row_loss / sentences_per_row.clamp(min=1)
         loss = row_loss.sum() / denominator((sentences_per_row > 0).sum())
     if config.entropy_coef != 0:    # − c · mean token entropy, over the (entropy-masked) scored tokens of every rank
-        _, token_entropy = token_logprobs(logits[scored], completion_ids[scored], config.temperature,
-                                          return_entropy=True)
+        token_entropy = entropy_of_scored()
         bonus_tokens = torch.ones_like(logp, dtype=torch.bool) if entropy_mask is None else entropy_mask
         tokens = global_sum(bonus_tokens.sum(), process_group).clamp(min=1)
         loss = loss - config.entropy_coef * torch.where(bonus_tokens, token_entropy.to(work_dtype), 0.0).sum() / tokens
@@ -176,8 +212,9 @@ def sentence_grpo_loss(logits: torch.Tensor, completion_ids: torch.Tensor, segme
         }
         if config.beta > 0:
             metrics["kl_mean"] = token_kl.sum() / max(token_kl.numel(), 1)
-        _, entropy = token_logprobs(logits[scored], completion_ids[scored], config.temperature, return_entropy=True)
-        metrics["entropy_mean"] = entropy.to(work_dtype).sum() / max(entropy.numel(), 1)
+        if entropy_known:
+            entropy = entropy_of_scored()
+            metrics["entropy_mean"] = entropy.to(work_dtype).sum() / max(entropy.numel(), 1)
     return loss, metrics
 
 
@@ -348,8 +385,11 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     total_weight = group_sum(weight).clamp(min=1)                        # G' (or the group's sentence count)
     mean = per_row(group_sum(weight * values) / total_weight)
     centered = values - mean
-    if scale == "std":
-        std = per_row(group_sum(weight * centered ** 2) / total_weight).sqrt()
+    if scale in ("std", "unbiased_std"):
+        # unbiased_std: Bessel's correction on the group's weight (G' outputs, or its sentence count), as
+        # torch.std and verl's grpo estimator compute it at one sentence per output
+        count = total_weight if scale == "std" else (total_weight - 1).clamp(min=1)
+        std = per_row(group_sum(weight * centered ** 2) / count).sqrt()
         advantages = centered / (std + eps)
     else:
         advantages = centered

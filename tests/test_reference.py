@@ -320,3 +320,30 @@ def test_rollout_weights_by_hand():
     nan_sampling[0] = float("nan")                        # no rollout log-prob: ratio 1 for that token
     config = LossConfig(is_mode="token_truncate")
     assert reference.rollout_weights(config, old, nan_sampling, sentence_of_token, 3, answer_of_token, 2)[0] == 1.0
+
+
+@pytest.mark.parametrize("options", [dict(), dict(objective="geo_mean", ratio_level="mean", beta=0.1),
+                                     dict(entropy_coef=0.05, top_entropy_quantile=0.5, reduction="token_mean"),
+                                     dict(objective="vespo", kl_estimator="k2", beta=0.2)])
+def test_loss_from_logps_equals_loss_from_logits(options):
+    """``sentence_grpo_loss_from_logps`` (what the verl integration calls) with the log-probs and entropies of the
+    logits gives the same loss, metrics and logits gradient as ``sentence_grpo_loss``."""
+    case = random_case(seed=11)
+    config = LossConfig(**options)
+    arguments = [case[key] for key in ("segment_ids", "advantages", "old_logps", "ref_logps")]
+    loss, metrics = reference.sentence_grpo_loss(case["logits"], case["completion_ids"], *arguments, config,
+                                                 return_metrics=True)
+    (expected,) = torch.autograd.grad(loss, case["logits"])
+    logps, entropy = reference.token_logprobs(case["logits"], case["completion_ids"].clamp(min=0),
+                                              return_entropy=True)
+    ours, our_metrics = reference.sentence_grpo_loss_from_logps(logps, *arguments, config, return_metrics=True,
+                                                                entropy=entropy)
+    (gradient,) = torch.autograd.grad(ours, case["logits"])
+    torch.testing.assert_close(ours, loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-12)
+    assert metrics.keys() == our_metrics.keys()
+    for name, value in metrics.items():
+        torch.testing.assert_close(our_metrics[name], value, rtol=1e-12, atol=1e-12)
+    if config.entropy_coef:
+        with pytest.raises(ValueError, match="entropies"):
+            reference.sentence_grpo_loss_from_logps(logps, *arguments, config)
