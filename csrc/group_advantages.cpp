@@ -14,7 +14,7 @@ namespace sgrpo_native {
 namespace {
 
 at::Tensor group_advantages(const at::Tensor& rewards_in, const at::Tensor& num_sentences_in, int64_t group_size,
-                            double eps, bool output_weighting, bool std_scale, bool cumulative) {
+                            double eps, bool output_weighting, int64_t scale_code, bool cumulative) {
   TORCH_CHECK(rewards_in.dim() == 2 && rewards_in.device().is_cpu(), "rewards must be a CPU tensor [B, S_max]");
   const at::Tensor rewards = rewards_in.contiguous();
   const at::Tensor counts = num_sentences_in.to(at::kLong).contiguous();
@@ -61,7 +61,7 @@ at::Tensor group_advantages(const at::Tensor& rewards_in, const at::Tensor& num_
         const T total_weight = static_cast<T>(std::max(total, 1.0));
         const T mean = static_cast<T>(weighted) / total_weight;
         T scale = T(1);
-        if (std_scale) {
+        if (scale_code != 0) {     // 1: the standard deviation, 2: with Bessel's correction
           double spread = 0;
           for (int64_t row = first; row < last; ++row) {
             for (int64_t s = 0; s < slots; ++s) {
@@ -69,7 +69,8 @@ at::Tensor group_advantages(const at::Tensor& rewards_in, const at::Tensor& num_
               spread += static_cast<double>(weight(row, s) * centered * centered);
             }
           }
-          scale = std::sqrt(static_cast<T>(spread) / total_weight) + static_cast<T>(eps);
+          const T count = scale_code == 2 ? std::max(total_weight - T(1), T(1)) : total_weight;
+          scale = std::sqrt(static_cast<T>(spread) / count) + static_cast<T>(eps);
         }
         for (int64_t row = first; row < last; ++row) {
           T running = T(0);
@@ -92,7 +93,7 @@ at::Tensor group_advantages(const at::Tensor& rewards_in, const at::Tensor& num_
 
 TORCH_LIBRARY_FRAGMENT(sgrpo_native, m) {
   m.def("group_advantages(Tensor rewards, Tensor num_sentences, int group_size, float eps, bool output_weighting, "
-        "bool std_scale, bool cumulative) -> Tensor");
+        "int scale_code, bool cumulative) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sgrpo_native, CPU, m) {

@@ -28,7 +28,9 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
         eps: added to the group standard deviation (``> 0`` when ``scale="std"``).
         weighting: ``"output"`` (the seed: every output weighs the same whatever its number of
             sentences) or ``"sentence"`` (every sentence of the group weighs the same).
-        scale: ``"std"`` divides by ``σ + eps``; ``"none"`` only subtracts the group mean.
+        scale: ``"std"`` divides by ``σ + eps``; ``"unbiased_std"`` by ``σ·sqrt(W / (W − 1)) + eps`` with ``W``
+            the group's total weight (Bessel's correction: ``torch.std`` and verl's ``grpo`` at one sentence per
+            output; computed by the reference whatever the backend); ``"none"`` only subtracts the group mean.
         mode: ``"sentence"`` (each sentence its own normalised reward) or ``"cumulative"`` (sentence
             ``s`` gets the sum of the normalised rewards of sentences ``s .. S_b - 1``).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"torch"`` (``sgrpo_kernels.backends``).
@@ -64,7 +66,7 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     _check_choice("weighting", weighting, ADVANTAGE_WEIGHTINGS)
     _check_choice("scale", scale, ADVANTAGE_SCALES)
     _check_choice("mode", mode, ADVANTAGE_MODES)
-    eps = _check_real("eps", eps, low=0.0, low_inclusive=scale != "std")
+    eps = _check_real("eps", eps, low=0.0, low_inclusive=scale == "none")
     chosen = resolve_backend(backend, rewards.device)
     if process_group is not None:      # every rank checked its own rows above; the global batch is checked there
         return _across_ranks(rewards, num_sentences, group_size, process_group, eps=eps, weighting=weighting,

@@ -20,7 +20,7 @@ IS_MODES = ("token_truncate", "token_mask", "sentence_truncate", "sentence_mask"
 KL_REDUCTIONS = ("mean", "sum")
 REDUCTIONS = ("sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum", "answer_mean_token_sum")
 ADVANTAGE_WEIGHTINGS = ("output", "sentence")
-ADVANTAGE_SCALES = ("std", "none")
+ADVANTAGE_SCALES = ("std", "none", "unbiased_std")
 ADVANTAGE_MODES = ("sentence", "cumulative")
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -95,14 +95,17 @@ def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, m
         if not outputs:
             continue
         if weighting == "output":
-            mean = sum(sum(rewards[b, :n].tolist()) / n for b, n in outputs) / len(outputs)
-            var = sum(sum((r - mean) ** 2 for r in rewards[b, :n].tolist()) / n for b, n in outputs) / len(outputs)
+            count = len(outputs)
+            mean = sum(sum(rewards[b, :n].tolist()) / n for b, n in outputs) / count
+            spread = sum(sum((r - mean) ** 2 for r in rewards[b, :n].tolist()) / n for b, n in outputs)
         else:
             values = [r for b, n in outputs for r in rewards[b, :n].tolist()]
-            mean = sum(values) / len(values)
-            var = sum((r - mean) ** 2 for r in values) / len(values)
+            count = len(values)
+            mean = sum(values) / count
+            spread = sum((r - mean) ** 2 for r in values)
+        var = spread / (max(count - 1, 1) if scale == "unbiased_std" else count)
         for b, n in outputs:
-            normalised = [(r - mean) / (math.sqrt(var) + eps) if scale == "std" else r - mean
+            normalised = [(r - mean) / (math.sqrt(var) + eps) if scale != "none" else r - mean
                           for r in rewards[b, :n].tolist()]
             if mode == "cumulative":
                 normalised = [sum(normalised[s:]) for s in range(n)]
@@ -111,7 +114,7 @@ def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, m
 
 
 @pytest.mark.parametrize("weighting", ["output", "sentence"])
-@pytest.mark.parametrize("scale", ["std", "none"])
+@pytest.mark.parametrize("scale", ["std", "none", "unbiased_std"])
 @pytest.mark.parametrize("mode", ["sentence", "cumulative"])
 def test_random_groups_match_loop_statement(weighting, scale, mode):
     generator = torch.Generator().manual_seed(4)

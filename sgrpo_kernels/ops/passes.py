@@ -18,6 +18,8 @@ from ..config import KL_ESTIMATORS, OBJECTIVES
 # The integer codes the compiled backends (Triton, C++) take for the string options.
 KL_ESTIMATOR_CODES = {name: code for code, name in enumerate(KL_ESTIMATORS)}
 OBJECTIVE_CODES = {name: code for code, name in enumerate(OBJECTIVES)}
+# group advantages: 0 only centres, 1 divides by the standard deviation, 2 by the Bessel-corrected one
+SCALE_CODES = {"none": 0, "std": 1, "unbiased_std": 2}
 
 # Tests set this to True: every fresh output is then filled with NaN, so an element that a kernel
 # forgets to write shows up as a failure instead of as a lucky zero.

@@ -7,7 +7,7 @@ import torch
 
 from ...config import LossConfig
 from ..layout import SentenceLayout, SentenceSums, SentenceTerms
-from ..passes import KL_ESTIMATOR_CODES, OBJECTIVE_CODES, float_vector, index_vector, new_output
+from ..passes import KL_ESTIMATOR_CODES, OBJECTIVE_CODES, SCALE_CODES, float_vector, index_vector, new_output
 from .extension import load
 
 
@@ -74,4 +74,4 @@ def group_advantages(rewards, num_sentences, group_size: int, eps: float, weight
     ``ops.passes.Passes.group_advantages``."""
     load()
     return torch.ops.sgrpo_native.group_advantages(rewards, num_sentences, group_size, float(eps),
-                                                   weighting == "output", scale == "std", mode == "cumulative")
+                                                   weighting == "output", SCALE_CODES[scale], mode == "cumulative")

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..passes import accumulator_dtype, float_vector, index_vector, new_output
+from ..passes import SCALE_CODES, accumulator_dtype, float_vector, index_vector, new_output
 from .common import COMPILE_OPTIONS, as_dtype
 
 MAX_SLOTS = 4096        # more sentence slots per answer than this: the caller uses the PyTorch statement
@@ -49,9 +49,9 @@ def _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots, group_siz
     return offsets, exists, in_row, rewards, count
 
 
-@triton.jit(do_not_specialize=["num_slots", "group_size", "output_weighting", "scale_std", "cumulative"])
+@triton.jit(do_not_specialize=["num_slots", "group_size", "output_weighting", "scale_code", "cumulative"])
 def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, group_size, eps: tl.float64,
-                            output_weighting, scale_std, cumulative, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+                            output_weighting, scale_code, cumulative, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     """rewards, out: flat ``[B * S]`` in the accumulator dtype; num_sentences: ``[B]`` int64; ``BLOCK_S >= S``."""
     first_row = tl.program_id(0).to(tl.int64) * group_size
     zero = tl.zeros([], out_ptr.dtype.element_ty)
@@ -82,7 +82,8 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
         per_sentence = tl.where(output_weighting != 0, 1.0 / tl.maximum(count, 1).to(zero.dtype), 1.0)
         centred = tl.where(exists, rewards - shift - mean, 0.0)
         squares += tl.sum(tl.sum(tl.where(exists, per_sentence[:, None], 0.0) * centred * centred, 1), 0)
-    scale = tl.where(scale_std != 0, tl.sqrt(squares / total) + as_dtype(eps, zero.dtype), 1.0)
+    count = tl.where(scale_code == 2, tl.maximum(total - 1.0, 1.0), total)     # 2: Bessel's correction
+    scale = tl.where(scale_code != 0, tl.sqrt(squares / count) + as_dtype(eps, zero.dtype), 1.0)
 
     for start in range(0, group_size, BLOCK_G):
         offsets, exists, in_row, rewards, _ = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
@@ -108,7 +109,7 @@ def group_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_s
     if batch and num_slots:
         group_advantages_kernel[(batch // group_size,)](
             float_vector(rewards, dtype), index_vector(num_sentences), out, num_slots, group_size, float(eps),
-            int(weighting == "output"), int(scale == "std"), int(mode == "cumulative"),
+            int(weighting == "output"), SCALE_CODES[scale], int(mode == "cumulative"),
             **group_launch_config(num_slots))
     else:
         out.zero_()
