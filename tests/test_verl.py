@@ -273,3 +273,36 @@ print("ok", int(ids.max()) + 1)
                PYTHONPATH=os.pathsep.join([str(examples), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
+
+
+def test_fused_forward_equals_verl_fused_kernels(registered_as):
+    """``fused_kernels_backend="sgrpo"`` through verl's own ``apply_monkey_patch``: a tiny Qwen2's log-probs,
+    entropies and gradients equal those of verl's ``use_fused_kernels`` torch backend (and its plain logits)."""
+    transformers = pytest.importorskip("transformers")
+    from verl.models.transformers import monkey_patch
+
+    registered_as("vanilla", "token")
+    config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    reference_model = transformers.Qwen2ForCausalLM(config).double()
+    plain_forward = transformers.Qwen2ForCausalLM.forward
+    input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    results = {}
+    try:
+        for backend in ("torch", "sgrpo"):
+            model = transformers.Qwen2ForCausalLM(config).double()
+            model.load_state_dict(reference_model.state_dict())
+            monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=backend)
+            output = model(input_ids=input_ids, return_dict=True, temperature=0.7)
+            (output.log_probs.sum() + 0.3 * output.entropy.sum()).backward()
+            results[backend] = (output.log_probs.detach(), output.entropy.detach(), model.lm_head.weight.grad,
+                                model.model.layers[0].mlp.up_proj.weight.grad)
+            transformers.Qwen2ForCausalLM.forward = plain_forward
+    finally:
+        transformers.Qwen2ForCausalLM.forward = plain_forward
+    for theirs, ours in zip(results["torch"], results["sgrpo"], strict=True):
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6)
+    logits = reference_model(input_ids=input_ids).logits.double() / 0.7
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.roll(input_ids, -1, -1).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(results["sgrpo"][0].double(), expected, rtol=1e-6, atol=1e-6)

@@ -19,6 +19,9 @@ visible to our functions (a context variable; the wrappers change nothing else a
 actor update. Sentence rewards are verl's dense ``token_level_rewards``: each sentence's reward on its tokens
 (usually its last one), summed per sentence.
 
+With ``use_fused_kernels`` and ``fused_kernel_options.impl_backend=sgrpo`` verl's model forward computes the
+log-probs and entropies with :func:`~sgrpo_kernels.fused_linear_token_logprobs` (:func:`use_fused_forward`).
+
 ``loss`` names the verl policy loss that ``level="token"`` (``"output"`` for ``gspo`` and ``geo_mean``)
 reproduces: ``"vanilla"`` (PPO clip with verl's dual clip ``clip_ratio_c``), ``"gspo"`` (the length-normalised
 ratio of each sentence), ``"cispo"``, ``"sapo"``, ``"geo_mean"``. Aggregation follows ``loss_agg_mode`` and
@@ -100,6 +103,7 @@ def register(*, loss: str = "vanilla", level: str = "sentence", segmenter=None, 
         _settings = previous
         raise
 
+    from verl.models.transformers import monkey_patch
     from verl.trainer.ppo import core_algos, ray_trainer
     from verl.workers.utils import losses
 
@@ -113,9 +117,14 @@ def register(*, loss: str = "vanilla", level: str = "sentence", segmenter=None, 
         if not getattr(original, "_sgrpo_wrapper", False):
             setattr(module, name, _with_batch(original, batch_argument=2 if name == "ppo_loss" else 0))
 
+    fused_original = monkey_patch.patch_forward_with_backends
+    if not getattr(fused_original, "_sgrpo_wrapper", False):
+        monkey_patch.patch_forward_with_backends = _with_fused_backend(fused_original)
+
     def unregister():
         for module, name, original in originals:
             setattr(module, name, original)
+        monkey_patch.patch_forward_with_backends = fused_original
     return unregister
 
 
@@ -143,6 +152,59 @@ def _with_batch(function, batch_argument: int):
     wrapper._sgrpo_wrapper = True
     wrapper.__wrapped__ = function
     return wrapper
+
+
+FUSED_BACKEND = "sgrpo"
+
+
+def _with_fused_backend(patch_forward_with_backends):
+    """verl's ``patch_forward_with_backends`` that also accepts ``fused_kernels_backend="sgrpo"``."""
+    def wrapper(model, use_fused_kernels=False, fused_kernels_backend=None):
+        if use_fused_kernels and fused_kernels_backend == FUSED_BACKEND:
+            return use_fused_forward(model)
+        return patch_forward_with_backends(model, use_fused_kernels, fused_kernels_backend)
+    wrapper._sgrpo_wrapper = True
+    return wrapper
+
+
+def use_fused_forward(model) -> None:
+    """Give a text-only Hugging Face causal LM (its class, as verl does) verl's ``use_fused_kernels`` forward
+    with this package's :func:`~sgrpo_kernels.fused_linear_token_logprobs`: the output's ``log_probs`` and
+    ``entropy`` (``[B, T]`` fp32) come from the final hidden states and the LM head a chunk at a time, never the
+    ``[B, T, V]`` logits. What verl's config ``actor_rollout_ref.model.use_fused_kernels=True`` with
+    ``+actor_rollout_ref.model.fused_kernel_options.impl_backend=sgrpo`` selects once :func:`register` has run."""
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
+
+    from ..loss import fused_linear_token_logprobs
+
+    if getattr(model.config, "model_type", "") in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v",
+                                                     "qwen3_5", "qwen3_5_moe"):
+        raise ValueError(f"the sgrpo fused forward covers text-only models, not {model.config.model_type}")
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, cache_position=None, logits_to_keep=0, temperature=1.0, shift_labels=None,
+                **_):
+        outputs = forward_base_model(self, input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, past_key_values=past_key_values,
+                                     inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                     cache_position=cache_position)
+        if shift_labels is not None:            # verl's own rule for the next-token labels
+            targets = shift_labels
+        elif labels is not None or input_ids is not None:
+            targets = torch.roll(labels if labels is not None else input_ids, shifts=-1, dims=-1)
+        else:
+            raise RuntimeError("the fused forward needs labels, shift_labels or input_ids")
+        head = self.get_output_embeddings()
+        log_probs, entropy = fused_linear_token_logprobs(outputs[0], head.weight, targets,
+                                                         bias=getattr(head, "bias", None), temperature=temperature,
+                                                         return_entropy=True)
+        return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
+                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    model._verl_fused_kernels_backend = FUSED_BACKEND
+    model.__class__.forward = forward
 
 
 def _fields(data):
