@@ -139,7 +139,7 @@ def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, scored: t
         clipped = clipped_sentences(ratio, slot_advantages.to(ratio.dtype), config, arrays.clipped_tokens)
         sentences = num_sentences.clamp(min=1)
         metrics = {
-            "clip_fraction": (clipped & exists).sum() / sentences,
+            "clip_fraction": ((clipped & exists).sum() / sentences).to(ratio.dtype),   # int/int is float32
             "ratio_mean": torch.where(exists, ratio, 0.0).sum() / sentences,
             "num_sentences": num_sentences,
             "num_tokens": num_tokens,
