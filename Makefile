@@ -10,13 +10,13 @@ DEMO ?= runs/demo
 
 # The C++ extension (csrc/, backend="native") is built by setup.py against the installed torch, hence
 # --no-build-isolation and the build tools installed first; SGRPO_BUILD_NATIVE=1: a failed build is an error here.
-$(VENV)/.installed: pyproject.toml setup.py tests/verl-requirements.txt $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.installed: pyproject.toml setup.py tests/peer-requirements.txt $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0   # the CPU build; an unpinned torch would pull a CUDA build
 	$(BIN)/pip install -q 'setuptools>=77' wheel ninja
 	SGRPO_BUILD_NATIVE=$${SGRPO_BUILD_NATIVE:-1} $(BIN)/pip install -q --no-build-isolation -e '.[dev,train,trl]'
-	$(BIN)/pip install -q --no-deps -r tests/verl-requirements.txt   # tests/test_verl.py: verl's own code, without its pins
+	$(BIN)/pip install -q --no-deps -r tests/peer-requirements.txt   # verl, megatron-core: their own code in the tests, without their pins
 	$(BIN)/pip install -q ray==2.60.0
 	touch $@
 

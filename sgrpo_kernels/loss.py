@@ -23,6 +23,7 @@ from .config import (
 )
 from .ops import custom_ops
 from .ops.driver import sentence_grpo_loss_inplace
+from .ops.vocab_parallel import sharded_backend, vocab_shard
 
 
 def _check_constant_inputs(backend: str, **tensors) -> None:
@@ -118,7 +119,7 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                        off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0,
                        normalizer=None, is_weights=None, sampling_logps=None,
                        inplace=False, backend="auto",
-                       return_metrics=False, process_group=None):
+                       return_metrics=False, process_group=None, tp_group=None, vocab_start_index=None):
     """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
 
     Args:
@@ -149,6 +150,13 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
         process_group: a ``torch.distributed`` group whose ranks each hold a slice of the global batch:
             the means then run over the global batch and the loss is scaled so that the mean of the rank
             losses is the global loss and gradients averaged by DDP/FSDP are its gradient.
+        tp_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor parallelism):
+            ``logits`` is then this rank's ``[B, T, V_local]`` slice of a vocabulary split into contiguous ranges
+            in rank order (uneven shards allowed), ``completion_ids`` are global ids; every rank gets the same loss
+            and metrics and the gradient of its shard. Communication: ``4·B·T`` floats per call
+            (``ops/vocab_parallel.py``). Composes with ``process_group`` (TP × DP). Not with ``"reference"``.
+        vocab_start_index: the first global id of this rank's shard (default: the sum of the lower ranks'
+            ``V_local``).
 
     Returns:
         The scalar loss (float32, or float64 for float64 inputs), or ``(loss, metrics)``.
@@ -157,12 +165,12 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
     return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
                             inplace=inplace, backend=backend, return_metrics=return_metrics,
                             process_group=process_group, normalizer=normalizer, is_weights=is_weights,
-                            sampling_logps=sampling_logps)
+                            sampling_logps=sampling_logps, tp_group=tp_group, vocab_start_index=vocab_start_index)
 
 
 def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config: LossConfig, *,
                      inplace: bool, backend: str, return_metrics: bool, process_group, normalizer=None,
-                     is_weights=None, sampling_logps=None):
+                     is_weights=None, sampling_logps=None, tp_group=None, vocab_start_index=None):
     """:func:`sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("inplace", inplace)
     _check_flag("return_metrics", return_metrics)
@@ -173,6 +181,7 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
     normalizer = _checked_batch_arguments(config, logits.shape[:2], logits.device, old_logps, is_weights,
                                           sampling_logps, normalizer)
     chosen = resolve_backend(backend, logits.device)
+    op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], tp_group, vocab_start_index)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
         return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
@@ -181,19 +190,36 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
                                             sampling_logps=sampling_logps)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     if inplace and logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
-        loss, metrics = sentence_grpo_loss_inplace(chosen.passes(), logits, completion_ids, segment_ids, advantages,
-                                                   old_logps, ref_logps, config,
+        check_loss_values(completion_ids, segment_ids, advantages, custom_ops.vocab_size(op_backend, logits.shape[-1]))
+        loss, metrics = sentence_grpo_loss_inplace(custom_ops.passes_for(op_backend, logits.device), logits,
+                                                   completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                                                   config,
                                                    custom_ops.num_slots(segment_ids, advantages),
                                                    with_metrics=return_metrics, process_group=process_group,
                                                    normalizer=normalizer, is_weights=is_weights,
                                                    sampling_logps=sampling_logps)
     else:
         loss, metrics = custom_ops.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps,
-                                                      ref_logps, config, chosen.name, with_metrics=return_metrics,
+                                                      ref_logps, config, op_backend, with_metrics=return_metrics,
                                                       process_group=process_group, normalizer=normalizer,
                                                       is_weights=is_weights, sampling_logps=sampling_logps)
     return (loss, metrics) if return_metrics else loss
+
+
+def _vocab_parallel_backend(backend: str, local_vocab: int, tp_group, vocab_start_index,
+                            sum_hidden_gradient: bool = True) -> str:
+    """The custom ops' backend argument: ``backend``, or with ``tp_group`` the backend on this rank's shard."""
+    if tp_group is None:
+        if vocab_start_index is not None:
+            raise ValueError("vocab_start_index is the start of this rank's vocabulary shard: it needs tp_group")
+        return backend
+    if backend == "reference":
+        raise ValueError("tp_group: the reference backend needs the whole vocabulary on each rank; use a kernel "
+                         "backend ('torch', 'triton', 'native' or 'auto')")
+    if vocab_start_index is not None and (isinstance(vocab_start_index, bool)
+                                          or not isinstance(vocab_start_index, int)):
+        raise TypeError(f"vocab_start_index must be an int or None, got {vocab_start_index!r}")
+    return sharded_backend(backend, vocab_shard(local_vocab, tp_group, vocab_start_index, sum_hidden_gradient))
 
 
 def _check_linear_inputs(hidden, weight, bias, chunk_size) -> None:
@@ -235,7 +261,8 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
                                     off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0,
                                     normalizer=None, is_weights=None, sampling_logps=None, inplace=False,
-                                    backend="auto", return_metrics=False, process_group=None):
+                                    backend="auto", return_metrics=False, process_group=None, tp_group=None,
+                                    vocab_start_index=None, tp_reduce_hidden_grad=True):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
     Args:
@@ -244,6 +271,11 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
         chunk_size: tokens per chunk of logits for the fused backends (``None``: chosen from the vocabulary
             size and the free memory). Chunks hold whole sentences; a longer sentence is recomputed.
         {options}
+        tp_group, vocab_start_index: ``weight`` (and ``bias``) are this rank's ``[V_local, H]`` (``[V_local]``)
+            rows of an LM head sharded over the vocabulary (as :func:`sentence_grpo_loss`).
+        tp_reduce_hidden_grad: with ``tp_group``, sum the gradient of ``hidden`` over the group inside (default),
+            so that every rank holds the whole of it; ``False`` leaves each rank its own shard's part, for a layer
+            that all-reduces it itself (Megatron's copy-to-tensor-parallel-region).
         Every other argument as :func:`sentence_grpo_loss`; ``inplace`` has no effect here (the fused
         backends always overwrite their chunk of logits with its gradient; ``"reference"`` materialises
         the full logits).
@@ -256,12 +288,14 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
     return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                             config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
                             process_group=process_group, normalizer=normalizer, is_weights=is_weights,
-                            sampling_logps=sampling_logps)
+                            sampling_logps=sampling_logps, tp_group=tp_group, vocab_start_index=vocab_start_index,
+                            tp_reduce_hidden_grad=tp_reduce_hidden_grad)
 
 
 def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                      config: LossConfig, *, chunk_size, backend: str, return_metrics: bool, process_group,
-                     normalizer=None, is_weights=None, sampling_logps=None):
+                     normalizer=None, is_weights=None, sampling_logps=None, tp_group=None, vocab_start_index=None,
+                     tp_reduce_hidden_grad=True):
     """:func:`fused_linear_sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("return_metrics", return_metrics)
     _check_linear_inputs(hidden, weight, bias, chunk_size)
@@ -270,7 +304,10 @@ def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantag
                       old_logps, ref_logps, config, logits_name="hidden")
     normalizer = _checked_batch_arguments(config, hidden.shape[:2], hidden.device, old_logps, is_weights,
                                           sampling_logps, normalizer)
+    _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
     chosen = resolve_backend(backend, hidden.device)
+    op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], tp_group, vocab_start_index,
+                                         tp_reduce_hidden_grad)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, weight.shape[0])
         return reference.sentence_grpo_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids,
@@ -279,7 +316,7 @@ def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantag
                                             is_weights=is_weights, sampling_logps=sampling_logps)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     loss, metrics = custom_ops.fused_linear_sentence_grpo_loss(
-        hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, chosen.name,
+        hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, op_backend,
         chunk_size, with_metrics=return_metrics, process_group=process_group, normalizer=normalizer,
         is_weights=is_weights, sampling_logps=sampling_logps)
     return (loss, metrics) if return_metrics else loss
@@ -294,11 +331,15 @@ def _check_logprob_options(ids, temperature, return_entropy):
     _check_flag("return_entropy", return_entropy)
 
 
-def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backend="auto"):
+def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backend="auto", tp_group=None,
+                   vocab_start_index=None):
     """Log-probability of each token id under ``softmax(logits / temperature)``, without autograd surprises.
 
     Args:
         logits: ``[..., V]`` float (typically ``[B, T, V]``); ids: ``[...]`` int in ``[0, V)``.
+        tp_group, vocab_start_index: ``logits`` is this rank's ``[..., V_local]`` shard of a vocabulary split
+            over ``tp_group`` and ``ids`` are global (as :func:`sentence_grpo_loss`); every rank gets the same
+            log-probs and entropies and the gradient of its shard.
     Returns:
         logp ``[...]`` float32 (float64 for float64 logits), and entropy ``[...]`` when ``return_entropy``.
         Differentiable with respect to ``logits``.
@@ -314,12 +355,13 @@ def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backen
     if ids.device != logits.device:
         raise ValueError(f"ids is on {ids.device} but logits is on {logits.device}")
     chosen = resolve_backend(backend, logits.device)
+    op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], tp_group, vocab_start_index)
     if chosen.name != "reference":
         vocab = logits.shape[-1]
         if logits.dim() != 3 or logits.stride(-1) != 1:
             logits = logits.reshape(-1, 1, vocab).contiguous()
         logp, entropy = custom_ops.token_logprobs(logits, ids.reshape(logits.shape[:-1]), float(temperature),
-                                                  return_entropy, chosen.name)
+                                                  return_entropy, op_backend)
         return (logp.view(ids.shape), entropy.view(ids.shape)) if return_entropy else logp.view(ids.shape)
     check_token_ids("ids", ids, logits.shape[-1])
     result = reference.token_logprobs(logits, ids, float(temperature), return_entropy)
@@ -330,10 +372,13 @@ def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backen
 
 
 def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, return_entropy=False,
-                                chunk_size=None, backend="auto"):
+                                chunk_size=None, backend="auto", tp_group=None, vocab_start_index=None,
+                                tp_reduce_hidden_grad=True):
     """:func:`token_logprobs` of ``hidden @ weight.T + bias``.
 
     hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``, ids ``[B, T]`` -> logp ``[B, T]`` float32.
+    ``tp_group``, ``vocab_start_index``, ``tp_reduce_hidden_grad``: an LM head sharded over the vocabulary, as
+    :func:`fused_linear_sentence_grpo_loss`.
     """
     _check_linear_inputs(hidden, weight, bias, chunk_size)
     _check_logprob_options(ids, temperature, return_entropy)
@@ -341,12 +386,15 @@ def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1
         raise ValueError(f"ids must have shape {tuple(hidden.shape[:2])} (hidden without H), got {tuple(ids.shape)}")
     if ids.device != hidden.device:
         raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
+    _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
     chosen = resolve_backend(backend, hidden.device)
+    op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], tp_group, vocab_start_index,
+                                         tp_reduce_hidden_grad)
     if chosen.name == "reference":
         return token_logprobs(_materialised_logits(hidden, weight, bias), ids, temperature=temperature,
                               return_entropy=return_entropy, backend="reference")
     logp, entropy = custom_ops.fused_linear_token_logprobs(hidden, weight, bias, ids, float(temperature),
-                                                           return_entropy, chunk_size, chosen.name)
+                                                           return_entropy, chunk_size, op_backend)
     return (logp.view(ids.shape), entropy.view(ids.shape)) if return_entropy else logp.view(ids.shape)
 
 
@@ -355,7 +403,8 @@ class SentenceGRPOLoss(nn.Module):
 
     ``forward(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None, *, normalizer=None,
     is_weights=None, sampling_logps=None)`` or ``forward(hidden=..., weight=..., bias=None, completion_ids=..., ...)``
-    for the fused linear path (the per-batch tensors are arguments of ``forward``).
+    for the fused linear path (the per-batch tensors are arguments of ``forward``). ``tp_group``,
+    ``vocab_start_index``, ``tp_reduce_hidden_grad``: a vocabulary sharded over a tensor-parallel group.
     """
 
     def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
@@ -364,7 +413,8 @@ class SentenceGRPOLoss(nn.Module):
                  vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_estimator="k3",
                  kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
                  off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0, inplace=False,
-                 backend="auto", return_metrics=False, chunk_size=None, process_group=None):
+                 backend="auto", return_metrics=False, chunk_size=None, process_group=None, tp_group=None,
+                 vocab_start_index=None, tp_reduce_hidden_grad=True):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
         self.config = config_from(locals())
@@ -372,7 +422,10 @@ class SentenceGRPOLoss(nn.Module):
         _check_flag("inplace", inplace)
         _check_flag("return_metrics", return_metrics)
         self.inplace, self.backend, self.return_metrics = inplace, backend, return_metrics
+        _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
         self.chunk_size, self.process_group = chunk_size, process_group
+        self.tensor_parallel = dict(tp_group=tp_group, vocab_start_index=vocab_start_index)
+        self.tp_reduce_hidden_grad = tp_reduce_hidden_grad
 
     def forward(self, logits=None, completion_ids=None, segment_ids=None, advantages=None, old_logps=None,
                 ref_logps=None, *, hidden=None, weight=None, bias=None, normalizer=None, is_weights=None,
@@ -383,12 +436,14 @@ class SentenceGRPOLoss(nn.Module):
         if logits is not None:
             return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                     self.config, inplace=self.inplace, backend=self.backend,
-                                    return_metrics=self.return_metrics, process_group=self.process_group, **batch)
+                                    return_metrics=self.return_metrics, process_group=self.process_group,
+                                    **self.tensor_parallel, **batch)
         if hidden is None or weight is None:
             raise ValueError("the fused linear path needs both hidden and weight")
         return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                 self.config, chunk_size=self.chunk_size, backend=self.backend,
-                                return_metrics=self.return_metrics, process_group=self.process_group, **batch)
+                                return_metrics=self.return_metrics, process_group=self.process_group,
+                                tp_reduce_hidden_grad=self.tp_reduce_hidden_grad, **self.tensor_parallel, **batch)
 
     def extra_repr(self) -> str:
         options = dict(vars(self.config), inplace=self.inplace, backend=self.backend,

@@ -100,3 +100,35 @@ def leave_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _rank_worker(rank, world, init_file, test, errors):
+    import traceback
+
+    import torch.distributed as dist
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        test(rank, world)
+    except BaseException:                                    # report to the parent instead of hanging it
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    leave_worker()
+
+
+def run_on_ranks(test, tmp_path, world: int = 2) -> None:
+    """``test(rank, world)`` in ``world`` spawned gloo processes; fails with every rank's traceback."""
+    import torch.multiprocessing as mp
+
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_worker, args=(world, str(tmp_path / "rendezvous"), test, errors), nprocs=world, join=True)
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not messages, "\n".join(messages)
+
+
+def rank_only(test, rank, world):
+    """Adapter for ``functools.partial(rank_only, test)``: a ``test(rank)`` under :func:`run_on_ranks`."""
+    test(rank)

@@ -1,13 +1,12 @@
 """Two CPU processes (gloo) each holding half of a global batch give the single-process loss and gradients."""
 
+import functools
 import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from cases import leave_worker, native_unavailable, random_case
+from cases import native_unavailable, random_case, rank_only, run_on_ranks
 
 import sgrpo_kernels as sk
 from sgrpo_kernels.integrations.hf import output_projection
@@ -17,25 +16,9 @@ BACKENDS = (["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTER
             + (["native"] if native_unavailable() is None else []))
 
 
-def _worker(rank, init_file, test, errors):
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        test(rank)
-    except BaseException:                                    # report to the parent instead of hanging it
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    leave_worker()
-
-
 def run_on_two_ranks(test, tmp_path):
-    errors = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), test, errors), nprocs=WORLD, join=True)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages, "\n".join(messages)
+    """``test(rank)`` on two gloo processes."""
+    run_on_ranks(functools.partial(rank_only, test), tmp_path, WORLD)
 
 
 def global_case():

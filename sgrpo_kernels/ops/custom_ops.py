@@ -26,6 +26,7 @@ from .fused_linear import (
     run_fused_linear_loss,
 )
 from .passes import accumulator_dtype
+from .vocab_parallel import VocabParallelPasses, split_backend
 
 NAMESPACE = "sgrpo_kernels"
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
@@ -41,8 +42,17 @@ def _define(name: str, schema: str, implementation, fake) -> None:
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
 
 
-def _passes(backend: str, device: torch.device):
-    return resolve_backend(backend, device).passes()
+def passes_for(backend: str, device: torch.device):
+    """The backend's passes; on a vocabulary shard (``vocab_parallel.sharded_backend``) combined over its group."""
+    name, shard = split_backend(backend)
+    passes = resolve_backend(name, device).passes()
+    return passes if shard is None else VocabParallelPasses(passes, shard)
+
+
+def vocab_size(backend: str, local_vocab: int) -> int:
+    """The size of the whole vocabulary: ``local_vocab`` unless the logits are a shard of it."""
+    shard = split_backend(backend)[1]
+    return local_vocab if shard is None else shard.total
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -130,10 +140,10 @@ def _loss_implementation(logits, completion_ids, segment_ids, advantages, old_lo
     options, flags = options_and_flags[:-7], options_and_flags[-7:]
     backend, with_gradient, with_metrics, group, normalizer, is_weights, sampling_logps = flags
     config = LossConfig(*options)
-    check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
+    check_loss_values(completion_ids, segment_ids, advantages, vocab_size(backend, logits.shape[-1]))
     gradient = torch.empty_like(logits) if with_gradient else None
     loss, metrics = run_sentence_grpo_loss(
-        _passes(backend, logits.device), logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+        passes_for(backend, logits.device), logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
         config, num_slots(segment_ids, advantages), gradient_out=gradient, with_metrics=with_metrics,
         process_group=distributed.group_from_name(group), normalizer=normalizer, is_weights=is_weights,
         sampling_logps=sampling_logps)
@@ -191,10 +201,10 @@ def _fused_implementation(hidden, weight, bias, completion_ids, segment_ids, adv
     (backend, chunk_size, want_hidden, want_weight, want_bias, with_metrics, group, normalizer, is_weights,
      sampling_logps) = flags
     config = LossConfig(*options)
-    check_loss_values(completion_ids, segment_ids, advantages, weight.shape[0])
+    check_loss_values(completion_ids, segment_ids, advantages, vocab_size(backend, weight.shape[0]))
     wanted = (want_hidden, want_weight, want_bias and bias is not None)
     loss, gradients, metrics = run_fused_linear_loss(
-        _passes(backend, hidden.device), hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
+        passes_for(backend, hidden.device), hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
         ref_logps, config, num_slots(segment_ids, advantages),
         chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device), wanted=wanted,
         with_metrics=with_metrics, process_group=distributed.group_from_name(group), normalizer=normalizer,
@@ -265,8 +275,8 @@ def fused_linear_sentence_grpo_loss(hidden, weight, bias, completion_ids, segmen
 # ---- token log-probs ------------------------------------------------------------------------------------------
 
 def _logprobs_implementation(logits, ids, temperature, with_entropy, backend):
-    check_token_ids("ids", ids, logits.shape[-1])
-    scores = _passes(backend, logits.device).token_scores(logits, ids, temperature, with_entropy=with_entropy)
+    check_token_ids("ids", ids, vocab_size(backend, logits.shape[-1]))
+    scores = passes_for(backend, logits.device).token_scores(logits, ids, temperature, with_entropy=with_entropy)
     entropy = _empty(scores.lse) if scores.entropy is None else scores.entropy
     return scores.logp, scores.lse, entropy
 
@@ -282,7 +292,7 @@ _define("token_logprobs", "(Tensor logits, Tensor ids, float temperature, bool w
 
 
 def _logprobs_backward_implementation(logits, ids, grad_logp, grad_entropy, lse, entropy, temperature, backend):
-    return token_logprobs_backward(_passes(backend, logits.device), logits, ids, grad_logp, grad_entropy, lse,
+    return token_logprobs_backward(passes_for(backend, logits.device), logits, ids, grad_logp, grad_entropy, lse,
                                    entropy, temperature)
 
 
@@ -317,8 +327,8 @@ def token_logprobs(logits, ids, temperature: float, with_entropy: bool, backend:
 
 
 def _fused_logprobs_implementation(hidden, weight, bias, ids, temperature, with_entropy, chunk_size, backend):
-    check_token_ids("ids", ids, weight.shape[0])
-    logp, lse, entropy = fused_linear_token_scores(_passes(backend, hidden.device), hidden, weight, bias, ids,
+    check_token_ids("ids", ids, vocab_size(backend, weight.shape[0]))
+    logp, lse, entropy = fused_linear_token_scores(passes_for(backend, hidden.device), hidden, weight, bias, ids,
                                                    temperature, with_entropy, chunk_size)
     return logp, lse, _empty(lse) if entropy is None else entropy
 
@@ -336,7 +346,7 @@ _define("fused_linear_token_logprobs", "(Tensor hidden, Tensor weight, Tensor? b
 def _fused_logprobs_backward_implementation(hidden, weight, bias, ids, grad_logp, grad_entropy, lse, entropy,
                                             temperature, chunk_size, backend, want_hidden, want_weight, want_bias):
     gradients = fused_linear_token_scores_backward(
-        _passes(backend, hidden.device), hidden, weight, bias, ids, grad_logp, grad_entropy, lse, entropy,
+        passes_for(backend, hidden.device), hidden, weight, bias, ids, grad_logp, grad_entropy, lse, entropy,
         temperature, chunk_size, (want_hidden, want_weight, want_bias and bias is not None))
     grad_hidden, grad_weight, grad_bias = gradients
     return (_empty(hidden) if grad_hidden is None else grad_hidden.view(hidden.shape),

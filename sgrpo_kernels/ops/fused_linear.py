@@ -145,9 +145,14 @@ class _LinearHead:
         if self.grad_bias is not None:
             self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
 
-    def gradients(self) -> tuple:
+    def gradients(self, passes=None) -> tuple:
         """``(grad_hidden [N, H], grad_weight [V, H], grad_bias [V])`` in the accumulator dtype, ``None`` where
-        not wanted."""
+        not wanted. On a vocabulary shard (``passes.shard``) each rank's ``grad_hidden`` is its shard's part of
+        the sum: all-reduced over the group here unless the caller's layer does it."""
+        shard = getattr(passes, "shard", None)
+        if shard is not None and shard.sum_hidden_gradient and self.grad_hidden is not None:
+            import torch.distributed as dist
+            dist.all_reduce(self.grad_hidden, op=dist.ReduceOp.SUM, group=shard.group)
         return self.grad_hidden, self.grad_weight, self.grad_bias
 
 
@@ -241,11 +246,11 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
         if entropy_coef is not None:
             loss = loss + torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum()
         if not with_metrics:
-            return loss, head.gradients(), None
+            return loss, head.gradients(passes), None
         arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl,
                                 clipped_tokens=sums.clipped_tokens)
         metrics = sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
-        return loss, head.gradients(), metrics
+        return loss, head.gradients(passes), metrics
 
 
 def fused_linear_token_scores(passes: Passes, hidden, weight, bias, ids, temperature: float, with_entropy: bool,
@@ -280,4 +285,4 @@ def fused_linear_token_scores_backward(passes: Passes, hidden, weight, bias, ids
                                    grid, entropy_coef=None if entropy_coef is None else entropy_coef[tokens],
                                    entropy=None if entropy_coef is None else entropy[tokens])
             head.accumulate(tokens, chunk_rows, logits)
-    return head.gradients()
+    return head.gradients(passes)
