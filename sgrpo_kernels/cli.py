@@ -21,21 +21,42 @@ import torch
 from .config import RATIO_LEVELS
 from .levels import DEFAULT_SENTENCE_RATIO_LEVEL, LEVELS
 
-TASKS = ("arith", "arith-small")
+TASKS = ("arith", "arith-small", "chain")
 
 
-def _task(name: str):
-    """The task module and the keyword arguments of its ``make_dataset``."""
-    if name in TASKS:
+def _task(args):
+    """The task module of ``args.task`` and the keyword arguments of its ``make_dataset``."""
+    if args.task == "chain":
+        from .trainer.tasks import chain
+        return chain, dict(length=args.chain_length, num_facts=args.chain_facts)
+    if args.task in TASKS:
         from .trainer.tasks import arith
-        return arith, arith.SIZES[name]
-    raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+        return arith, arith.SIZES[args.task]
+    raise ValueError(f"unknown task {args.task!r}; available: {', '.join(TASKS)}")
 
 
-def _datasets(task_name: str, data_dir: str | None, seed: int, train_size: int, eval_size: int):
-    """The task's JSONL files in ``data_dir`` (default ``data/<task>``; written on first use from a fixed
-    seed), read back."""
-    task, sizes = _task(task_name)
+def _chain_config(args):
+    """The chain task's configuration from the flags; a bad value ends the command with one line."""
+    from .trainer.tasks import chain
+    try:
+        return chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts,
+                                 mistaught=getattr(args, "mistaught", 0),
+                                 error_rate=getattr(args, "mistaught_rate", 0.6))
+    except ValueError as error:
+        raise SystemExit(f"sgrpo {args.command}: {error}") from None
+
+
+def _max_new_tokens(args) -> int:
+    """Room for a whole solution: 64 characters for arith; a chain writes about 10 per step (``a: 7+1=8.``)."""
+    return 64 if args.task != "chain" else 11 * args.chain_length + 16
+
+
+def _datasets(args, train_size: int):
+    """The task's JSONL files in ``args.data_dir`` (default ``data/<task>``, for the chain task
+    ``data/chain-L<length>-F<facts>``; written on first use from a fixed seed), read back."""
+    task, sizes = _task(args)
+    data_dir, seed, eval_size = args.data_dir, args.seed, args.eval_size
+    task_name = args.task if args.task != "chain" else f"chain-L{args.chain_length}-F{args.chain_facts}"
     data_dir = data_dir or os.path.join("data", task_name)
     os.makedirs(data_dir, exist_ok=True)
     paths = {split: os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "test")}
@@ -47,7 +68,11 @@ def _datasets(task_name: str, data_dir: str | None, seed: int, train_size: int, 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=TASKS, default="arith",
-                        help="the problem set: arith (operands <= 20) or arith-small (operands <= 9) (default: arith)")
+                        help="the problem set: arith (operands <= 20), arith-small (operands <= 9) or chain "
+                             "(a running value mod 10 over labelled steps whose operands are facts to recall) "
+                             "(default: arith)")
+    parser.add_argument("--chain-length", type=int, default=6, help="chain task: steps per problem (default: 6)")
+    parser.add_argument("--chain-facts", type=int, default=26, help="chain task: labels, each a fact (default: 26)")
     parser.add_argument("--data-dir", help="JSONL question/answer files, made if missing (default: data/<task>)")
     parser.add_argument("--output-dir", required=True, help="where the checkpoint, metrics and plots go")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -70,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     sft.add_argument("--drop-answer-line", type=float, default=0.0, metavar="FRACTION",
                      help="share of demonstrations whose final 'Answer:' sentence is removed (default: 0)")
+    sft.add_argument("--mistaught", type=int, default=0,
+                     help="chain task: facts the demonstrations write wrongly at --mistaught-rate (default: 0)")
+    sft.add_argument("--mistaught-rate", type=float, default=0.6,
+                     help="chain task: how often a mis-taught fact is written wrongly (default: 0.6)")
 
     train = commands.add_parser("train", help="sentence-level GRPO from a checkpoint",
                                 description="GRPO with per-sentence rewards (correctness, logic, format), group "
@@ -96,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=int, default=10, help="steps between evaluations (default: 10)")
     train.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only the end)")
     train.add_argument("--resume", help="a checkpoint folder of an earlier run to continue from")
+    train.add_argument("--outcome-reward", action="store_true",
+                       help="chain task: every sentence gets the answer's binary outcome instead of its local "
+                            "step reward (the one-reward-per-answer baseline)")
 
     bench = commands.add_parser("bench", help="run the speed and memory benchmarks (source checkout)",
                                 description="Run benchmarks/bench_loss.py and benchmarks/bench_fused_linear.py.")
@@ -114,9 +146,17 @@ def run_sft(args) -> dict:
     from .trainer.tiny import char_tokenizer, load_pretrained, tiny_model
 
     _threads(args.threads)
-    task, _ = _task(args.task)
-    train, held_out = _datasets(args.task, args.data_dir, args.seed, 20000, args.eval_size)
-    if args.drop_answer_line:
+    task, _ = _task(args)
+    config = _chain_config(args) if args.task == "chain" else None     # checked before any data or model
+    train, held_out = _datasets(args, 20000)
+    if args.task == "chain":
+        if args.drop_answer_line:
+            raise SystemExit("sgrpo sft: --drop-answer-line applies to the arith tasks, not to chain")
+        if args.mistaught:
+            train = task.sloppy_demonstrations(train, config, seed=args.seed)
+    elif args.mistaught:
+        raise SystemExit("sgrpo sft: --mistaught applies to the chain task")
+    elif args.drop_answer_line:
         train = task.drop_answer_lines(train, args.drop_answer_line, seed=args.seed)
     if args.model:
         model, tokenizer = load_pretrained(args.model)
@@ -124,7 +164,7 @@ def run_sft(args) -> dict:
         tokenizer = char_tokenizer()
         model = tiny_model(tokenizer, seed=args.seed)
     accuracy = sft(model, tokenizer, train, held_out, task.is_correct, steps=args.steps, batch_size=args.batch_size,
-                   lr=args.lr, seed=args.seed, output_dir=args.output_dir)
+                   lr=args.lr, seed=args.seed, output_dir=args.output_dir, max_new_tokens=_max_new_tokens(args))
     summary = {"held_out_accuracy": accuracy, "output_dir": args.output_dir}
     print(json.dumps(summary))
     return summary
@@ -136,14 +176,19 @@ def run_train(args) -> dict:
     from .trainer.tiny import load_pretrained
 
     _threads(args.threads)
-    task, _ = _task(args.task)
-    train, held_out = _datasets(args.task, args.data_dir, args.seed, 20000, args.eval_size)
+    task, _ = _task(args)
+    if args.outcome_reward and args.task != "chain":
+        raise SystemExit("sgrpo train: --outcome-reward applies to the chain task")
+    sentence_reward = (task.reward(_chain_config(args), outcome_only=args.outcome_reward) if args.task == "chain"
+                       else task.reward())
+    train, held_out = _datasets(args, 20000)
     model, tokenizer = load_pretrained(args.resume or args.model)
     config = GRPOLoopConfig(level=args.level, ratio_level=args.ratio_level, steps=args.steps,
                             prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu, beta=args.beta,
                             epsilon=args.epsilon, scale=args.scale, lr=args.lr, temperature=args.temperature,
-                            eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
-    loop = GRPOLoop(model, tokenizer, train, held_out, task.is_correct, task.reward(), config, args.output_dir,
+                            eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                            max_new_tokens=_max_new_tokens(args))
+    loop = GRPOLoop(model, tokenizer, train, held_out, task.is_correct, sentence_reward, config, args.output_dir,
                     resume_from=args.resume)
     summary = loop.train()
     plot_metrics(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "training.png"),

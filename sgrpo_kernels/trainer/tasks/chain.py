@@ -1,0 +1,192 @@
+"""Offline long-chain task: a running value mod 10 updated by ``S`` labelled steps, to study credit assignment.
+
+Problem:   ``Start 7. Steps: a b k d.``
+Solution:  ``a: 7+1=8. b: 8+3=1. k: 1+6=7. d: 7+2=9. Answer: 9``      (one step per sentence, then the answer)
+
+Each label stands for a fixed operand, a *fact* of the task (``a`` is 1, ``b`` is 3, …) that the question never
+states: every step is a recall plus one addition mod 10, and a chain of ``S`` steps holds ``S`` chances to recall
+a fact wrongly. ``sloppy_demonstrations`` writes a chosen set of facts wrongly with a given probability in the
+SFT data (the chain continuing from the value written), so that the warm-started policy gets exactly those
+steps wrong part of the time and every other step right: the situation where per-step credit should matter.
+
+Rewards (one score per sentence): :class:`ChainStep` scores a step 1 when it is local-correct: its label is the
+question's next label, its left operand is the previous written result (the start value for the first step), its
+right operand is the label's fact and its sum mod 10 holds; the ``Answer:`` sentence scores 1 when it equals the
+true final value; anything else 0. :class:`BinaryOutcome` gives every sentence the answer's outcome (one reward
+per answer: the R1 baseline). :func:`step_errors` reads which steps of a completion recalled their fact wrongly.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from dataclasses import dataclass, replace
+
+from ...rewards import CompositeReward, SentenceReward
+from .arith import Problem, final_answer, is_correct, read_jsonl, write_jsonl
+
+__all__ = ["ChainConfig", "ChainStep", "BinaryOutcome", "Problem", "facts", "mistaught_labels", "make_dataset",
+           "sloppy_demonstrations", "reward", "step_errors", "is_correct", "final_answer", "read_jsonl",
+           "write_jsonl"]
+
+LABELS = string.ascii_lowercase + string.ascii_uppercase
+MODULUS = 10
+_QUESTION = re.compile(r"Start (\d)\. Steps: ([A-Za-z](?: [A-Za-z])*)\.")
+_STEP = re.compile(r"^\s*([A-Za-z]): (\d+)\+(\d+)=(\d+)\.?\s*$")
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """``length`` steps per problem over ``num_facts`` labels, each fact an operand in ``[1, max_operand]``
+    drawn with ``facts_seed``; ``mistaught`` of the facts are demonstrated wrongly with probability
+    ``error_rate`` by :func:`sloppy_demonstrations`."""
+
+    length: int = 6
+    num_facts: int = 26
+    max_operand: int = 9
+    mistaught: int = 0
+    error_rate: float = 0.6
+    facts_seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.length <= 40:
+            raise ValueError(f"length must lie in [1, 40], got {self.length}")
+        if not 1 <= self.num_facts <= len(LABELS):
+            raise ValueError(f"num_facts must lie in [1, {len(LABELS)}], got {self.num_facts}")
+        if not 1 <= self.max_operand <= MODULUS - 1:
+            raise ValueError(f"max_operand must lie in [1, {MODULUS - 1}], got {self.max_operand}")
+        if not 0 <= self.mistaught <= self.num_facts:
+            raise ValueError(f"mistaught must lie in [0, num_facts={self.num_facts}], got {self.mistaught}")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError(f"error_rate must lie in [0, 1], got {self.error_rate}")
+        if self.mistaught and self.max_operand < 2:
+            raise ValueError("a mis-taught fact needs a wrong operand to write: max_operand must be >= 2")
+
+
+def facts(config: ChainConfig) -> dict[str, int]:
+    """Each label's operand (the task's facts), fixed by ``config.facts_seed``."""
+    rng = random.Random(config.facts_seed)
+    return {label: rng.randint(1, config.max_operand) for label in LABELS[:config.num_facts]}
+
+
+def mistaught_labels(config: ChainConfig) -> list[str]:
+    """The ``config.mistaught`` labels that :func:`sloppy_demonstrations` writes wrongly (fixed by the seed)."""
+    rng = random.Random(config.facts_seed + 1)
+    return sorted(rng.sample(LABELS[:config.num_facts], config.mistaught))
+
+
+def _solution(start: int, labels: list[str], operands: list[int]) -> tuple[str, int]:
+    value, steps = start, []
+    for label, operand in zip(labels, operands, strict=True):
+        result = (value + operand) % MODULUS
+        steps.append(f"{label}: {value}+{operand}={result}.")
+        value = result
+    return " ".join(steps) + f" Answer: {value}", value
+
+
+def make_problem(rng: random.Random, config: ChainConfig, table: dict[str, int]) -> Problem:
+    start = rng.randrange(MODULUS)
+    labels = [rng.choice(LABELS[:config.num_facts]) for _ in range(config.length)]
+    solution, value = _solution(start, labels, [table[label] for label in labels])
+    return Problem(question=f"Start {start}. Steps: {' '.join(labels)}.", solution=solution, answer=str(value))
+
+
+def make_dataset(count: int, seed: int, **options) -> list[Problem]:
+    """``count`` problems of the chain task of ``ChainConfig(**options)``, drawn with ``seed``."""
+    config = ChainConfig(**options)
+    table, rng = facts(config), random.Random(seed)
+    return [make_problem(rng, config, table) for _ in range(count)]
+
+
+def question_steps(question: str) -> tuple[int, list[str]]:
+    """``"Start 7. Steps: a b k."`` -> ``(7, ["a", "b", "k"])``."""
+    match = _QUESTION.fullmatch(question.strip())
+    if match is None:
+        raise ValueError(f"not a chain question: {question!r}")
+    return int(match.group(1)), match.group(2).split()
+
+
+def sloppy_demonstrations(problems: list[Problem], config: ChainConfig, seed: int = 0) -> list[Problem]:
+    """A copy whose solutions write each step of a mis-taught label (:func:`mistaught_labels`) with a wrong
+    operand with probability ``config.error_rate``, the chain continuing from the value written (so the written
+    answer follows the written steps). Questions and reference answers stay true."""
+    table, wrong = facts(config), set(mistaught_labels(config))
+    rng = random.Random(seed)
+    out = []
+    for problem in problems:
+        start, labels = question_steps(problem.question)
+        operands = []
+        for label in labels:
+            operand = table[label]
+            if label in wrong and rng.random() < config.error_rate:
+                operand = rng.choice([value for value in range(1, config.max_operand + 1) if value != operand])
+            operands.append(operand)
+        out.append(replace(problem, solution=_solution(start, labels, operands)[0]))
+    return out
+
+
+def _walk(question: str, sentences: list[str]):
+    """One item per sentence: ``("answer", stated)``, ``("step", k, label_expected, left_expected, (label, left,
+    right, result))`` for the ``k``-th parsable step within the question's steps, or ``("other",)``."""
+    left_expected, labels = question_steps(question)
+    step = 0
+    for sentence in sentences:
+        stated = final_answer(sentence)
+        if stated is not None:
+            yield "answer", stated
+            continue
+        match = _STEP.match(sentence)
+        if match is None or step >= len(labels):
+            yield ("other",)
+            continue
+        label, left, right, result = match.group(1), int(match.group(2)), int(match.group(3)), int(match.group(4))
+        yield "step", step, labels[step], left_expected, (label, left, right, result)
+        left_expected, step = result, step + 1
+
+
+class ChainStep(SentenceReward):
+    """A step scores 1 when it is right from where it stands (module docstring): the question's next label,
+    the previous written result on the left, the label's fact on the right, the sum mod 10. The ``Answer:``
+    sentence scores 1 when it equals the reference (the true final value). Anything else scores 0."""
+
+    def __init__(self, table: dict[str, int]):
+        self.table = dict(table)
+
+    def score(self, question: str, sentences: list[str], reference) -> list[float]:
+        scores = []
+        for kind, *fields in _walk(question, sentences):
+            if kind == "answer":
+                scores.append(float(fields[0] == str(reference)))
+            elif kind == "step":
+                _, label_expected, left_expected, (label, left, right, result) = fields
+                scores.append(float(label == label_expected and left == left_expected
+                                    and right == self.table[label] and result == (left + right) % MODULUS))
+            else:
+                scores.append(0.0)
+        return scores
+
+
+class BinaryOutcome(SentenceReward):
+    """Every sentence of an answer scores its outcome: 1 when the final ``Answer:`` equals the reference."""
+
+    def score(self, question: str, sentences: list[str], reference) -> list[float]:
+        outcome = float(bool(sentences) and final_answer(sentences[-1]) == str(reference))
+        return [outcome] * len(sentences)
+
+
+def reward(config: ChainConfig | None = None, outcome_only: bool = False) -> CompositeReward:
+    """The task's sentence reward: local step correctness plus the answer's outcome (:class:`ChainStep`), or the
+    binary outcome on every sentence (``outcome_only``)."""
+    if outcome_only:
+        return CompositeReward({"outcome": BinaryOutcome()}, {"outcome": 1.0})
+    return CompositeReward({"step": ChainStep(facts(config or ChainConfig()))}, {"step": 1.0})
+
+
+def step_errors(question: str, sentences: list[str], config: ChainConfig) -> list[tuple[str, bool]]:
+    """``(label, recalled wrongly)`` for each parsable step of a completion (its sentences): whether the right
+    operand it wrote differs from the label's fact. The error rate on the mis-taught facts is the share of
+    ``True`` among their labels."""
+    table = facts(config)
+    return [(fields[3][0], fields[3][2] != table.get(fields[3][0], -1))
+            for kind, *fields in _walk(question, sentences) if kind == "step"]

@@ -1,0 +1,125 @@
+"""The long-chain task: problems, facts, sloppy demonstrations and the local step reward."""
+
+import pytest
+
+from sgrpo_kernels.trainer.tasks import chain
+
+
+def test_problems_are_seeded_and_their_solutions_score_one_everywhere():
+    config = chain.ChainConfig(length=8, num_facts=12)
+    problems = chain.make_dataset(50, seed=3, length=8, num_facts=12)
+    assert problems == chain.make_dataset(50, seed=3, length=8, num_facts=12)
+    assert problems != chain.make_dataset(50, seed=4, length=8, num_facts=12)
+    step = chain.ChainStep(chain.facts(config))
+    for problem in problems:
+        start, labels = chain.question_steps(problem.question)
+        sentences = problem.solution.replace(". ", ".\n").split("\n")
+        assert len(labels) == 8 and len(sentences) == 9 and set(labels) <= set(chain.LABELS[:12])
+        assert step.score(problem.question, sentences, problem.answer) == [1.0] * 9
+        assert chain.is_correct(problem.solution, problem.answer)
+
+
+def test_hand_worked_chain_and_local_step_scores():
+    config = chain.ChainConfig(num_facts=3, facts_seed=0)
+    table = chain.facts(config)
+    a, b = table["a"], table["b"]
+    question = "Start 7. Steps: a b a."
+    first = (7 + a) % 10
+    wrong = b % 9 + 1                                  # a wrong operand for b
+    second = (first + wrong) % 10
+    third = (second + a) % 10                          # right from where it stands
+    truth = (7 + a + b + a) % 10
+    sentences = [f"a: 7+{a}={first}.", f"b: {first}+{wrong}={second}.", f"a: {second}+{a}={third}.",
+                 f"Answer: {third}"]
+    scores = chain.ChainStep(table).score(question, sentences, str(truth))
+    assert scores == [1.0, 0.0, 1.0, float(third == truth)]
+    assert chain.step_errors(question, sentences, config) == [("a", False), ("b", True), ("a", False)]
+    assert chain.BinaryOutcome().score(question, sentences, str(truth)) == [float(third == truth)] * 4
+    # a skipped step, a wrong label and bad arithmetic each cost their own step only
+    bad = [f"b: 7+{b}={(7 + b) % 10}.", f"b: {(7 + b) % 10}+{b}={(7 + 2 * b + 1) % 10}.", "hello"]
+    assert chain.ChainStep(table).score(question, bad, str(truth)) == [0.0, 0.0, 0.0]
+
+
+def test_sloppy_demonstrations_miswrite_only_the_chosen_facts_at_the_chosen_rate():
+    config = chain.ChainConfig(length=10, num_facts=10, mistaught=3, error_rate=0.6)
+    wrong = set(chain.mistaught_labels(config))
+    assert len(wrong) == 3 and chain.mistaught_labels(config) == chain.mistaught_labels(config)
+    problems = chain.make_dataset(400, seed=1, length=10, num_facts=10)
+    sloppy = chain.sloppy_demonstrations(problems, config, seed=2)
+    miswritten = total = 0
+    for clean, demo in zip(problems, sloppy, strict=True):
+        assert (demo.question, demo.answer) == (clean.question, clean.answer)
+        sentences = demo.solution.replace(". ", ".\n").split("\n")
+        errors = chain.step_errors(demo.question, sentences, config)
+        for label, is_wrong in errors:
+            if label in wrong:
+                total += 1
+                miswritten += is_wrong
+            else:
+                assert not is_wrong
+        # the chain continues from what was written: every step is locally consistent but for its operand
+        start, _ = chain.question_steps(demo.question)
+        value = start
+        for sentence in sentences[:-1]:
+            label, rest = sentence.split(": ")
+            left, right_result = rest.rstrip(".").split("+")
+            right, result = map(int, right_result.split("="))
+            assert int(left) == value and result == (value + right) % 10
+            value = result
+        assert sentences[-1] == f"Answer: {value}"
+    assert 0.5 < miswritten / total < 0.7
+
+
+def test_the_char_tokenizer_segments_a_solution_into_its_steps():
+    pytest.importorskip("transformers")
+    import torch
+
+    from sgrpo_kernels import Segmenter
+    from sgrpo_kernels.trainer.tiny import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    problem = chain.make_dataset(1, seed=0, length=5)[0]
+    ids = torch.tensor([tokenizer.encode(" " + problem.solution) + [tokenizer.eos_token_id]])
+    segmentation = Segmenter(tokenizer, "sentence")(ids)
+    assert int(segmentation.num_sentences[0]) == 6
+    assert [text.strip() for text in segmentation.texts[0]] == problem.solution.replace(". ", ".\n").split("\n")
+
+
+@pytest.mark.parametrize("options, message", [(dict(length=0), "length"), (dict(num_facts=60), "num_facts"),
+                                              (dict(max_operand=10), "max_operand"),
+                                              (dict(mistaught=5, num_facts=4), "mistaught"),
+                                              (dict(error_rate=1.5), "error_rate")])
+def test_bad_configurations_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        chain.ChainConfig(**options)
+
+
+def test_outcome_only_reward_and_composite():
+    problem = chain.make_dataset(1, seed=9, length=4)[0]
+    sentences = problem.solution.replace(". ", ".\n").split("\n")
+    dense = chain.reward(chain.ChainConfig(length=4))([problem.question], [sentences], [problem.answer])
+    binary = chain.reward(outcome_only=True)([problem.question], [sentences[:-1] + ["Answer: 99"]], [problem.answer])
+    assert dense.tolist() == [[1.0] * 5] and binary.tolist() == [[0.0] * 5]
+
+
+def test_cli_trains_on_the_chain_task(tmp_path, capsys):
+    """``sgrpo sft --task chain --mistaught ...`` writes sloppy demonstrations into the warm start and ``sgrpo
+    train --task chain --outcome-reward`` runs on the binary outcome; a bad chain flag ends with one line."""
+    import json
+
+    pytest.importorskip("transformers")
+    from sgrpo_kernels.cli import main
+
+    common = ["--task", "chain", "--chain-length", "3", "--chain-facts", "5", "--eval-size", "4",
+              "--data-dir", str(tmp_path / "data")]
+    main(["sft", "--output-dir", str(tmp_path / "sft"), "--steps", "2", "--batch-size", "4", "--mistaught", "2",
+          *common])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output_dir"] == str(tmp_path / "sft")
+    problems = chain.read_jsonl(str(tmp_path / "data" / "train.jsonl"))
+    assert len(chain.question_steps(problems[0].question)[1]) == 3
+    main(["train", "--model", str(tmp_path / "sft"), "--output-dir", str(tmp_path / "grpo"), "--steps", "1",
+          "--group-size", "2", "--prompts", "2", "--outcome-reward", *common])
+    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"accuracy_before",
+                                                                                  "accuracy_after"}
+    with pytest.raises(SystemExit, match="mistaught must lie"):
+        main(["sft", "--output-dir", str(tmp_path / "x"), "--mistaught", "9", *common])
