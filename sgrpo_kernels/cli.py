@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sentence level's ratio: exp of the sum of its token log-ratios or of their mean "
                             f"(default: {DEFAULT_SENTENCE_RATIO_LEVEL}; token level always sums, output level "
                             "always takes the mean)")
+    train.add_argument("--advantage", choices=("sentence", "cumulative", "broadcast"), default="sentence",
+                       help="sentence level: each sentence its own normalised reward, their sum from it to the end "
+                            "(reward-to-go), or its answer's normalised mean reward (default: sentence)")
+    train.add_argument("--output-ratio-level", choices=RATIO_LEVELS, default="mean",
+                       help="output level's ratio: exp of the mean (GSPO) or of the sum of the answer's token "
+                            "log-ratios (default: mean)")
     train.add_argument("--steps", type=int, default=40, help="GRPO steps (default: 40)")
     train.add_argument("--group-size", type=int, default=8, help="answers sampled per prompt, G (default: 8)")
     train.add_argument("--prompts", type=int, default=8, help="prompts per step (default: 8)")
@@ -176,6 +182,15 @@ def run_train(args) -> dict:
     from .trainer.tiny import load_pretrained
 
     _threads(args.threads)
+    try:                                  # option combinations are checked before any data or model
+        config = GRPOLoopConfig(level=args.level, ratio_level=args.ratio_level, advantage=args.advantage,
+                                output_ratio_level=args.output_ratio_level, steps=args.steps,
+                                prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu,
+                                beta=args.beta, epsilon=args.epsilon, scale=args.scale, lr=args.lr,
+                                temperature=args.temperature, eval_every=args.eval_every, save_every=args.save_every,
+                                seed=args.seed, max_new_tokens=_max_new_tokens(args))
+    except ValueError as error:
+        raise SystemExit(f"sgrpo train: {error}") from None
     task, _ = _task(args)
     if args.outcome_reward and args.task != "chain":
         raise SystemExit("sgrpo train: --outcome-reward applies to the chain task")
@@ -183,11 +198,6 @@ def run_train(args) -> dict:
                        else task.reward())
     train, held_out = _datasets(args, 20000)
     model, tokenizer = load_pretrained(args.resume or args.model)
-    config = GRPOLoopConfig(level=args.level, ratio_level=args.ratio_level, steps=args.steps,
-                            prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu, beta=args.beta,
-                            epsilon=args.epsilon, scale=args.scale, lr=args.lr, temperature=args.temperature,
-                            eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                            max_new_tokens=_max_new_tokens(args))
     loop = GRPOLoop(model, tokenizer, train, held_out, task.is_correct, sentence_reward, config, args.output_dir,
                     resume_from=args.resume)
     summary = loop.train()

@@ -194,3 +194,34 @@ def test_bad_config():
         GRPOLoopConfig(level="paragraph")
     with pytest.raises(ValueError, match="group_size"):
         GRPOLoopConfig(group_size=0)
+
+
+@pytest.mark.parametrize("advantage", ["sentence", "cumulative", "broadcast"])
+def test_sentence_level_advantage_variants(advantage):
+    """``advantage`` at the sentence level: each sentence its own normalised reward, the reward-to-go of those,
+    or its answer's normalised mean reward for every sentence (the sentence loss with output-level credit)."""
+    from types import SimpleNamespace
+
+    from sgrpo_kernels import group_sentence_advantages
+    from sgrpo_kernels.trainer.grpo import GRPOLoop
+
+    rewards = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.5, 0.0, 0.0]])
+    num_sentences = torch.tensor([3, 2, 2, 1])
+    segment_ids = torch.tensor([[0, 0, 1, 2], [0, 1, 1, -1], [0, 1, -1, -1], [0, 0, 0, -1]])
+    loop = SimpleNamespace(config=GRPOLoopConfig(level="sentence", advantage=advantage, group_size=2))
+    batch = dict(sentences=SimpleNamespace(segment_ids=segment_ids, num_sentences=num_sentences), rewards=rewards)
+    ids, advantages = GRPOLoop.advantages(loop, batch)
+    assert torch.equal(ids, segment_ids)
+    if advantage == "broadcast":
+        means = (rewards.sum(1) / num_sentences).unsqueeze(1)
+        expected = group_sentence_advantages(means, torch.ones(4, dtype=torch.long), 2)[:, 0]
+        assert advantages.shape == (4,)
+    else:
+        expected = group_sentence_advantages(rewards, num_sentences, 2, mode=advantage)
+    torch.testing.assert_close(advantages, expected)
+    if advantage == "cumulative":      # reward-to-go: sentence 0 of answer 0 sums its three normalised rewards
+        single = group_sentence_advantages(rewards, num_sentences, 2)
+        torch.testing.assert_close(advantages[0, 0], single[0].sum())
+    if advantage != "sentence":
+        with pytest.raises(ValueError, match="sentence-level variant"):
+            GRPOLoopConfig(level="output", advantage=advantage)

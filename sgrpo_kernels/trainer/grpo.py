@@ -27,6 +27,8 @@ from ..segmentation import Segmenter
 from .common import MetricsLog, decode_completions, evaluate_accuracy, generate, warmup_then_linear_decay
 from .tiny import save_pretrained
 
+ADVANTAGES = ("sentence", "cumulative", "broadcast")
+
 
 @dataclass
 class GRPOLoopConfig:
@@ -35,6 +37,11 @@ class GRPOLoopConfig:
 
     level: str = "sentence"
     ratio_level: str = levels.DEFAULT_SENTENCE_RATIO_LEVEL
+    # sentence level: each sentence its normalised reward ("sentence"), the sum of those from it to the answer's
+    # end ("cumulative", reward-to-go), or its answer's normalised mean reward ("broadcast": the sentence loss and
+    # ratios with output-level credit, which separates credit assignment from the token weighting)
+    advantage: str = "sentence"
+    output_ratio_level: str = "mean"  # output level: GSPO's length-normalised ratio, or "sum" (the product)
     steps: int = 60
     prompts_per_step: int = 8
     group_size: int = 8
@@ -53,6 +60,11 @@ class GRPOLoopConfig:
 
     def __post_init__(self):
         levels.check_level(self.level, self.ratio_level)
+        levels.check_level("output", self.output_ratio_level)
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {', '.join(map(repr, ADVANTAGES))}, got {self.advantage!r}")
+        if self.advantage != "sentence" and self.level != "sentence":
+            raise ValueError(f"advantage={self.advantage!r} is a sentence-level variant; level is {self.level!r}")
         for name in ("steps", "prompts_per_step", "group_size", "mu", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -106,11 +118,15 @@ class GRPOLoop:
     def advantages(self, batch):
         """Per-sentence advantages (sentence level) or one per answer (token and output levels)."""
         sentences, rewards, group = batch["sentences"], batch["rewards"], self.config.group_size
-        if levels.advantages_per_sentence(self.config.level):
-            return sentences.segment_ids, group_sentence_advantages(rewards, sentences.num_sentences, group,
-                                                                    scale=self.config.scale)
         per_answer = levels.mean_sentence_reward(rewards, sentences.num_sentences).unsqueeze(1)
         has_sentence = (sentences.num_sentences > 0).long()
+        if levels.advantages_per_sentence(self.config.level):
+            if self.config.advantage == "broadcast":      # [B]: every sentence of an answer gets the answer's
+                answer = group_sentence_advantages(per_answer, has_sentence, group, scale=self.config.scale)
+                return sentences.segment_ids, answer[:, 0]
+            mode = "cumulative" if self.config.advantage == "cumulative" else "sentence"
+            return sentences.segment_ids, group_sentence_advantages(rewards, sentences.num_sentences, group,
+                                                                    scale=self.config.scale, mode=mode)
         segment_ids = self.loss_segmenter(batch["completion_ids"], batch["mask"]).segment_ids
         return segment_ids, group_sentence_advantages(per_answer, has_sentence, group, scale=self.config.scale)[:, 0]
 
@@ -134,7 +150,8 @@ class GRPOLoop:
         segment_ids, advantages = self.advantages(batch)
         old_logps = self._logprobs(self.model, batch)
         ref_logps = self._logprobs(self.reference, batch) if self.reference is not None else None
-        ratio_level = levels.loss_ratio_level(config.level, config.ratio_level)
+        ratio_level = (config.output_ratio_level if config.level == "output"
+                       else levels.loss_ratio_level(config.level, config.ratio_level))
         for _ in range(config.mu):
             hidden, weight, bias = self._head_inputs(self.model, batch)
             loss, metrics = fused_linear_sentence_grpo_loss(
