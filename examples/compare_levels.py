@@ -1,11 +1,26 @@
-"""Token vs sentence vs output level GRPO on the toy task, same compute budget, several seeds.
+"""Sentence-level GRPO against its baselines on the same task, same budget, several seeds, resumable.
 
-    python examples/compare_levels.py --model runs/sft --steps 60 --seeds 0 1 2
+    python examples/compare_levels.py --model runs/chain-sft --task chain --chain-length 6 --steps 40 --seeds 0 1 2
+    python examples/compare_levels.py --model runs/sft --task arith-small --variants sentence output   # the toy task
 
-Every variant starts from the same checkpoint and gets the same number of steps, prompts and samples.
-Writes ``compare_levels.png`` (reward and held-out accuracy, mean ± std over seeds), ``compare_levels.md``
-(final accuracy per variant) and a copy of each run's ``metrics.jsonl`` into ``--out``; checkpoints go to
-``--work-dir``.
+Variants (each from the same checkpoint, with the same steps, prompts and samples):
+
+- ``sentence``: sentence rewards, advantages and ratios (length-normalised sentence ratio; ``sentence-sum``: the
+  product of its token ratios);
+- ``output``: one reward per answer, the mean of the same sentence rewards (GSPO's ratio);
+- ``output-sum``: the same with the product of the token ratios, so that the step size is not what differs;
+- ``broadcast``: the sentence loss and ratios, every sentence given its answer's advantage (credit assignment
+  without the token weighting);
+- ``cumulative``: each sentence the reward-to-go of the normalised sentence rewards;
+- ``outcome``: the binary outcome of the answer on every sentence, output level (the R1 baseline; chain task);
+- ``token-mu2``: token level with two updates per batch (with one update, on-policy, the token level's gradient
+  is exactly the output level's: there is nothing to compare).
+
+A run whose ``metrics.jsonl`` copy in ``--out`` already reaches ``--steps`` is not run again, so the comparison
+can be run in parts (``--variants``, ``--seeds``) and resumed. ``--lr name=value`` sets one variant's learning
+rate (from a sweep on one seed). Writes ``compare_levels.png`` (held-out greedy accuracy and gradient norm per
+step, mean and range over seeds), ``compare_levels.md`` (steps to ``--target`` accuracy, accuracy at fixed
+budgets, final reward) and every run's ``metrics.jsonl`` into ``--out``; checkpoints go to ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -19,31 +34,78 @@ import statistics
 import torch
 
 from sgrpo_kernels.trainer.grpo import GRPOLoop, GRPOLoopConfig
-from sgrpo_kernels.trainer.tasks import arith
+from sgrpo_kernels.trainer.tasks import arith, chain
 from sgrpo_kernels.trainer.tiny import load_pretrained
 
-VARIANTS = {"token": ("token", "sum"), "sentence-sum": ("sentence", "sum"), "sentence-mean": ("sentence", "mean"),
-            "output": ("output", "mean")}
+# name -> (GRPOLoopConfig options, reward options)
+VARIANTS = {
+    "sentence": (dict(level="sentence"), {}),
+    "sentence-sum": (dict(level="sentence", ratio_level="sum"), {}),
+    "output": (dict(level="output"), {}),
+    "output-sum": (dict(level="output", output_ratio_level="sum"), {}),
+    "broadcast": (dict(level="sentence", advantage="broadcast"), {}),
+    "cumulative": (dict(level="sentence", advantage="cumulative"), {}),
+    "outcome": (dict(level="output"), dict(outcome_only=True)),
+    "token-mu2": (dict(level="token", mu=2), {}),
+}
+
+
+def task_of(args):
+    """``(task module, reward, max_new_tokens)`` for ``args.task``."""
+    if args.task == "chain":
+        config = chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts)
+        return chain, (lambda **options: chain.reward(config, **options)), 11 * args.chain_length + 16
+    return arith, (lambda **options: arith.reward(chained=args.chained_correctness)), 64
+
+
+def finished(path: str, steps: int) -> list[dict] | None:
+    """The records of a complete earlier run at ``path``, or ``None``."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return records if records and records[-1].get("step") == steps else None
 
 
 def run_variant(name: str, seed: int, args) -> list[dict]:
-    level, ratio_level = VARIANTS[name]
+    copy = os.path.join(args.out, f"{name}-seed{seed}.metrics.jsonl")
+    records = finished(copy, args.steps)
+    if records is not None:
+        return records
+    options, reward_options = VARIANTS[name]
+    task, reward, max_new_tokens = task_of(args)
+    if reward_options and args.task != "chain":
+        raise SystemExit(f"variant {name!r} needs the chain task's binary outcome reward")
     model, tokenizer = load_pretrained(args.model)
     torch.manual_seed(seed)
-    config = GRPOLoopConfig(level=level, ratio_level=ratio_level, steps=args.steps, prompts_per_step=args.prompts,
-                            group_size=args.group_size, lr=args.lr, eval_every=args.eval_every, seed=seed)
+    config = GRPOLoopConfig(**options, steps=args.steps, prompts_per_step=args.prompts, group_size=args.group_size,
+                            lr=args.lrs.get(name, args.lr), eval_every=args.eval_every, seed=seed,
+                            max_new_tokens=max_new_tokens)
     output_dir = os.path.join(args.work_dir, f"{name}-seed{seed}")       # checkpoints stay out of --out
-    train = arith.read_jsonl(os.path.join(args.data_dir, "train.jsonl"))
-    held_out = arith.read_jsonl(os.path.join(args.data_dir, "test.jsonl"))
-    reward = arith.reward(chained=args.chained_correctness)
-    GRPOLoop(model, tokenizer, train, held_out, arith.is_correct, reward, config, output_dir).train()
-    shutil.copy(os.path.join(output_dir, "metrics.jsonl"), os.path.join(args.out, f"{name}-seed{seed}.metrics.jsonl"))
-    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
-        return [json.loads(line) for line in handle]
+    if os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
+        os.remove(os.path.join(output_dir, "metrics.jsonl"))           # an interrupted run starts over
+    train = task.read_jsonl(os.path.join(args.data_dir, "train.jsonl"))
+    held_out = task.read_jsonl(os.path.join(args.data_dir, "test.jsonl"))
+    GRPOLoop(model, tokenizer, train, held_out, task.is_correct, reward(**reward_options), config,
+             output_dir).train()
+    shutil.copy(os.path.join(output_dir, "metrics.jsonl"), copy)
+    return finished(copy, args.steps)
 
 
-def spread(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def curve(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(record["step"], record[key]) for record in records if record.get(key) is not None]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def steps_to(records: list[dict], target: float) -> int | None:
+    """The first evaluated step whose held-out accuracy reaches ``target`` (``None``: never)."""
+    return next((step for step, value in zip(*curve(records, "eval_accuracy")) if value >= target), None)
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
 def summarise(runs: dict, args) -> str:
@@ -52,61 +114,90 @@ def summarise(runs: dict, args) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (reward_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    lines = ["| variant | held-out accuracy before | after (mean ± std over seeds) | final reward |",
-             "| --- | ---: | ---: | ---: |"]
+    figure, (accuracy_axis, norm_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
+    budgets = sorted({args.steps // 4, args.steps // 2, args.steps} - {0})
+    lines = [f"| variant | lr | steps to {args.target:.2f} (per seed) | "
+             + " | ".join(f"accuracy at {budget}" for budget in budgets) + " | final reward |",
+             "| --- | ---: | --- | " + " | ".join("---:" for _ in budgets) + " | ---: |"]
     for name, seeds in runs.items():
-        for key, axis, window in (("reward", reward_axis, 5), ("eval_accuracy", accuracy_axis, 1)):
-            curves = [[record[key] for record in records if record.get(key) is not None] for records in seeds]
-            steps = [record["step"] for record in seeds[0] if record.get(key) is not None]
-            length = min(map(len, curves))
-            smooth = [[statistics.mean(curve[max(0, index - window + 1):index + 1]) for index in range(length)]
-                      for curve in curves]
-            mean = [statistics.mean(column) for column in zip(*smooth)]
-            std = [statistics.stdev(column) if len(column) > 1 else 0.0 for column in zip(*smooth)]
-            axis.plot(steps[:length], mean, label=name)
-            axis.fill_between(steps[:length], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                              alpha=0.2)
-        before = spread([records[0]["eval_accuracy"] for records in seeds])
-        after = spread([[r["eval_accuracy"] for r in records if "eval_accuracy" in r][-1] for records in seeds])
-        reward = spread([statistics.mean(r["reward"] for r in records[-10:] if "reward" in r) for records in seeds])
-        lines.append(f"| {name} | {before[0]:.3f} | {after[0]:.3f} ± {after[1]:.3f} "
-                     f"| {reward[0]:.3f} ± {reward[1]:.3f} |")
-    reward_axis.set_title("training reward (mean over sentences, 5-step average)")
-    accuracy_axis.set_title("held-out greedy accuracy")
-    for axis in (reward_axis, accuracy_axis):
-        axis.set_xlabel("GRPO step")
+        for key, axis in (("eval_accuracy", accuracy_axis), ("grad_norm", norm_axis)):
+            curves = [curve(records, key) for records in seeds]
+            length = min(len(values) for _, values in curves)
+            steps = curves[0][0][:length]
+            columns = list(zip(*(values[:length] for _, values in curves)))
+            axis.plot(steps, [statistics.mean(column) for column in columns], label=name)
+            axis.fill_between(steps, [min(column) for column in columns], [max(column) for column in columns],
+                              alpha=0.15)
+        reached = [steps_to(records, args.target) for records in seeds]
+        accuracy = []
+        for budget in budgets:
+            values = [dict(zip(*curve(records, "eval_accuracy"))).get(budget) for records in seeds]
+            accuracy.append(spread([value for value in values if value is not None]))
+        reward = spread([statistics.mean(record["reward"] for record in records[-5:] if "reward" in record)
+                         for records in seeds])
+        lines.append(f"| {name} | {args.lrs.get(name, args.lr):g} | "
+                     f"{', '.join('never' if step is None else str(step) for step in reached)} | "
+                     + " | ".join(accuracy) + f" | {reward} |")
+    accuracy_axis.set(title="held-out greedy accuracy (mean, range over seeds)", xlabel="GRPO step",
+                      ylabel="accuracy (fraction correct)")
+    norm_axis.set(title="gradient norm before clipping", xlabel="GRPO step", ylabel="L2 norm", yscale="log")
+    for axis in (accuracy_axis, norm_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    figure.suptitle(f"{args.task}" + (f", {args.chain_length} steps" if args.task == "chain" else "")
+                    + f": {args.prompts} prompts × {args.group_size} answers per step")
     figure.tight_layout()
     figure.savefig(os.path.join(args.out, "compare_levels.png"), dpi=100)
     table = "\n".join(lines)
     with open(os.path.join(args.out, "compare_levels.md"), "w") as handle:
-        handle.write(f"{len(next(iter(runs.values())))} seeds, {args.steps} steps × {args.prompts} prompts × "
-                     f"{args.group_size} answers, lr {args.lr}, from {args.model}"
-                     f"{', chained step correctness' if args.chained_correctness else ''}\n\n{table}\n")
+        handle.write(f"{args.task}, {len(next(iter(runs.values())))} seeds, {args.steps} steps × {args.prompts} "
+                     f"prompts × {args.group_size} answers, from {args.model}\n\n{table}\n")
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def learning_rates(pairs: list[str]) -> dict[str, float]:
+    rates = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in VARIANTS or not value:
+            raise SystemExit(f"--lr-for takes variant=value with a variant of {', '.join(VARIANTS)}, got {pair!r}")
+        rates[name] = float(value)
+    return rates
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="the SFT checkpoint every run starts from")
-    parser.add_argument("--data-dir", default="data/arith", help="train.jsonl / test.jsonl (made by `sgrpo sft`)")
-    parser.add_argument("--out", default="examples/results/compare_levels",
-                        help="plot, table and per-run metrics.jsonl copies")
+    parser.add_argument("--task", choices=("arith", "arith-small", "chain"), default="chain")
+    parser.add_argument("--chain-length", type=int, default=6, help="chain task: steps per problem")
+    parser.add_argument("--chain-facts", type=int, default=26, help="chain task: labels")
+    parser.add_argument("--data-dir", help="train.jsonl / test.jsonl (made by `sgrpo sft`; default: sgrpo's own)")
+    parser.add_argument("--out", default="examples/results/compare_levels", help="plot, table, metrics copies")
     parser.add_argument("--work-dir", default="runs/compare_levels", help="per-run checkpoints and logs")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["sentence", "output", "broadcast"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=2e-4, help="learning rate of every variant without --lr-for")
+    parser.add_argument("--lr-for", nargs="*", default=[], metavar="VARIANT=LR", help="per-variant learning rates")
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--target", type=float, default=0.9, help="held-out accuracy whose first step is reported")
     parser.add_argument("--chained-correctness", action="store_true",
-                        help="the older step-correctness rule (a step after a slip scores 0), as in the first table")
-    args = parser.parse_args()
+                        help="arith tasks: the older step-correctness rule (a step after a slip scores 0)")
+    args = parser.parse_args(argv)
+    args.lrs = learning_rates(args.lr_for)
+    if args.data_dir is None:
+        name = args.task if args.task != "chain" else f"chain-L{args.chain_length}-F{args.chain_facts}"
+        args.data_dir = os.path.join("data", name)
     os.makedirs(args.out, exist_ok=True)
-    runs = {name: [run_variant(name, seed, args) for seed in args.seeds] for name in args.variants}
+    from tqdm import tqdm
+
+    work = [(name, seed) for name in args.variants for seed in args.seeds]
+    runs: dict = {name: [] for name in args.variants}
+    for name, seed in tqdm(work, desc="runs", unit="run"):
+        runs[name].append(run_variant(name, seed, args))
     print(summarise(runs, args))
 
 

@@ -123,3 +123,37 @@ def test_cli_trains_on_the_chain_task(tmp_path, capsys):
                                                                                   "accuracy_after"}
     with pytest.raises(SystemExit, match="mistaught must lie"):
         main(["sft", "--output-dir", str(tmp_path / "x"), "--mistaught", "9", *common])
+
+
+def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys):
+    """``examples/compare_levels.py`` on the chain task: every variant × seed runs once, a second call reuses the
+    finished runs (no training), and the table and plot are written."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    from sgrpo_kernels.cli import main as sgrpo
+
+    data = tmp_path / "data"
+    common = ["--task", "chain", "--chain-length", "3", "--chain-facts", "5"]
+    sgrpo(["sft", "--output-dir", str(tmp_path / "sft"), "--steps", "2", "--batch-size", "4", "--eval-size", "4",
+           "--data-dir", str(data), *common])
+    path = Path(__file__).resolve().parent.parent / "examples" / "compare_levels.py"
+    spec = importlib.util.spec_from_file_location("compare_levels", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    arguments = ["--model", str(tmp_path / "sft"), *common, "--data-dir", str(data), "--out", str(tmp_path / "out"),
+                 "--work-dir", str(tmp_path / "work"), "--variants", "sentence", "outcome", "--seeds", "0",
+                 "--steps", "2", "--prompts", "2", "--group-size", "2", "--eval-every", "1", "--target", "0.0",
+                 "--lr-for", "outcome=1e-4"]
+    compare.main(arguments)
+    table = (tmp_path / "out" / "compare_levels.md").read_text()
+    assert "| sentence | 0.0002 | 0 |" in table and "| outcome | 0.0001 | 0 |" in table
+    assert (tmp_path / "out" / "compare_levels.png").stat().st_size > 5000
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(compare, "GRPOLoop", refuse)
+    compare.main(arguments)
+    with pytest.raises(SystemExit, match="variant=value"):
+        compare.main([*arguments, "--lr-for", "nonsense=1"])
