@@ -17,10 +17,12 @@ Variants (each from the same checkpoint, with the same steps, prompts and sample
   is exactly the output level's: there is nothing to compare).
 
 A run whose ``metrics.jsonl`` copy in ``--out`` already reaches ``--steps`` is not run again, so the comparison
-can be run in parts (``--variants``, ``--seeds``) and resumed. ``--lr name=value`` sets one variant's learning
-rate (from a sweep on one seed). Writes ``compare_levels.png`` (held-out greedy accuracy and gradient norm per
-step, mean and range over seeds), ``compare_levels.md`` (steps to ``--target`` accuracy, accuracy at fixed
-budgets, final reward) and every run's ``metrics.jsonl`` into ``--out``; checkpoints go to ``--work-dir``.
+can be run in parts (``--variants``, ``--seeds``) and resumed. ``--lr-for name=value`` sets one variant's
+learning rate (from a sweep on one seed). With ``--mistaught`` (chain task) each run ends by measuring how often
+the trained policy recalls the mis-taught and the other facts wrongly. Writes ``compare_levels.png`` (held-out
+greedy accuracy and gradient norm per step, mean and range over seeds), ``compare_levels.md`` (steps to
+``--target`` accuracy, accuracy at fixed budgets, final reward, fact errors) and every run's ``metrics.jsonl``
+into ``--out``; checkpoints go to ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,25 @@ def finished(path: str, steps: int) -> list[dict] | None:
     return records if records and records[-1].get("step") == steps else None
 
 
+def fact_errors(model, tokenizer, problems, args) -> dict:
+    """Chain task: the share of sampled (temperature 1) and greedy steps that recall a fact wrongly, on the
+    mis-taught facts and on the others (``chain.fact_error_rates``), over the held-out problems."""
+    from sgrpo_kernels import Segmenter
+    from sgrpo_kernels.trainer.common import generate
+
+    config = chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts, mistaught=args.mistaught)
+    questions = [problem.question for problem in problems]
+    result = {}
+    model.eval()
+    with torch.no_grad():
+        for mode in ("sampled", "greedy"):
+            _, _, ids, mask = generate(model, tokenizer, questions, max_new_tokens=11 * args.chain_length + 16,
+                                       greedy=mode == "greedy")
+            rates = chain.fact_error_rates(questions, Segmenter(tokenizer, "sentence")(ids, mask).texts, config)
+            result |= {f"{mode}_error_{group}": rate for group, rate in rates.items()}
+    return result
+
+
 def run_variant(name: str, seed: int, args) -> list[dict]:
     copy = os.path.join(args.out, f"{name}-seed{seed}.metrics.jsonl")
     records = finished(copy, args.steps)
@@ -88,6 +109,10 @@ def run_variant(name: str, seed: int, args) -> list[dict]:
     held_out = task.read_jsonl(os.path.join(args.data_dir, "test.jsonl"))
     GRPOLoop(model, tokenizer, train, held_out, task.is_correct, reward(**reward_options), config,
              output_dir).train()
+    if args.task == "chain" and args.mistaught:       # a last record: the fact errors of the trained policy
+        torch.manual_seed(seed)
+        with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps({"step": args.steps, **fact_errors(model, tokenizer, held_out, args)}) + "\n")
     shutil.copy(os.path.join(output_dir, "metrics.jsonl"), copy)
     return finished(copy, args.steps)
 
@@ -116,9 +141,12 @@ def summarise(runs: dict, args) -> str:
 
     figure, (accuracy_axis, norm_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
     budgets = sorted({args.steps // 4, args.steps // 2, args.steps} - {0})
+    errors = args.task == "chain" and args.mistaught > 0
     lines = [f"| variant | lr | steps to {args.target:.2f} (per seed) | "
-             + " | ".join(f"accuracy at {budget}" for budget in budgets) + " | final reward |",
-             "| --- | ---: | --- | " + " | ".join("---:" for _ in budgets) + " | ---: |"]
+             + " | ".join(f"accuracy at {budget}" for budget in budgets) + " | final reward |"
+             + (" sampled error, mis-taught facts | other facts |" if errors else ""),
+             "| --- | ---: | --- | " + " | ".join("---:" for _ in budgets) + " | ---: |"
+             + (" ---: | ---: |" if errors else "")]
     for name, seeds in runs.items():
         for key, axis in (("eval_accuracy", accuracy_axis), ("grad_norm", norm_axis)):
             curves = [curve(records, key) for records in seeds]
@@ -135,9 +163,14 @@ def summarise(runs: dict, args) -> str:
             accuracy.append(spread([value for value in values if value is not None]))
         reward = spread([statistics.mean(record["reward"] for record in records[-5:] if "reward" in record)
                          for records in seeds])
-        lines.append(f"| {name} | {args.lrs.get(name, args.lr):g} | "
-                     f"{', '.join('never' if step is None else str(step) for step in reached)} | "
-                     + " | ".join(accuracy) + f" | {reward} |")
+        row = (f"| {name} | {args.lrs.get(name, args.lr):g} | "
+               f"{', '.join('never' if step is None else str(step) for step in reached)} | "
+               + " | ".join(accuracy) + f" | {reward} |")
+        if errors:
+            last = [next((r for r in reversed(records) if "sampled_error_mistaught" in r), {}) for records in seeds]
+            row += "".join(f" {spread([r[key] for r in last if key in r])} |"
+                           for key in ("sampled_error_mistaught", "sampled_error_other"))
+        lines.append(row)
     accuracy_axis.set(title="held-out greedy accuracy (mean, range over seeds)", xlabel="GRPO step",
                       ylabel="accuracy (fraction correct)")
     norm_axis.set(title="gradient norm before clipping", xlabel="GRPO step", ylabel="L2 norm", yscale="log")
@@ -172,6 +205,9 @@ def main(argv=None) -> None:
     parser.add_argument("--task", choices=("arith", "arith-small", "chain"), default="chain")
     parser.add_argument("--chain-length", type=int, default=6, help="chain task: steps per problem")
     parser.add_argument("--chain-facts", type=int, default=26, help="chain task: labels")
+    parser.add_argument("--mistaught", type=int, default=0,
+                        help="chain task: the facts mis-taught in the SFT checkpoint (as given to `sgrpo sft`), to "
+                             "report the error rate on them after each run")
     parser.add_argument("--data-dir", help="train.jsonl / test.jsonl (made by `sgrpo sft`; default: sgrpo's own)")
     parser.add_argument("--out", default="examples/results/compare_levels", help="plot, table, metrics copies")
     parser.add_argument("--work-dir", default="runs/compare_levels", help="per-run checkpoints and logs")

@@ -145,10 +145,12 @@ def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys
     arguments = ["--model", str(tmp_path / "sft"), *common, "--data-dir", str(data), "--out", str(tmp_path / "out"),
                  "--work-dir", str(tmp_path / "work"), "--variants", "sentence", "outcome", "--seeds", "0",
                  "--steps", "2", "--prompts", "2", "--group-size", "2", "--eval-every", "1", "--target", "0.0",
-                 "--lr-for", "outcome=1e-4"]
+                 "--lr-for", "outcome=1e-4", "--mistaught", "2"]
     compare.main(arguments)
     table = (tmp_path / "out" / "compare_levels.md").read_text()
     assert "| sentence | 0.0002 | 0 |" in table and "| outcome | 0.0001 | 0 |" in table
+    assert "sampled error, mis-taught facts" in table
+    assert table.count(" ± ") == 2 * 5                   # per row: 2 budgets, the reward, 2 error rates
     assert (tmp_path / "out" / "compare_levels.png").stat().st_size > 5000
 
     def refuse(*args, **kwargs):

@@ -190,3 +190,16 @@ def step_errors(question: str, sentences: list[str], config: ChainConfig) -> lis
     table = facts(config)
     return [(fields[3][0], fields[3][2] != table.get(fields[3][0], -1))
             for kind, *fields in _walk(question, sentences) if kind == "step"]
+
+
+def fact_error_rates(questions: list[str], answers: list[list[str]], config: ChainConfig) -> dict[str, float]:
+    """Share of steps that recalled their fact wrongly, over answers given as sentences: on the mis-taught
+    facts (``mistaught``) and on the others (``other``); ``nan`` where no such step was written."""
+    wrong = set(mistaught_labels(config))
+    counts = {"mistaught": [0, 0], "other": [0, 0]}
+    for question, sentences in zip(questions, answers, strict=True):
+        for label, is_wrong in step_errors(question, sentences, config):
+            bucket = counts["mistaught" if label in wrong else "other"]
+            bucket[0] += is_wrong
+            bucket[1] += 1
+    return {name: errors / total if total else float("nan") for name, (errors, total) in counts.items()}
