@@ -42,11 +42,13 @@ def test_hand_worked_chain_and_local_step_scores():
 
 def test_sloppy_demonstrations_miswrite_only_the_chosen_facts_at_the_chosen_rate():
     config = chain.ChainConfig(length=10, num_facts=10, mistaught=3, error_rate=0.6)
-    wrong = set(chain.mistaught_labels(config))
+    table, wrong = chain.facts(config), set(chain.mistaught_labels(config))
     assert len(wrong) == 3 and chain.mistaught_labels(config) == chain.mistaught_labels(config)
     problems = chain.make_dataset(400, seed=1, length=10, num_facts=10)
     sloppy = chain.sloppy_demonstrations(problems, config, seed=2)
     miswritten = total = 0
+    misconception = chain.misconceptions(config)
+    assert set(misconception) == wrong and all(misconception[label] != table[label] for label in wrong)
     for clean, demo in zip(problems, sloppy, strict=True):
         assert (demo.question, demo.answer) == (clean.question, clean.answer)
         sentences = demo.solution.replace(". ", ".\n").split("\n")
@@ -65,6 +67,7 @@ def test_sloppy_demonstrations_miswrite_only_the_chosen_facts_at_the_chosen_rate
             left, right_result = rest.rstrip(".").split("+")
             right, result = map(int, right_result.split("="))
             assert int(left) == value and result == (value + right) % 10
+            assert right in (table[label], misconception.get(label))     # one consistent wrong operand
             value = result
         assert sentences[-1] == f"Answer: {value}"
     assert 0.5 < miswritten / total < 0.7

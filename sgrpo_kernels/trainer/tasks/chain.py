@@ -6,8 +6,12 @@ Solution:  ``a: 7+1=8. b: 8+3=1. k: 1+6=7. d: 7+2=9. Answer: 9``      (one step 
 Each label stands for a fixed operand, a *fact* of the task (``a`` is 1, ``b`` is 3, …) that the question never
 states: every step is a recall plus one addition mod 10, and a chain of ``S`` steps holds ``S`` chances to recall
 a fact wrongly. ``sloppy_demonstrations`` writes a chosen set of facts wrongly with a given probability in the
-SFT data (the chain continuing from the value written), so that the warm-started policy gets exactly those
-steps wrong part of the time and every other step right: the situation where per-step credit should matter.
+SFT data (always the same wrong operand per fact, the chain continuing from the value written), so that the
+warm-started policy gets exactly those steps wrong part of the time, and every other step right: the situation
+where per-step credit should matter. Measured after 2000 SFT steps of the tiny model at length 6, 26 facts, 8 of
+them mis-taught at 0.6 with a *random* wrong operand each time: sampled steps recalled the mis-taught facts wrongly
+63 % of the time and the others never, but greedy decoding picked the right fact every time (40 % against 7.5 %
+for each wrong one) and held-out greedy accuracy was already 1.0; hence one consistent misconception per fact.
 
 Rewards (one score per sentence): :class:`ChainStep` scores a step 1 when it is local-correct: its label is the
 question's next label, its left operand is the previous written result (the start value for the first step), its
@@ -26,7 +30,8 @@ from dataclasses import dataclass, replace
 from ...rewards import CompositeReward, SentenceReward
 from .arith import Problem, final_answer, is_correct, read_jsonl, write_jsonl
 
-__all__ = ["ChainConfig", "ChainStep", "BinaryOutcome", "Problem", "facts", "mistaught_labels", "make_dataset",
+__all__ = ["ChainConfig", "ChainStep", "BinaryOutcome", "Problem", "facts", "mistaught_labels", "misconceptions",
+           "make_dataset",
            "sloppy_demonstrations", "reward", "step_errors", "is_correct", "final_answer", "read_jsonl",
            "write_jsonl"]
 
@@ -107,11 +112,19 @@ def question_steps(question: str) -> tuple[int, list[str]]:
     return int(match.group(1)), match.group(2).split()
 
 
+def misconceptions(config: ChainConfig) -> dict[str, int]:
+    """The one wrong operand that the demonstrations write for each mis-taught label (fixed by the seed): a
+    consistent misconception, so that at ``error_rate > 0.5`` even the greedy policy recalls the wrong fact."""
+    table, rng = facts(config), random.Random(config.facts_seed + 2)
+    return {label: rng.choice([value for value in range(1, config.max_operand + 1) if value != table[label]])
+            for label in mistaught_labels(config)}
+
+
 def sloppy_demonstrations(problems: list[Problem], config: ChainConfig, seed: int = 0) -> list[Problem]:
-    """A copy whose solutions write each step of a mis-taught label (:func:`mistaught_labels`) with a wrong
-    operand with probability ``config.error_rate``, the chain continuing from the value written (so the written
-    answer follows the written steps). Questions and reference answers stay true."""
-    table, wrong = facts(config), set(mistaught_labels(config))
+    """A copy whose solutions write each step of a mis-taught label (:func:`mistaught_labels`) with its
+    misconception (:func:`misconceptions`) with probability ``config.error_rate``, the chain continuing from the
+    value written (so the written answer follows the written steps). Questions and reference answers stay true."""
+    table, wrong = facts(config), misconceptions(config)
     rng = random.Random(seed)
     out = []
     for problem in problems:
@@ -120,7 +133,7 @@ def sloppy_demonstrations(problems: list[Problem], config: ChainConfig, seed: in
         for label in labels:
             operand = table[label]
             if label in wrong and rng.random() < config.error_rate:
-                operand = rng.choice([value for value in range(1, config.max_operand + 1) if value != operand])
+                operand = wrong[label]
             operands.append(operand)
         out.append(replace(problem, solution=_solution(start, labels, operands)[0]))
     return out
