@@ -140,7 +140,8 @@ def summarise(runs: dict, args) -> str:
     import matplotlib.pyplot as plt
 
     figure, (accuracy_axis, norm_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
-    budgets = sorted({args.steps // 4, args.steps // 2, args.steps} - {0})
+    grid = args.eval_every                  # budgets on the evaluation grid (and the last step, always evaluated)
+    budgets = sorted({args.steps // 4 // grid * grid, args.steps // 2 // grid * grid, args.steps} - {0})
     errors = args.task == "chain" and args.mistaught > 0
     lines = [f"| variant | lr | steps to {args.target:.2f} (per seed) | "
              + " | ".join(f"accuracy at {budget}" for budget in budgets) + " | final reward |"
