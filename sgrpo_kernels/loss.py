@@ -153,7 +153,7 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
         tp_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor parallelism):
             ``logits`` is then this rank's ``[B, T, V_local]`` slice of a vocabulary split into contiguous ranges
             in rank order (uneven shards allowed), ``completion_ids`` are global ids; every rank gets the same loss
-            and metrics and the gradient of its shard. Communication: ``4·B·T`` floats per call
+            and metrics and the gradient of its shard. Communication: ``4·B·T`` floats and the shard sizes per call
             (``ops/vocab_parallel.py``). Composes with ``process_group`` (TP × DP). Not with ``"reference"``.
         vocab_start_index: the first global id of this rank's shard (default: the sum of the lower ranks'
             ``V_local``).
@@ -181,7 +181,7 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
     normalizer = _checked_batch_arguments(config, logits.shape[:2], logits.device, old_logps, is_weights,
                                           sampling_logps, normalizer)
     chosen = resolve_backend(backend, logits.device)
-    op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], tp_group, vocab_start_index)
+    op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], logits.device, tp_group, vocab_start_index)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
         return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
@@ -206,7 +206,7 @@ def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps,
     return (loss, metrics) if return_metrics else loss
 
 
-def _vocab_parallel_backend(backend: str, local_vocab: int, tp_group, vocab_start_index,
+def _vocab_parallel_backend(backend: str, local_vocab: int, device, tp_group, vocab_start_index,
                             sum_hidden_gradient: bool = True) -> str:
     """The custom ops' backend argument: ``backend``, or with ``tp_group`` the backend on this rank's shard."""
     if tp_group is None:
@@ -219,7 +219,8 @@ def _vocab_parallel_backend(backend: str, local_vocab: int, tp_group, vocab_star
     if vocab_start_index is not None and (isinstance(vocab_start_index, bool)
                                           or not isinstance(vocab_start_index, int)):
         raise TypeError(f"vocab_start_index must be an int or None, got {vocab_start_index!r}")
-    return sharded_backend(backend, vocab_shard(local_vocab, tp_group, vocab_start_index, sum_hidden_gradient))
+    return sharded_backend(backend, vocab_shard(local_vocab, tp_group, device, vocab_start_index,
+                                                sum_hidden_gradient))
 
 
 def _check_linear_inputs(hidden, weight, bias, chunk_size) -> None:
@@ -306,7 +307,7 @@ def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantag
                                           sampling_logps, normalizer)
     _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
     chosen = resolve_backend(backend, hidden.device)
-    op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], tp_group, vocab_start_index,
+    op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], hidden.device, tp_group, vocab_start_index,
                                          tp_reduce_hidden_grad)
     if chosen.name == "reference":
         check_loss_values(completion_ids, segment_ids, advantages, weight.shape[0])
@@ -355,7 +356,7 @@ def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backen
     if ids.device != logits.device:
         raise ValueError(f"ids is on {ids.device} but logits is on {logits.device}")
     chosen = resolve_backend(backend, logits.device)
-    op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], tp_group, vocab_start_index)
+    op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], logits.device, tp_group, vocab_start_index)
     if chosen.name != "reference":
         vocab = logits.shape[-1]
         if logits.dim() != 3 or logits.stride(-1) != 1:
@@ -388,7 +389,7 @@ def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1
         raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
     _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
     chosen = resolve_backend(backend, hidden.device)
-    op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], tp_group, vocab_start_index,
+    op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], hidden.device, tp_group, vocab_start_index,
                                          tp_reduce_hidden_grad)
     if chosen.name == "reference":
         return token_logprobs(_materialised_logits(hidden, weight, bias), ids, temperature=temperature,

@@ -14,7 +14,8 @@ token, and pass C none:
   the gradient, except that a rank not owning a row's target must not add the one-hot term: that one element
   per row is rewritten from its saved logit.
 
-Communication per call: ``N`` floats (max) and ``3N`` (sum), never ``O(N·V)``.
+Communication per call: the shard sizes (one int per rank), ``N`` floats (max) and ``3N`` (sum), never
+``O(N·V)``.
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ class VocabShard:
     sum_hidden_gradient: bool = True      # fused linear path: all-reduce the gradient of the hidden states
 
 
-def vocab_shard(local_vocab: int, group, vocab_start: int | None = None,
+def vocab_shard(local_vocab: int, group, device: torch.device, vocab_start: int | None = None,
                 sum_hidden_gradient: bool = True) -> VocabShard:
-    """Every rank's shard size (one all-gather of an int), hence this rank's start (unless given) and the size of
-    the whole vocabulary."""
+    """Every rank's shard size (one all-gather of one int64 on ``device``, the logits' device, which the group's
+    backend serves: no pickling), hence this rank's start (unless given) and the size of the whole vocabulary."""
     import torch.distributed as dist
 
-    sizes = [None] * dist.get_world_size(group)
-    dist.all_gather_object(sizes, int(local_vocab), group=group)
+    gathered = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, torch.full((1,), int(local_vocab), dtype=torch.int64, device=device), group=group)
+    sizes = [int(size) for size in torch.cat(gathered).tolist()]
     rank = dist.get_rank(group)
     start = sum(sizes[:rank]) if vocab_start is None else int(vocab_start)
     total = sum(sizes)
