@@ -1,27 +1,16 @@
-"""The ``sgrpo`` command: supervised warm start, sentence-level GRPO, benchmarks.
-
-    sgrpo sft   --task arith-small --drop-answer-line 0.6 --steps 500 --output-dir runs/sft
-                # a tiny model + char tokenizer, supervised warm start on demonstrations that often omit the answer
-    sgrpo train --task arith-small --model runs/sft --output-dir runs/grpo --steps 30 --prompts 16 --lr 1e-4
-                # sentence-level GRPO from that checkpoint; prints held-out accuracy before and after
-    sgrpo bench --preset quick
-                # the benchmark suite (from a source checkout)
-"""
+"""The commands behind ``sgrpo sft`` and ``sgrpo train``; the parser and every check of the command line are in the
+torch-free front end :mod:`sgrpo_kernels_cli` (the console script), which calls these after the checks pass.
+``python -m sgrpo_kernels.cli`` runs the same command."""
 
 from __future__ import annotations
 
-import argparse
+import filecmp
 import json
 import os
-import subprocess
 import sys
 
-import torch
-
-from .config import RATIO_LEVELS
-from .levels import DEFAULT_SENTENCE_RATIO_LEVEL, LEVELS
-
-TASKS = ("arith", "arith-small", "chain")
+import sgrpo_kernels_cli as front
+from sgrpo_kernels_cli import TASKS, build_parser, main  # noqa: F401  (the command's names, importable from here)
 
 
 def _task(args):
@@ -29,21 +18,15 @@ def _task(args):
     if args.task == "chain":
         from .trainer.tasks import chain
         return chain, dict(length=args.chain_length, num_facts=args.chain_facts)
-    if args.task in TASKS:
-        from .trainer.tasks import arith
-        return arith, arith.SIZES[args.task]
-    raise ValueError(f"unknown task {args.task!r}; available: {', '.join(TASKS)}")
+    from .trainer.tasks import arith
+    return arith, arith.SIZES[args.task]
 
 
 def _chain_config(args):
-    """The chain task's configuration from the flags; a bad value ends the command with one line."""
     from .trainer.tasks import chain
-    try:
-        return chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts,
-                                 mistaught=getattr(args, "mistaught", 0),
-                                 error_rate=getattr(args, "mistaught_rate", 0.6))
-    except ValueError as error:
-        raise SystemExit(f"sgrpo {args.command}: {error}") from None
+    return chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts,
+                             mistaught=getattr(args, "mistaught", 0),
+                             error_rate=getattr(args, "mistaught_rate", front.CHAIN_DEFAULTS["mistaught_rate"]))
 
 
 def _max_new_tokens(args) -> int:
@@ -51,117 +34,65 @@ def _max_new_tokens(args) -> int:
     return 64 if args.task != "chain" else 11 * args.chain_length + 16
 
 
-def _datasets(args, train_size: int):
-    """The task's JSONL files in ``args.data_dir`` (default ``data/<task>``, for the chain task
-    ``data/chain-L<length>-F<facts>``; written on first use from a fixed seed), read back."""
-    task, sizes = _task(args)
-    data_dir, seed, eval_size = args.data_dir, args.seed, args.eval_size
-    task_name = args.task if args.task != "chain" else f"chain-L{args.chain_length}-F{args.chain_facts}"
-    data_dir = data_dir or os.path.join("data", task_name)
-    os.makedirs(data_dir, exist_ok=True)
-    paths = {split: os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "test")}
-    if not all(os.path.exists(path) for path in paths.values()):
-        task.write_jsonl(task.make_dataset(train_size, seed=seed, **sizes), paths["train"])
-        task.write_jsonl(task.make_dataset(eval_size, seed=seed + 1, **sizes), paths["test"])
-    return task.read_jsonl(paths["train"]), task.read_jsonl(paths["test"])
+def _note(args, message: str) -> None:
+    print(f"sgrpo {args.command}: {message}", file=sys.stderr)
 
 
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=TASKS, default="arith",
-                        help="the problem set: arith (operands <= 20), arith-small (operands <= 9) or chain "
-                             "(a running value mod 10 over labelled steps whose operands are facts to recall) "
-                             "(default: arith)")
-    parser.add_argument("--chain-length", type=int, default=6, help="chain task: steps per problem (default: 6)")
-    parser.add_argument("--chain-facts", type=int, default=26, help="chain task: labels, each a fact (default: 26)")
-    parser.add_argument("--data-dir", help="JSONL question/answer files, made if missing (default: data/<task>)")
-    parser.add_argument("--output-dir", required=True, help="where the checkpoint, metrics and plots go")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--eval-size", type=int, default=300, help="held-out problems for greedy accuracy")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sgrpo", description="Sentence-level GRPO with fused kernels.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{sft,train,bench}")
-
-    sft = commands.add_parser("sft", help="supervised warm start of a tiny model on the task",
-                              description="Build a tiny Qwen2-style model with a character tokenizer (or load "
-                                          "--model) and teach it the solution format by supervised fine-tuning.")
-    _common_arguments(sft)
-    sft.add_argument("--model", help="a local model folder to start from (default: a new tiny model)")
-    sft.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
-    sft.add_argument("--batch-size", type=int, default=64, help="problems per step (default: 64)")
-    sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
-    sft.add_argument("--drop-answer-line", type=float, default=0.0, metavar="FRACTION",
-                     help="share of demonstrations whose final 'Answer:' sentence is removed (default: 0)")
-    sft.add_argument("--mistaught", type=int, default=0,
-                     help="chain task: facts the demonstrations write wrongly at --mistaught-rate (default: 0)")
-    sft.add_argument("--mistaught-rate", type=float, default=0.6,
-                     help="chain task: how often a mis-taught fact is written wrongly (default: 0.6)")
-
-    train = commands.add_parser("train", help="sentence-level GRPO from a checkpoint",
-                                description="GRPO with per-sentence rewards (correctness, logic, format), group "
-                                            "advantages and the fused loss; writes metrics.jsonl, plots and "
-                                            "save_pretrained checkpoints.")
-    _common_arguments(train)
-    train.add_argument("--model", required=True, help="local model folder, e.g. the output of `sgrpo sft`")
-    train.add_argument("--level", choices=LEVELS, default="sentence",
-                       help="scale of rewards and ratios (default: sentence)")
-    train.add_argument("--ratio-level", choices=RATIO_LEVELS, default=DEFAULT_SENTENCE_RATIO_LEVEL,
-                       help="sentence level's ratio: exp of the sum of its token log-ratios or of their mean "
-                            f"(default: {DEFAULT_SENTENCE_RATIO_LEVEL}; token level always sums, output level "
-                            "always takes the mean)")
-    train.add_argument("--advantage", choices=("sentence", "cumulative", "broadcast"), default="sentence",
-                       help="sentence level: each sentence its own normalised reward, their sum from it to the end "
-                            "(reward-to-go), or its answer's normalised mean reward (default: sentence)")
-    train.add_argument("--output-ratio-level", choices=RATIO_LEVELS, default="mean",
-                       help="output level's ratio: exp of the mean (GSPO) or of the sum of the answer's token "
-                            "log-ratios (default: mean)")
-    train.add_argument("--steps", type=int, default=40, help="GRPO steps (default: 40)")
-    train.add_argument("--group-size", type=int, default=8, help="answers sampled per prompt, G (default: 8)")
-    train.add_argument("--prompts", type=int, default=8, help="prompts per step (default: 8)")
-    train.add_argument("--beta", type=float, default=0.0, help="KL weight to the reference model (default: 0)")
-    train.add_argument("--epsilon", type=float, default=0.2, help="clip range of the ratio (default: 0.2)")
-    train.add_argument("--scale", choices=("std", "none"), default="std",
-                       help="divide group-centred rewards by their std (GRPO) or not (Dr. GRPO) (default: std)")
-    train.add_argument("--mu", type=int, default=1, help="updates per batch of rollouts (default: 1)")
-    train.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
-    train.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1)")
-    train.add_argument("--eval-every", type=int, default=10, help="steps between evaluations (default: 10)")
-    train.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only the end)")
-    train.add_argument("--resume", help="a checkpoint folder of an earlier run to continue from")
-    train.add_argument("--outcome-reward", action="store_true",
-                       help="chain task: every sentence gets the answer's binary outcome instead of its local "
-                            "step reward (the one-reward-per-answer baseline)")
-
-    bench = commands.add_parser("bench", help="run the speed and memory benchmarks (source checkout)",
-                                description="Run benchmarks/bench_loss.py and benchmarks/bench_fused_linear.py.")
-    bench.add_argument("--preset", default="quick", help="quick, cpu or gpu (default: quick)")
-    bench.add_argument("--out", default="benchmarks/out", help="folder for CSV, PNG and Markdown")
-    return parser
+def _datasets(args):
+    """The task's problems from ``train.jsonl`` and ``test.jsonl`` in the data folder, generated (with
+    ``stamp.json``, the generator's arguments) when :func:`sgrpo_kernels_cli.data_plan` says so."""
+    task, options = _task(args)
+    data_dir, action = front.data_plan(args)
+    stamp = {**front.data_stamp(args), "generator": {"module": task.__name__, "options": options,
+                                                     "train_seed": args.data_seed, "test_seed": args.data_seed + 1}}
+    paths = [os.path.join(data_dir, name) for name in front.DATA_FILES]
+    recorded = front.read_stamp(data_dir)
+    if action == "use" and recorded is None:
+        _note(args, f"using the problems in {data_dir} as they are (no {front.STAMP}: --data-seed and --eval-size "
+                    "do not apply to them)")
+    elif action == "use" and recorded.get("generator") != stamp["generator"]:   # same flags, another generator
+        if args.data_dir is not None:
+            raise front.UsageError(f"sgrpo {args.command}: error: --data-dir {data_dir} was generated by another "
+                                   f"version of the task generator ({recorded.get('generator')}); use another "
+                                   "--data-dir")
+        action = "write"
+    if action in ("write", "compare"):
+        os.makedirs(data_dir, exist_ok=True)
+        fresh = [path + ".new" for path in paths]
+        task.write_jsonl(task.make_dataset(front.TRAIN_SIZE, seed=args.data_seed, **options), fresh[0])
+        task.write_jsonl(task.make_dataset(args.eval_size, seed=args.data_seed + 1, **options), fresh[1])
+        same = action == "compare" and all(filecmp.cmp(new, old, shallow=False) for new, old in zip(fresh, paths))
+        if action == "compare" and not same:
+            _note(args, f"{data_dir} had no {front.STAMP} and other problems than these flags give: regenerated")
+        elif action == "write" and os.path.exists(paths[0]):
+            _note(args, f"{data_dir} was made with other flags: regenerated")
+        for new, path in zip(fresh, paths):
+            if same:
+                os.remove(new)
+            else:
+                os.replace(new, path)
+        with open(os.path.join(data_dir, front.STAMP), "w") as handle:
+            json.dump(stamp, handle, indent=1)
+    return task.read_jsonl(paths[0]), task.read_jsonl(paths[1])
 
 
 def _threads(count: int) -> None:
     if count:
+        import torch
+
         torch.set_num_threads(count)
 
 
 def run_sft(args) -> dict:
+    from .trainer.plots import SFT_PANELS, plot_metrics
     from .trainer.sft import run_sft as sft
     from .trainer.tiny import char_tokenizer, load_pretrained, tiny_model
 
     _threads(args.threads)
     task, _ = _task(args)
-    config = _chain_config(args) if args.task == "chain" else None     # checked before any data or model
-    train, held_out = _datasets(args, 20000)
-    if args.task == "chain":
-        if args.drop_answer_line:
-            raise SystemExit("sgrpo sft: --drop-answer-line applies to the arith tasks, not to chain")
-        if args.mistaught:
-            train = task.sloppy_demonstrations(train, config, seed=args.seed)
-    elif args.mistaught:
-        raise SystemExit("sgrpo sft: --mistaught applies to the chain task")
+    train, held_out = _datasets(args)
+    if args.task == "chain" and args.mistaught:
+        train = task.sloppy_demonstrations(train, _chain_config(args), seed=args.seed)
     elif args.drop_answer_line:
         train = task.drop_answer_lines(train, args.drop_answer_line, seed=args.seed)
     if args.model:
@@ -171,9 +102,37 @@ def run_sft(args) -> dict:
         model = tiny_model(tokenizer, seed=args.seed)
     accuracy = sft(model, tokenizer, train, held_out, task.is_correct, steps=args.steps, batch_size=args.batch_size,
                    lr=args.lr, seed=args.seed, output_dir=args.output_dir, max_new_tokens=_max_new_tokens(args))
+    plot_metrics(os.path.join(args.output_dir, "sft_metrics.jsonl"), os.path.join(args.output_dir, "sft_loss.png"),
+                 title=_sft_title(args, accuracy, len(held_out)), panels=SFT_PANELS)
+    print(f"held-out greedy accuracy ({len(held_out)} problems) after {args.steps} SFT steps: {accuracy:.3f}")
     summary = {"held_out_accuracy": accuracy, "output_dir": args.output_dir}
     print(json.dumps(summary))
     return summary
+
+
+def _task_title(args) -> str:
+    return args.task if args.task != "chain" else f"chain (L={args.chain_length}, facts={args.chain_facts})"
+
+
+def _sft_title(args, accuracy: float, held_out: int) -> str:
+    sloppy = ""
+    if args.mistaught:
+        sloppy = f", {args.mistaught} facts mis-taught at rate {args.mistaught_rate:g}"
+    elif args.drop_answer_line:
+        sloppy = f", answer line dropped from {args.drop_answer_line:g} of demonstrations"
+    return (f"SFT, task={_task_title(args)}{sloppy}\n{args.steps} steps, batch {args.batch_size}, lr={args.lr:g}; "
+            f"held-out greedy accuracy {accuracy:.3f} ({held_out} problems)")
+
+
+def _train_title(args) -> str:
+    """The run's configuration in one line: what a reader of the plot needs to know what it shows."""
+    level = {"sentence": f"sentence level (ratio: {args.ratio_level}, advantage: {args.advantage})",
+             "token": "token level", "output": f"output level (ratio: {args.output_ratio_level})"}[args.level]
+    extras = "".join([f", beta={args.beta:g}" if args.beta else "", f", mu={args.mu}" if args.mu > 1 else "",
+                      ", outcome reward" if args.outcome_reward else "",
+                      f", T={args.temperature:g}" if args.temperature != 1 else ""])
+    return (f"GRPO, {level}, task={_task_title(args)}\n{args.steps} steps, {args.prompts} prompts x "
+            f"G={args.group_size}, lr={args.lr:g}{extras}")
 
 
 def run_train(args) -> dict:
@@ -182,46 +141,28 @@ def run_train(args) -> dict:
     from .trainer.tiny import load_pretrained
 
     _threads(args.threads)
-    try:                                  # option combinations are checked before any data or model
-        config = GRPOLoopConfig(level=args.level, ratio_level=args.ratio_level, advantage=args.advantage,
-                                output_ratio_level=args.output_ratio_level, steps=args.steps,
-                                prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu,
-                                beta=args.beta, epsilon=args.epsilon, scale=args.scale, lr=args.lr,
-                                temperature=args.temperature, eval_every=args.eval_every, save_every=args.save_every,
-                                seed=args.seed, max_new_tokens=_max_new_tokens(args))
-    except ValueError as error:
-        raise SystemExit(f"sgrpo train: {error}") from None
+    config = GRPOLoopConfig(level=args.level, ratio_level=args.ratio_level, advantage=args.advantage,
+                            output_ratio_level=args.output_ratio_level, steps=args.steps,
+                            prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu,
+                            beta=args.beta, epsilon=args.epsilon, scale=args.scale, lr=args.lr,
+                            temperature=args.temperature, eval_every=args.eval_every, save_every=args.save_every,
+                            seed=args.seed, max_new_tokens=_max_new_tokens(args))
     task, _ = _task(args)
-    if args.outcome_reward and args.task != "chain":
-        raise SystemExit("sgrpo train: --outcome-reward applies to the chain task")
     sentence_reward = (task.reward(_chain_config(args), outcome_only=args.outcome_reward) if args.task == "chain"
                        else task.reward())
-    train, held_out = _datasets(args, 20000)
+    train, held_out = _datasets(args)
     model, tokenizer = load_pretrained(args.resume or args.model)
     loop = GRPOLoop(model, tokenizer, train, held_out, task.is_correct, sentence_reward, config, args.output_dir,
                     resume_from=args.resume)
     summary = loop.train()
     plot_metrics(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "training.png"),
-                 title=f"sentence-level GRPO, level={args.level}")
-    if "accuracy_before" in summary:
-        print(f"held-out greedy accuracy ({len(held_out)} problems): {summary['accuracy_before']:.3f} before, "
-              f"{summary['accuracy_after']:.3f} after {args.steps} GRPO steps")
+                 title=_train_title(args))
+    before = f"{summary['accuracy_before']:.3f} before, " if "accuracy_before" in summary else ""
+    print(f"held-out greedy accuracy ({len(held_out)} problems): {before}{summary['accuracy_after']:.3f} after "
+          f"{args.steps} GRPO steps (the progress bar's train_acc is on sampled training answers at temperature "
+          f"{args.temperature:g})")
     print(json.dumps(summary))
     return summary
-
-
-def run_bench(args) -> None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isdir(os.path.join(root, "benchmarks")):
-        sys.exit("sgrpo bench runs the benchmarks of a source checkout; benchmarks/ was not found next to the package")
-    for script in ("bench_loss", "bench_fused_linear"):
-        subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--preset", args.preset, "--out", args.out],
-                       cwd=root, check=True)
-
-
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    {"sft": run_sft, "train": run_train, "bench": run_bench}[args.command](args)
 
 
 if __name__ == "__main__":
