@@ -204,7 +204,8 @@ class GRPOLoop:
                 record["eval_accuracy"] = self.evaluate()
             self.log.write(record)
             bar.update(1)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['train_accuracy']:.2f}")
+            # train_acc: this step's sampled answers (at the sampling temperature), not the held-out greedy accuracy
+            bar.set_postfix(reward=f"{record['reward']:.3f}", train_acc=f"{record['train_accuracy']:.2f}")
             if self.config.save_every and self.step_index % self.config.save_every == 0:
                 self.save(os.path.join(self.output_dir, f"checkpoint-{self.step_index}"))
         bar.close()
