@@ -1,6 +1,7 @@
 """Sentence-level GRPO on random data: sentence rewards -> group advantages -> loss -> gradient.
 
-Run with `make demo`. Prints the loss, its gradient norm and the metrics (clip fraction first).
+Run with `make demo-loss` (or `python examples/demo_loss.py`). Prints the loss, its gradient norm and the metrics
+(clip fraction first).
 """
 
 import argparse
