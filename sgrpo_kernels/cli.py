@@ -17,7 +17,8 @@ def _task(args):
     """The task module of ``args.task`` and the keyword arguments of its ``make_dataset``."""
     if args.task == "chain":
         from .trainer.tasks import chain
-        return chain, dict(length=args.chain_length, num_facts=args.chain_facts)
+        return chain, dict(length=args.chain_length, num_facts=args.chain_facts,
+                           max_operand=args.chain_max_operand)
     from .trainer.tasks import arith
     return arith, arith.SIZES[args.task]
 
@@ -25,6 +26,7 @@ def _task(args):
 def _chain_config(args):
     from .trainer.tasks import chain
     return chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts,
+                             max_operand=args.chain_max_operand,
                              mistaught=getattr(args, "mistaught", 0),
                              error_rate=getattr(args, "mistaught_rate", front.CHAIN_DEFAULTS["mistaught_rate"]))
 
@@ -111,7 +113,11 @@ def run_sft(args) -> dict:
 
 
 def _task_title(args) -> str:
-    return args.task if args.task != "chain" else f"chain (L={args.chain_length}, facts={args.chain_facts})"
+    if args.task != "chain":
+        return args.task
+    operand = args.chain_max_operand
+    operand = "" if operand == front.CHAIN_DEFAULTS["chain_max_operand"] else f", operands<={operand}"
+    return f"chain (L={args.chain_length}, facts={args.chain_facts}{operand})"
 
 
 def _sft_title(args, accuracy: float, held_out: int) -> str:

@@ -29,11 +29,11 @@ LEVELS = ("token", "sentence", "output")
 RATIO_LEVELS = ("sum", "mean")
 DEFAULT_SENTENCE_RATIO_LEVEL = "mean"
 ADVANTAGES = ("sentence", "cumulative", "broadcast")
-CHAIN_MAX_LENGTH, CHAIN_MAX_FACTS = 40, 52
+CHAIN_MAX_LENGTH, CHAIN_MAX_FACTS, CHAIN_MAX_OPERAND = 40, 52, 9
 BENCH_PRESETS = ("quick", "cpu", "gpu", "options")
 TRAIN_SIZE = 20000                       # problems in train.jsonl
 # flags whose default stands only for the chain task (None: not given, so that giving one elsewhere is an error)
-CHAIN_DEFAULTS = {"chain_length": 6, "chain_facts": 26, "mistaught_rate": 0.6}
+CHAIN_DEFAULTS = {"chain_length": 6, "chain_facts": 26, "chain_max_operand": 9, "mistaught_rate": 0.6}
 STAMP = "stamp.json"
 DATA_FILES = ("train.jsonl", "test.jsonl")
 
@@ -63,10 +63,13 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{CHAIN_MAX_LENGTH} (default: {CHAIN_DEFAULTS['chain_length']})")
     parser.add_argument("--chain-facts", type=int, help="chain task: labels, each a fact, 1 to "
                         f"{CHAIN_MAX_FACTS} (default: {CHAIN_DEFAULTS['chain_facts']})")
+    parser.add_argument("--chain-max-operand", type=int, help="chain task: each fact an operand in [1, this], 1 to "
+                        f"{CHAIN_MAX_OPERAND} (default: {CHAIN_DEFAULTS['chain_max_operand']})")
     parser.add_argument("--data-dir", help="folder of train.jsonl and test.jsonl, written with stamp.json if "
                                            "missing; refused if its stamp disagrees with --task, --chain-*, "
                                            "--data-seed or --eval-size (default: data/<task>, for chain "
-                                           "data/chain-L<length>-F<facts>, a cache remade when the flags change)")
+                                           "data/chain-L<length>-F<facts>[-O<max operand>], a cache remade when "
+                                           "the flags change)")
     parser.add_argument("--data-seed", type=int, default=0,
                         help="seed of the generated problems (test.jsonl: this seed + 1) (default: 0)")
     parser.add_argument("--output-dir", required=True, help="where the checkpoint, metrics and plots go (required)")
@@ -209,7 +212,8 @@ def _writable_folder(args, dest: str) -> None:
 
 def _check_chain(args) -> None:
     """The chain flags belong to --task chain; their defaults are filled in here."""
-    names = ["chain_length", "chain_facts"] + (["mistaught_rate"] if args.command == "sft" else [])
+    names = ["chain_length", "chain_facts", "chain_max_operand"] + (["mistaught_rate"] if args.command == "sft"
+                                                                     else [])
     if args.task != "chain":
         for name in names:
             _require(getattr(args, name) is None, args, f"{_flag(name)} applies to --task chain, not {args.task}")
@@ -219,6 +223,7 @@ def _check_chain(args) -> None:
             setattr(args, name, CHAIN_DEFAULTS[name])
     _between(args, "chain_length", 1, CHAIN_MAX_LENGTH)
     _between(args, "chain_facts", 1, CHAIN_MAX_FACTS)
+    _between(args, "chain_max_operand", 1, CHAIN_MAX_OPERAND)
 
 
 def _check_sft(args) -> None:
@@ -231,6 +236,8 @@ def _check_sft(args) -> None:
     if args.task == "chain":
         _require(args.drop_answer_line == 0, args, "--drop-answer-line applies to the arith tasks, not to chain")
         _between(args, "mistaught", 0, args.chain_facts)
+        _require(not args.mistaught or args.chain_max_operand >= 2, args,
+                 "--mistaught needs a wrong operand to write: --chain-max-operand must be >= 2")
         _between(args, "mistaught_rate", 0, 1)
     else:
         _require(args.mistaught == 0, args, f"--mistaught applies to --task chain, not {args.task}")
@@ -281,13 +288,20 @@ def data_stamp(args) -> dict:
     """What the generated files depend on, by flag; ``sgrpo_kernels.cli`` adds the generator's own options."""
     stamp = {"task": args.task, "data_seed": args.data_seed, "train_size": TRAIN_SIZE, "eval_size": args.eval_size}
     if args.task == "chain":
-        stamp.update(chain_length=args.chain_length, chain_facts=args.chain_facts)
+        stamp.update(chain_length=args.chain_length, chain_facts=args.chain_facts,
+                     chain_max_operand=args.chain_max_operand)
     return stamp
 
 
 def default_data_dir(args) -> str:
-    name = args.task if args.task != "chain" else f"chain-L{args.chain_length}-F{args.chain_facts}"
-    return os.path.join("data", name)
+    return os.path.join("data", chain_data_name(args) if args.task == "chain" else args.task)
+
+
+def chain_data_name(args) -> str:
+    """``chain-L<length>-F<facts>``, with ``-O<max operand>`` when it is not the default."""
+    name = f"chain-L{args.chain_length}-F{args.chain_facts}"
+    operand = args.chain_max_operand
+    return name if operand == CHAIN_DEFAULTS["chain_max_operand"] else f"{name}-O{operand}"
 
 
 def read_stamp(data_dir: str) -> dict | None:
@@ -341,8 +355,11 @@ def _source_root() -> str:
 
 def run_bench(args) -> None:
     for script in ("bench_loss", "bench_fused_linear"):
-        subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--preset", args.preset, "--out", args.out],
-                       cwd=_source_root(), check=True)
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--preset", args.preset, "--out",
+                               args.out], cwd=_source_root())
+        if done.returncode:
+            raise SystemExit(f"sgrpo bench: benchmarks.{script} failed (exit status {done.returncode}; its output "
+                             "is above)")
 
 
 def main(argv=None) -> None:
@@ -351,15 +368,15 @@ def main(argv=None) -> None:
         args, unknown = build_parser().parse_known_args(argv)
         _require(not unknown, args, f"unrecognized arguments: {' '.join(unknown)}")     # said by the subcommand
         check_arguments(args)
-    except UsageError as error:
+        if args.command == "bench":
+            run_bench(args)
+            return
+        from sgrpo_kernels import cli
+
+        {"sft": cli.run_sft, "train": cli.run_train}[args.command](args)
+    except UsageError as error:          # also one the command raises about its data before loading a model
         print(error, file=sys.stderr)
         raise
-    if args.command == "bench":
-        run_bench(args)
-        return
-    from sgrpo_kernels import cli
-
-    {"sft": cli.run_sft, "train": cli.run_train}[args.command](args)
 
 
 if __name__ == "__main__":

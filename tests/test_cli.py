@@ -102,7 +102,10 @@ def test_the_front_end_repeats_the_trainers_choices_and_bounds():
             chain.ChainConfig(**options)
     defaults = chain.ChainConfig()
     assert front.CHAIN_DEFAULTS == {"chain_length": defaults.length, "chain_facts": defaults.num_facts,
-                                    "mistaught_rate": defaults.error_rate}
+                                    "chain_max_operand": defaults.max_operand, "mistaught_rate": defaults.error_rate}
+    chain.ChainConfig(max_operand=front.CHAIN_MAX_OPERAND)
+    with pytest.raises(ValueError):
+        chain.ChainConfig(max_operand=front.CHAIN_MAX_OPERAND + 1)
 
 
 # -- one test per class of argument ----------------------------------------------------------------------------------
@@ -154,6 +157,8 @@ def test_paths_that_hold_no_model_or_cannot_be_written(tmp_path, model_dir):
     (["sft", "--drop-answer-line", "1.5"], "--drop-answer-line must lie in [0, 1]"),
     (["sft", "--task", "chain", "--chain-length", "41"], "--chain-length must lie in [1, 40]"),
     (["sft", "--task", "chain", "--chain-facts", "0"], "--chain-facts must lie in [1, 52]"),
+    (["train", "--task", "chain", "--chain-max-operand", "10"], "--chain-max-operand must lie in [1, 9]"),
+    (["sft", "--task", "chain", "--chain-max-operand", "1", "--mistaught", "1"], "--chain-max-operand must be >= 2"),
     (["sft", "--task", "chain", "--chain-facts", "5", "--mistaught", "6"], "--mistaught must lie in [0, 5]"),
     (["sft", "--task", "chain", "--mistaught", "2", "--mistaught-rate", "1.2"], "--mistaught-rate must lie in [0, 1]"),
 ])
@@ -281,3 +286,29 @@ def test_a_users_own_files_are_used_as_they_are(tmp_path, capsys):
     train, test = _datasets(sft_args(tmp_path, "--data-dir", str(own)))
     assert train == problems and test == problems[:2] and snapshot(own) == before    # no stamp written either
     assert "as they are" in capsys.readouterr().err
+
+
+def test_a_stamp_from_another_generator(tmp_path, monkeypatch, capsys):
+    """Same flags, but the files came from other generator options (another version of the task): an explicit
+    --data-dir is refused in one line, the default cache is remade."""
+    from sgrpo_kernels.cli import _datasets
+
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "mine"
+    for extra in (["--data-dir", str(mine)], []):
+        _datasets(sft_args(tmp_path, *extra, "--eval-size", "3"))
+        folder = mine if extra else tmp_path / "data" / "arith-small"
+        stamp = json.loads((folder / "stamp.json").read_text())
+        stamp["generator"]["options"]["max_operand"] = 7
+        (folder / "stamp.json").write_text(json.dumps(stamp))
+        before = snapshot(folder)
+        if extra:
+            with pytest.raises(SystemExit) as refusal:
+                front.main(["sft", "--task", "arith-small", "--output-dir", str(tmp_path / "out"), "--eval-size", "3",
+                            *extra])
+            assert refusal.value.code == 2 and snapshot(folder) == before
+            assert capsys.readouterr().err.strip() == str(refusal.value) and "another version" in str(refusal.value)
+            assert not (tmp_path / "out").exists()                    # refused before the model was built
+        else:
+            _datasets(sft_args(tmp_path, "--eval-size", "3"))
+            assert json.loads((folder / "stamp.json").read_text())["generator"]["options"]["max_operand"] == 9
