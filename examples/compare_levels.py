@@ -17,18 +17,26 @@ Variants (each from the same checkpoint, with the same steps, prompts and sample
   is exactly the output level's: there is nothing to compare).
 
 A run whose ``metrics.jsonl`` copy in ``--out`` already reaches ``--steps`` is not run again, so the comparison
-can be run in parts (``--variants``, ``--seeds``) and resumed. ``--lr-for name=value`` sets one variant's
-learning rate (from a sweep on one seed). With ``--mistaught`` (chain task) each run ends by measuring how often
-the trained policy recalls the mis-taught and the other facts wrongly. Writes ``compare_levels.png`` (held-out
-greedy accuracy and gradient norm per step, mean and range over seeds), ``compare_levels.md`` (steps to
-``--target`` accuracy, accuracy at fixed budgets, final reward, fact errors) and every run's ``metrics.jsonl``
-into ``--out``; checkpoints go to ``--work-dir``.
+can be run in parts (``--variants``, ``--seeds``) and resumed. Learning rates: ``--sweep 1e-4 2e-4 4e-4`` first
+runs every variant at each rate on the first seed and keeps, per variant, the rate that reaches ``--target``
+first (ties: the higher mean held-out accuracy over the run), written to ``lr_sweep.md``; ``--lr-for
+name=value`` sets one variant's rate by hand. Gradient clipping is off by default (``--max-grad-norm``), so that
+the variants' different gradient scales (a sentence-level gradient is ~15× an output-level one) are absorbed by
+AdamW alone. ``--snr-pairs K`` measures, at the starting checkpoint, the cosine between the gradients of two
+independent batches (the same ``K`` pairs of batches for every variant): with ``g = μ + noise``,
+``E[cos] ≈ |μ|² / (|μ|² + E|noise|²)``, a per-batch signal-to-noise ratio ``cos / (1 − cos)``. With
+``--mistaught`` (chain task) each run ends by measuring how often the trained policy recalls the mis-taught and
+the other facts wrongly. Writes ``compare_levels.png`` (held-out greedy accuracy and gradient norm per step,
+mean and range over seeds), ``compare_levels.md`` (steps to ``--target`` accuracy, accuracy at fixed budgets,
+final reward, gradient cosine, fact errors) and every run's ``metrics.jsonl`` into ``--out``; checkpoints go to
+``--work-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -55,9 +63,14 @@ VARIANTS = {
 def task_of(args):
     """``(task module, reward, max_new_tokens)`` for ``args.task``."""
     if args.task == "chain":
-        config = chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts)
+        config = chain_config(args, mistaught=0)
         return chain, (lambda **options: chain.reward(config, **options)), 11 * args.chain_length + 16
     return arith, (lambda **options: arith.reward(chained=args.chained_correctness)), 64
+
+
+def chain_config(args, mistaught: int) -> chain.ChainConfig:
+    return chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts,
+                             max_operand=args.chain_max_operand, mistaught=mistaught)
 
 
 def finished(path: str, steps: int) -> list[dict] | None:
@@ -75,7 +88,7 @@ def fact_errors(model, tokenizer, problems, args) -> dict:
     from sgrpo_kernels import Segmenter
     from sgrpo_kernels.trainer.common import generate
 
-    config = chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts, mistaught=args.mistaught)
+    config = chain_config(args, mistaught=args.mistaught)
     questions = [problem.question for problem in problems]
     result = {}
     model.eval()
@@ -88,33 +101,72 @@ def fact_errors(model, tokenizer, problems, args) -> dict:
     return result
 
 
-def run_variant(name: str, seed: int, args) -> list[dict]:
-    copy = os.path.join(args.out, f"{name}-seed{seed}.metrics.jsonl")
-    records = finished(copy, args.steps)
-    if records is not None:
-        return records
+def make_loop(name: str, seed: int, lr: float, output_dir: str, args) -> GRPOLoop:
+    """A fresh :class:`GRPOLoop` for variant ``name`` from ``args.model``."""
     options, reward_options = VARIANTS[name]
     task, reward, max_new_tokens = task_of(args)
     if reward_options and args.task != "chain":
         raise SystemExit(f"variant {name!r} needs the chain task's binary outcome reward")
     model, tokenizer = load_pretrained(args.model)
-    torch.manual_seed(seed)
     config = GRPOLoopConfig(**options, steps=args.steps, prompts_per_step=args.prompts, group_size=args.group_size,
-                            lr=args.lrs.get(name, args.lr), eval_every=args.eval_every, seed=seed,
-                            max_new_tokens=max_new_tokens)
-    output_dir = os.path.join(args.work_dir, f"{name}-seed{seed}")       # checkpoints stay out of --out
-    if os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
-        os.remove(os.path.join(output_dir, "metrics.jsonl"))           # an interrupted run starts over
+                            lr=lr, eval_every=args.eval_every, seed=seed, max_new_tokens=max_new_tokens,
+                            max_grad_norm=args.max_grad_norm)
     train = task.read_jsonl(os.path.join(args.data_dir, "train.jsonl"))
     held_out = task.read_jsonl(os.path.join(args.data_dir, "test.jsonl"))
-    GRPOLoop(model, tokenizer, train, held_out, task.is_correct, reward(**reward_options), config,
-             output_dir).train()
+    return GRPOLoop(model, tokenizer, train, held_out, task.is_correct, reward(**reward_options), config, output_dir)
+
+
+def run_name(name: str, lr: float, seed: int) -> str:
+    return f"{name}-lr{lr:g}-seed{seed}"
+
+
+def run_variant(name: str, seed: int, lr: float, args) -> list[dict]:
+    copy = os.path.join(args.out, f"{run_name(name, lr, seed)}.metrics.jsonl")
+    records = finished(copy, args.steps)
+    if records is not None:
+        return records
+    output_dir = os.path.join(args.work_dir, run_name(name, lr, seed))   # checkpoints stay out of --out
+    if os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
+        os.remove(os.path.join(output_dir, "metrics.jsonl"))           # an interrupted run starts over
+    loop = make_loop(name, seed, lr, output_dir, args)
+    torch.manual_seed(seed)
+    model, tokenizer, held_out = loop.model, loop.tokenizer, loop.held_out
+    loop.train()
     if args.task == "chain" and args.mistaught:       # a last record: the fact errors of the trained policy
         torch.manual_seed(seed)
         with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
             handle.write(json.dumps({"step": args.steps, **fact_errors(model, tokenizer, held_out, args)}) + "\n")
     shutil.copy(os.path.join(output_dir, "metrics.jsonl"), copy)
     return finished(copy, args.steps)
+
+
+def gradient_cosines(name: str, args) -> list[float]:
+    """The cosine between the policy gradients of two independent batches at ``args.model``, for
+    ``args.snr_pairs`` pairs; pair ``k`` uses the same two batches (prompts and samples) for every variant."""
+    path = os.path.join(args.out, f"{name}.gradient_cosine.json")
+    if os.path.exists(path):
+        with open(path) as handle:
+            cached = json.load(handle)
+        if len(cached) >= args.snr_pairs:
+            return cached[:args.snr_pairs]
+    loop = make_loop(name, 0, args.lr, os.path.join(args.work_dir, f"{name}-gradients"), args)
+    parameters = [parameter for parameter in loop.model.parameters() if parameter.requires_grad]
+
+    def gradient(batch_seed: int) -> torch.Tensor:
+        torch.manual_seed(batch_seed)
+        loop.generator.manual_seed(batch_seed)
+        batch = loop.rollout()
+        segment_ids, advantages = loop.advantages(batch)
+        loss, _ = loop.policy_loss(batch, segment_ids, advantages, loop._logprobs(loop.model, batch), None)
+        grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double()
+                          for g, p in zip(grads, parameters)])
+
+    cosines = [torch.nn.functional.cosine_similarity(gradient(10_000 + 2 * k), gradient(10_001 + 2 * k),
+                                                     dim=0).item() for k in range(args.snr_pairs)]
+    with open(path, "w") as handle:
+        json.dump(cosines, handle)
+    return cosines
 
 
 def curve(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -130,7 +182,51 @@ def steps_to(records: list[dict], target: float) -> int | None:
 def spread(values: list[float]) -> str:
     if not values:
         return "–"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def described(step: int | None) -> str:
+    return "never" if step is None else str(step)
+
+
+def mean_accuracy(records: list[dict]) -> float:
+    """Held-out accuracy averaged over the evaluations after step 0 (the area under the curve)."""
+    values = curve(records, "eval_accuracy")[1][1:]
+    return statistics.mean(values) if values else 0.0
+
+
+def choose_learning_rates(args) -> dict[str, float]:
+    """``--sweep``: every variant at every rate on the first seed; per variant the rate that reaches
+    ``--target`` first (ties: higher mean held-out accuracy). Writes ``lr_sweep.md``."""
+    from tqdm import tqdm
+
+    seed, rates = args.seeds[0], sorted(args.sweep)
+    work = [(name, lr) for name in args.variants for lr in rates if name not in args.lrs]
+    results = {(name, lr): run_variant(name, seed, lr, args) for name, lr in tqdm(work, desc="lr sweep", unit="run")}
+    chosen = dict(args.lrs)
+    lines = [f"Learning-rate sweep, seed {seed}, {args.steps} steps, clipping "
+             f"{'off' if math.isinf(args.max_grad_norm) else f'at {args.max_grad_norm:g}'}: steps to "
+             f"{args.target:.2f} held-out greedy accuracy / mean accuracy over the run.\n",
+             "| variant | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |",
+             "| --- | " + " | ".join("---:" for _ in rates) + " | ---: |"]
+    for name in args.variants:
+        if name in args.lrs:
+            continue
+
+        def score(lr, name=name):
+            reached = steps_to(results[name, lr], args.target)
+            return (reached if reached is not None else math.inf, -mean_accuracy(results[name, lr]))
+
+        chosen[name] = min(rates, key=score)
+        cells = [f"{described(steps_to(results[name, lr], args.target))} / {mean_accuracy(results[name, lr]):.3f}"
+                 for lr in rates]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen[name]:g} |")
+    with open(os.path.join(args.out, "lr_sweep.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return chosen
 
 
 def summarise(runs: dict, args) -> str:
@@ -143,11 +239,13 @@ def summarise(runs: dict, args) -> str:
     grid = args.eval_every                  # budgets on the evaluation grid (and the last step, always evaluated)
     budgets = sorted({args.steps // 4 // grid * grid, args.steps // 2 // grid * grid, args.steps} - {0})
     errors = args.task == "chain" and args.mistaught > 0
+    cosine = args.snr_pairs > 0
     lines = [f"| variant | lr | steps to {args.target:.2f} (per seed) | "
-             + " | ".join(f"accuracy at {budget}" for budget in budgets) + " | final reward |"
+             + " | ".join(f"accuracy at {budget}" for budget in budgets) + " | final reward | median grad norm |"
+             + (" gradient cosine (SNR) |" if cosine else "")
              + (" sampled error, mis-taught facts | other facts |" if errors else ""),
-             "| --- | ---: | --- | " + " | ".join("---:" for _ in budgets) + " | ---: |"
-             + (" ---: | ---: |" if errors else "")]
+             "| --- | ---: | --- | " + " | ".join("---:" for _ in budgets) + " | ---: | ---: |"
+             + (" ---: |" if cosine else "") + (" ---: | ---: |" if errors else "")]
     for name, seeds in runs.items():
         for key, axis in (("eval_accuracy", accuracy_axis), ("grad_norm", norm_axis)):
             curves = [curve(records, key) for records in seeds]
@@ -164,9 +262,15 @@ def summarise(runs: dict, args) -> str:
             accuracy.append(spread([value for value in values if value is not None]))
         reward = spread([statistics.mean(record["reward"] for record in records[-5:] if "reward" in record)
                          for records in seeds])
+        norm = statistics.median(record["grad_norm"] for records in seeds for record in records
+                                 if "grad_norm" in record)
         row = (f"| {name} | {args.lrs.get(name, args.lr):g} | "
-               f"{', '.join('never' if step is None else str(step) for step in reached)} | "
-               + " | ".join(accuracy) + f" | {reward} |")
+               f"{', '.join(map(described, reached))} | "
+               + " | ".join(accuracy) + f" | {reward} | {norm:.3g} |")
+        if cosine:
+            values = gradient_cosines(name, args)
+            mean = statistics.mean(values)
+            row += f" {spread(values)} ({mean / (1 - mean):.2f}) |"
         if errors:
             last = [next((r for r in reversed(records) if "sampled_error_mistaught" in r), {}) for records in seeds]
             row += "".join(f" {spread([r[key] for r in last if key in r])} |"
@@ -178,15 +282,42 @@ def summarise(runs: dict, args) -> str:
     for axis in (accuracy_axis, norm_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    seeds = len(next(iter(runs.values())))
+    clip = "no clipping" if math.isinf(args.max_grad_norm) else f"clipped at {args.max_grad_norm:g}"
     figure.suptitle(f"{args.task}" + (f", {args.chain_length} steps" if args.task == "chain" else "")
-                    + f": {args.prompts} prompts × {args.group_size} answers per step")
+                    + f": {args.prompts} prompts × {args.group_size} answers per step, {clip}, "
+                    f"{seeds} seed{'s' if seeds > 1 else ''}")
     figure.tight_layout()
     figure.savefig(os.path.join(args.out, "compare_levels.png"), dpi=100)
     table = "\n".join(lines)
     with open(os.path.join(args.out, "compare_levels.md"), "w") as handle:
         handle.write(f"{args.task}, {len(next(iter(runs.values())))} seeds, {args.steps} steps × {args.prompts} "
-                     f"prompts × {args.group_size} answers, from {args.model}\n\n{table}\n")
+                     f"prompts × {args.group_size} answers, gradient clipping "
+                     f"{'off' if math.isinf(args.max_grad_norm) else f'at {args.max_grad_norm:g}'}, from "
+                     f"{args.model}\n\n{table}\n")
     return table
+
+
+def finished_runs(args) -> dict[str, list[list[dict]]]:
+    """``--runs NAME=DIR``: the records of finished ``sgrpo train`` runs; their configuration (steps, prompts, group
+    size, learning rate, clipping) replaces the command line's."""
+    runs, configs = {}, {}
+    for pair in args.runs:
+        name, _, folder = pair.partition("=")
+        paths = [os.path.join(folder, file) for file in ("metrics.jsonl", "grpo_config.json")]
+        if not name or not all(os.path.exists(path) for path in paths):
+            raise SystemExit(f"--runs takes NAME=DIR with DIR holding a finished run's metrics.jsonl and "
+                             f"grpo_config.json, got {pair!r}")
+        with open(paths[0]) as handle:
+            runs[name] = [[json.loads(line) for line in handle if line.strip()]]
+        with open(paths[1]) as handle:
+            configs[name] = json.load(handle)
+    first = next(iter(configs.values()))
+    args.steps, args.prompts, args.group_size = first["steps"], first["prompts_per_step"], first["group_size"]
+    args.eval_every, args.max_grad_norm, args.snr_pairs = first["eval_every"], first["max_grad_norm"], 0
+    args.lrs = {name: config["lr"] for name, config in configs.items()}
+    args.model = ", ".join(folder.partition("=")[2] for folder in args.runs)
+    return runs
 
 
 def learning_rates(pairs: list[str]) -> dict[str, float]:
@@ -202,10 +333,14 @@ def learning_rates(pairs: list[str]) -> dict[str, float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="the SFT checkpoint every run starts from")
+    parser.add_argument("--model", help="the SFT checkpoint every run starts from")
+    parser.add_argument("--runs", nargs="+", metavar="NAME=DIR",
+                        help="only tabulate and plot finished `sgrpo train` runs (their metrics.jsonl and "
+                             "grpo_config.json in DIR) under the given names; runs nothing")
     parser.add_argument("--task", choices=("arith", "arith-small", "chain"), default="chain")
     parser.add_argument("--chain-length", type=int, default=6, help="chain task: steps per problem")
     parser.add_argument("--chain-facts", type=int, default=26, help="chain task: labels")
+    parser.add_argument("--chain-max-operand", type=int, default=9, help="chain task: facts' operands in [1, this]")
     parser.add_argument("--mistaught", type=int, default=0,
                         help="chain task: the facts mis-taught in the SFT checkpoint (as given to `sgrpo sft`), to "
                              "report the error rate on them after each run")
@@ -219,23 +354,37 @@ def main(argv=None) -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate of every variant without --lr-for")
     parser.add_argument("--lr-for", nargs="*", default=[], metavar="VARIANT=LR", help="per-variant learning rates")
+    parser.add_argument("--sweep", nargs="*", type=float, default=[], metavar="LR",
+                        help="choose each variant's learning rate among these on the first seed")
+    parser.add_argument("--max-grad-norm", type=float, default=math.inf, help="gradient clipping (inf: off)")
+    parser.add_argument("--snr-pairs", type=int, default=0,
+                        help="pairs of independent batches whose gradient cosine is measured per variant")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--target", type=float, default=0.9, help="held-out accuracy whose first step is reported")
     parser.add_argument("--chained-correctness", action="store_true",
                         help="arith tasks: the older step-correctness rule (a step after a slip scores 0)")
     args = parser.parse_args(argv)
-    args.lrs = learning_rates(args.lr_for)
-    if args.data_dir is None:
-        name = args.task if args.task != "chain" else f"chain-L{args.chain_length}-F{args.chain_facts}"
-        args.data_dir = os.path.join("data", name)
     os.makedirs(args.out, exist_ok=True)
+    if args.runs:
+        return print(summarise(finished_runs(args), args) + f"\nplot: {os.path.join(args.out, 'compare_levels.png')}")
+    if args.model is None:
+        raise SystemExit("compare_levels.py: --model (the SFT checkpoint) is required unless --runs is given")
+    args.lrs = learning_rates(args.lr_for)
+    if args.snr_pairs < 0 or args.steps < 1 or not args.max_grad_norm > 0 or any(lr <= 0 for lr in args.sweep):
+        raise SystemExit("--snr-pairs must be >= 0, --steps >= 1, --max-grad-norm and --sweep rates > 0")
+    if args.data_dir is None:
+        from sgrpo_kernels_cli import chain_data_name
+
+        args.data_dir = os.path.join("data", chain_data_name(args) if args.task == "chain" else args.task)
     from tqdm import tqdm
 
+    if args.sweep:
+        args.lrs = choose_learning_rates(args)
     work = [(name, seed) for name in args.variants for seed in args.seeds]
     runs: dict = {name: [] for name in args.variants}
     for name, seed in tqdm(work, desc="runs", unit="run"):
-        runs[name].append(run_variant(name, seed, args))
-    print(summarise(runs, args))
+        runs[name].append(run_variant(name, seed, args.lrs.get(name, args.lr), args))
+    print(summarise(runs, args) + f"\nplot: {os.path.join(args.out, 'compare_levels.png')}")
 
 
 if __name__ == "__main__":

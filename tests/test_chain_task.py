@@ -107,19 +107,25 @@ def test_outcome_only_reward_and_composite():
 
 def test_cli_trains_on_the_chain_task(tmp_path, capsys):
     """``sgrpo sft --task chain --mistaught ...`` writes sloppy demonstrations into the warm start and ``sgrpo
-    train --task chain --outcome-reward`` runs on the binary outcome; a bad chain flag ends with one line."""
+    train --task chain --outcome-reward`` runs on the binary outcome; ``--chain-max-operand`` bounds the facts; a
+    bad chain flag ends with one line."""
     import json
+    import re
 
     pytest.importorskip("transformers")
     from sgrpo_kernels.cli import main
 
-    common = ["--task", "chain", "--chain-length", "3", "--chain-facts", "5", "--eval-size", "4",
-              "--data-dir", str(tmp_path / "data")]
+    common = ["--task", "chain", "--chain-length", "3", "--chain-facts", "5", "--chain-max-operand", "2",
+              "--eval-size", "4", "--data-dir", str(tmp_path / "data")]
     main(["sft", "--output-dir", str(tmp_path / "sft"), "--steps", "2", "--batch-size", "4", "--mistaught", "2",
           *common])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output_dir"] == str(tmp_path / "sft")
     problems = chain.read_jsonl(str(tmp_path / "data" / "train.jsonl"))
     assert len(chain.question_steps(problems[0].question)[1]) == 3
+    operands = {int(operand) for problem in problems for operand in re.findall(r"\+(\d+)=", problem.solution)}
+    assert operands == {1, 2}                                            # --chain-max-operand 2
+    stamp = json.loads((tmp_path / "data" / "stamp.json").read_text())
+    assert stamp["chain_max_operand"] == 2 and stamp["generator"]["options"]["max_operand"] == 2
     main(["train", "--model", str(tmp_path / "sft"), "--output-dir", str(tmp_path / "grpo"), "--steps", "1",
           "--group-size", "2", "--prompts", "2", "--outcome-reward", *common])
     assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"accuracy_before",
@@ -129,9 +135,12 @@ def test_cli_trains_on_the_chain_task(tmp_path, capsys):
 
 
 def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys):
-    """``examples/compare_levels.py`` on the chain task: every variant × seed runs once, a second call reuses the
-    finished runs (no training), and the table and plot are written."""
+    """``examples/compare_levels.py`` on the chain task: the learning-rate sweep on the first seed, every variant ×
+    seed once (the sweep's run at the chosen rate reused), the gradient cosine of independent batches; a second call
+    reuses everything (no training); ``--runs`` tabulates finished runs; table, sweep table and plot written."""
     import importlib.util
+    import json
+    import re
     from pathlib import Path
 
     pytest.importorskip("transformers")
@@ -139,26 +148,46 @@ def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys
 
     data = tmp_path / "data"
     common = ["--task", "chain", "--chain-length", "3", "--chain-facts", "5"]
-    sgrpo(["sft", "--output-dir", str(tmp_path / "sft"), "--steps", "2", "--batch-size", "4", "--eval-size", "4",
-           "--data-dir", str(data), *common])
+    sgrpo(["sft", "--output-dir", str(tmp_path / "sft"), "--steps", "120", "--batch-size", "16", "--eval-size", "8",
+           "--mistaught", "2", "--data-dir", str(data), *common])    # 120 steps: some answers right, rewards vary
     path = Path(__file__).resolve().parent.parent / "examples" / "compare_levels.py"
     spec = importlib.util.spec_from_file_location("compare_levels", path)
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
-    arguments = ["--model", str(tmp_path / "sft"), *common, "--data-dir", str(data), "--out", str(tmp_path / "out"),
-                 "--work-dir", str(tmp_path / "work"), "--variants", "sentence", "outcome", "--seeds", "0",
-                 "--steps", "2", "--prompts", "2", "--group-size", "2", "--eval-every", "1", "--target", "0.0",
-                 "--lr-for", "outcome=1e-4", "--mistaught", "2"]
+    out, work = tmp_path / "out", tmp_path / "work"
+    arguments = ["--model", str(tmp_path / "sft"), *common, "--data-dir", str(data), "--out", str(out),
+                 "--work-dir", str(work), "--variants", "sentence", "outcome", "--seeds", "0",
+                 "--steps", "2", "--prompts", "4", "--group-size", "4", "--eval-every", "1", "--target", "0.0",
+                 "--lr-for", "outcome=1e-4", "--mistaught", "2", "--sweep", "1e-4", "3e-4", "--snr-pairs", "2"]
     compare.main(arguments)
-    table = (tmp_path / "out" / "compare_levels.md").read_text()
-    assert "| sentence | 0.0002 | 0 |" in table and "| outcome | 0.0001 | 0 |" in table
-    assert "sampled error, mis-taught facts" in table
-    assert table.count(" ± ") == 2 * 5                   # per row: 2 budgets, the reward, 2 error rates
-    assert (tmp_path / "out" / "compare_levels.png").stat().st_size > 5000
+    sweep = (out / "lr_sweep.md").read_text()
+    chosen = re.search(r"\| sentence \| 0 / [0-9.]+ \| 0 / [0-9.]+ \| (0.000[13]) \|", sweep).group(1)
+    assert "outcome" not in sweep                              # its rate was given
+    assert sorted(p.name for p in out.glob("*.metrics.jsonl")) == [
+        "outcome-lr0.0001-seed0.metrics.jsonl", "sentence-lr0.0001-seed0.metrics.jsonl",
+        "sentence-lr0.0003-seed0.metrics.jsonl"]
+    table = (out / "compare_levels.md").read_text()
+    assert f"| sentence | {float(chosen):g} | 0 |" in table and "| outcome | 0.0001 | 0 |" in table
+    assert "sampled error, mis-taught facts" in table and "clipping off" in table
+    for name in ("sentence", "outcome"):
+        cosines = json.loads((out / f"{name}.gradient_cosine.json").read_text())
+        assert len(cosines) == 2 and all(-1 <= value <= 1 for value in cosines)
+    assert any(json.loads((out / "sentence.gradient_cosine.json").read_text()))   # gradients were measured
+    assert " nan " not in table                                    # fact errors measured on recognisable steps
+    assert (out / "compare_levels.png").stat().st_size > 5000
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(compare, "GRPOLoop", refuse)
     compare.main(arguments)
+    assert (out / "compare_levels.md").read_text() == table
     with pytest.raises(SystemExit, match="variant=value"):
         compare.main([*arguments, "--lr-for", "nonsense=1"])
+    capsys.readouterr()
+    compare.main(["--task", "chain", "--out", str(tmp_path / "two"),
+                  "--runs", f"first={work / 'outcome-lr0.0001-seed0'}", f"second={work / 'sentence-lr0.0001-seed0'}"])
+    printed = capsys.readouterr().out
+    assert "| first | 0.0001 |" in printed and "| second | 0.0001 |" in printed
+    assert f"plot: {tmp_path / 'two' / 'compare_levels.png'}" in printed
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        compare.main(["--runs", f"x={tmp_path}"])

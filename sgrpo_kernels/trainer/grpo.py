@@ -144,20 +144,26 @@ class GRPOLoop:
         return fused_linear_token_logprobs(hidden, weight, batch["completion_ids"], bias=bias,
                                            temperature=self.config.temperature)
 
+    def policy_loss(self, batch, segment_ids, advantages, old_logps, ref_logps):
+        """``(loss, metrics)`` of the current policy on ``batch`` (from :meth:`rollout`) with the given
+        ``segment_ids`` ``[B, T]`` and ``advantages`` (from :meth:`advantages`) and sampling-policy log-probs."""
+        config = self.config
+        ratio_level = (config.output_ratio_level if config.level == "output"
+                       else levels.loss_ratio_level(config.level, config.ratio_level))
+        hidden, weight, bias = self._head_inputs(self.model, batch)
+        return fused_linear_sentence_grpo_loss(
+            hidden, weight, batch["completion_ids"], segment_ids, advantages, old_logps, ref_logps, bias=bias,
+            eps_low=config.epsilon, eps_high=config.epsilon, beta=config.beta, temperature=config.temperature,
+            ratio_level=ratio_level, return_metrics=True)
+
     def step(self) -> dict:
         config, start = self.config, time.perf_counter()
         batch = self.rollout()
         segment_ids, advantages = self.advantages(batch)
         old_logps = self._logprobs(self.model, batch)
         ref_logps = self._logprobs(self.reference, batch) if self.reference is not None else None
-        ratio_level = (config.output_ratio_level if config.level == "output"
-                       else levels.loss_ratio_level(config.level, config.ratio_level))
         for _ in range(config.mu):
-            hidden, weight, bias = self._head_inputs(self.model, batch)
-            loss, metrics = fused_linear_sentence_grpo_loss(
-                hidden, weight, batch["completion_ids"], segment_ids, advantages, old_logps, ref_logps, bias=bias,
-                eps_low=config.epsilon, eps_high=config.epsilon, beta=config.beta, temperature=config.temperature,
-                ratio_level=ratio_level, return_metrics=True)
+            loss, metrics = self.policy_loss(batch, segment_ids, advantages, old_logps, ref_logps)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
