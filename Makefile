@@ -1,5 +1,6 @@
 # `make demo` runs the package's main job (SFT warm start, then sentence-level GRPO on the toy task, offline on the
-# CPU, printing held-out accuracy before and after), `make test` the test suite; both build .venv on first use.
+# CPU, printing held-out accuracy before and after, and the output-level baseline beside it), `make test` the test
+# suite; both build .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,10 +21,16 @@ $(VENV)/.installed: pyproject.toml setup.py tests/peer-requirements.txt $(wildca
 	$(BIN)/pip install -q ray==2.60.0
 	touch $@
 
+# The same 30 steps at the output level (one reward per answer, GSPO's ratio) from the same checkpoint, then both
+# side by side: table on the terminal, plot path printed.
+DEMO_GRPO := --task arith-small --model $(DEMO)/sft --steps 30 --prompts 16 --group-size 8 --lr 1e-4
+
 demo: $(VENV)/.installed
 	$(BIN)/sgrpo sft --task arith-small --drop-answer-line 0.6 --steps 500 --output-dir $(DEMO)/sft
-	$(BIN)/sgrpo train --task arith-small --model $(DEMO)/sft --output-dir $(DEMO)/grpo --level sentence \
-		--steps 30 --prompts 16 --group-size 8 --lr 1e-4
+	$(BIN)/sgrpo train $(DEMO_GRPO) --level sentence --output-dir $(DEMO)/grpo
+	$(BIN)/sgrpo train $(DEMO_GRPO) --level output --output-dir $(DEMO)/output
+	$(BIN)/python examples/compare_levels.py --task arith-small --out $(DEMO) \
+		--runs sentence=$(DEMO)/grpo output=$(DEMO)/output
 
 demo-loss: $(VENV)/.installed
 	$(BIN)/python examples/demo_loss.py

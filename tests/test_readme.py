@@ -71,6 +71,6 @@ def test_paths_names_and_make_targets_in_the_readme_exist():
         assert f'"{name}"' in code, name
     demo = re.search(r"^DEMO \?= (\S+)", makefile, re.M).group(1)
     written = {f"{demo}/{folder}/" for folder in re.findall(r"--output-dir \$\(DEMO\)/(\w+)", makefile)}
-    assert written == {f"{demo}/sft/", f"{demo}/grpo/"}, written
+    assert written == {f"{demo}/sft/", f"{demo}/grpo/", f"{demo}/output/"}, written
     for folder in set(re.findall(rf"`({re.escape(demo)}/\w+/)`", text)):
         assert folder in written, (folder, written)
