@@ -276,13 +276,15 @@ def summarise(runs: dict, args) -> str:
             row += "".join(f" {spread([r[key] for r in last if key in r])} |"
                            for key in ("sampled_error_mistaught", "sampled_error_other"))
         lines.append(row)
-    accuracy_axis.set(title="held-out greedy accuracy (mean, range over seeds)", xlabel="GRPO step",
+    seeds = len(next(iter(runs.values())))
+    over_seeds = " (mean, range over seeds)" if seeds > 1 else ""
+    accuracy_axis.set(title=f"held-out greedy accuracy{over_seeds}", xlabel="GRPO step",
                       ylabel="accuracy (fraction correct)")
-    norm_axis.set(title="gradient norm before clipping", xlabel="GRPO step", ylabel="L2 norm", yscale="log")
+    norm_axis.set(title=f"gradient norm before clipping{over_seeds}", xlabel="GRPO step", ylabel="L2 norm",
+                  yscale="log")
     for axis in (accuracy_axis, norm_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    seeds = len(next(iter(runs.values())))
     clip = "no clipping" if math.isinf(args.max_grad_norm) else f"clipped at {args.max_grad_norm:g}"
     figure.suptitle(f"{args.task}" + (f", {args.chain_length} steps" if args.task == "chain" else "")
                     + f": {args.prompts} prompts × {args.group_size} answers per step, {clip}, "
@@ -291,7 +293,7 @@ def summarise(runs: dict, args) -> str:
     figure.savefig(os.path.join(args.out, "compare_levels.png"), dpi=100)
     table = "\n".join(lines)
     with open(os.path.join(args.out, "compare_levels.md"), "w") as handle:
-        handle.write(f"{args.task}, {len(next(iter(runs.values())))} seeds, {args.steps} steps × {args.prompts} "
+        handle.write(f"{args.task}, {seeds} seed{'s' if seeds > 1 else ''}, {args.steps} steps × {args.prompts} "
                      f"prompts × {args.group_size} answers, gradient clipping "
                      f"{'off' if math.isinf(args.max_grad_norm) else f'at {args.max_grad_norm:g}'}, from "
                      f"{args.model}\n\n{table}\n")
