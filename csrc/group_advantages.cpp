@@ -1,6 +1,7 @@
 // Group-relative sentence advantages on CPU (reference.group_sentence_advantages): one task per group of
 // `group_size` consecutive answers, sums in double, arithmetic in fp32 for fp16/bf16 rewards (fp64 for fp64), the
-// result in the dtype of the rewards.
+// result in the dtype of the rewards. With answer_mix = a != 0 each sentence's advantage is mixed with its answer's
+// (reference.answer_advantages: the answer's mean sentence reward normalised over the answers of the group).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -14,7 +15,8 @@ namespace sgrpo_native {
 namespace {
 
 at::Tensor group_advantages(const at::Tensor& rewards_in, const at::Tensor& num_sentences_in, int64_t group_size,
-                            double eps, bool output_weighting, int64_t scale_code, bool cumulative) {
+                            double eps, bool output_weighting, int64_t scale_code, bool cumulative,
+                            double answer_mix) {
   TORCH_CHECK(rewards_in.dim() == 2 && rewards_in.device().is_cpu(), "rewards must be a CPU tensor [B, S_max]");
   const at::Tensor rewards = rewards_in.contiguous();
   const at::Tensor counts = num_sentences_in.to(at::kLong).contiguous();
@@ -72,7 +74,44 @@ at::Tensor group_advantages(const at::Tensor& rewards_in, const at::Tensor& num_
           const T count = scale_code == 2 ? std::max(total_weight - T(1), T(1)) : total_weight;
           scale = std::sqrt(static_cast<T>(spread) / count) + static_cast<T>(eps);
         }
+        // the answer level: each answer's mean sentence reward, centred and scaled over the answers with a sentence
+        auto row_mean = [&](int64_t row) -> T {
+          double sum = 0;
+          for (int64_t s = 0; s < std::min(n[row], slots); ++s) sum += static_cast<double>(r[row * slots + s]);
+          return static_cast<T>(sum) / static_cast<T>(std::max<int64_t>(n[row], 1));
+        };
+        T answer_shift = T(0), answer_mean = T(0), answer_scale = T(1);
+        if (answer_mix != 0) {
+          T largest = -std::numeric_limits<T>::infinity();
+          bool answer_nan = false;
+          double answers = 0, answer_sum = 0, answer_spread = 0;
+          for (int64_t row = first; row < last; ++row) {
+            if (n[row] <= 0) continue;
+            const T mean_reward = row_mean(row);
+            answer_nan |= std::isnan(mean_reward);
+            largest = std::max(largest, mean_reward);
+            answers += 1;
+          }
+          if (!answer_nan && std::isfinite(largest)) answer_shift = largest;
+          for (int64_t row = first; row < last; ++row) {
+            if (n[row] > 0) answer_sum += static_cast<double>(row_mean(row) - answer_shift);
+          }
+          const T answer_total = static_cast<T>(std::max(answers, 1.0));
+          answer_mean = static_cast<T>(answer_sum) / answer_total;
+          if (scale_code != 0) {
+            for (int64_t row = first; row < last; ++row) {
+              if (n[row] <= 0) continue;
+              const T centered = row_mean(row) - answer_shift - answer_mean;
+              answer_spread += static_cast<double>(centered * centered);
+            }
+            const T count = scale_code == 2 ? std::max(answer_total - T(1), T(1)) : answer_total;
+            answer_scale = std::sqrt(static_cast<T>(answer_spread) / count) + static_cast<T>(eps);
+          }
+        }
+        const T keep = static_cast<T>(1.0 - answer_mix), mix = static_cast<T>(answer_mix);
         for (int64_t row = first; row < last; ++row) {
+          const T answer_advantage =
+              answer_mix != 0 && n[row] > 0 ? (row_mean(row) - answer_shift - answer_mean) / answer_scale : T(0);
           T running = T(0);
           for (int64_t s = slots - 1; s >= 0; --s) {     // cumulative: the sum from s to the answer's end
             T advantage = exists(row, s) ? (value(row, s) - mean) / scale : T(0);
@@ -80,6 +119,7 @@ at::Tensor group_advantages(const at::Tensor& rewards_in, const at::Tensor& num_
               running += advantage;
               advantage = exists(row, s) ? running : T(0);
             }
+            if (answer_mix != 0 && exists(row, s)) advantage = keep * advantage + mix * answer_advantage;
             out[row * slots + s] = static_cast<scalar_t>(advantage);
           }
         }
@@ -93,7 +133,7 @@ at::Tensor group_advantages(const at::Tensor& rewards_in, const at::Tensor& num_
 
 TORCH_LIBRARY_FRAGMENT(sgrpo_native, m) {
   m.def("group_advantages(Tensor rewards, Tensor num_sentences, int group_size, float eps, bool output_weighting, "
-        "int scale_code, bool cumulative) -> Tensor");
+        "int scale_code, bool cumulative, float answer_mix=0.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sgrpo_native, CPU, m) {

@@ -17,7 +17,8 @@ from .distributed import gather_rows
 
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, *,
                               eps: float = 1e-4, weighting: str = "output", scale: str = "std",
-                              mode: str = "sentence", backend: str = "auto", process_group=None) -> torch.Tensor:
+                              mode: str = "sentence", answer_mix: float = 0.0, backend: str = "auto",
+                              process_group=None) -> torch.Tensor:
     """Normalise sentence rewards within each group of ``group_size`` consecutive outputs.
 
     Args:
@@ -33,6 +34,10 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
             output; computed by the reference whatever the backend); ``"none"`` only subtracts the group mean.
         mode: ``"sentence"`` (each sentence its own normalised reward) or ``"cumulative"`` (sentence
             ``s`` gets the sum of the normalised rewards of sentences ``s .. S_b - 1``).
+        answer_mix: ``α`` in ``[0, 1]``, the seed's multi-scale fusion ``Â = (1 − α)·Â_sentence + α·Â_answer``:
+            ``Â_sentence`` the advantages the options above give, ``Â_answer`` the answer's mean sentence reward
+            normalised over the answers of its group (by ``scale``, every answer weighing 1), given to each of its
+            sentences. ``0`` (default): the sentence level; ``1``: every sentence its answer's advantage.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"torch"`` (``sgrpo_kernels.backends``).
         process_group: a ``torch.distributed`` group whose ranks each hold a contiguous slice of the global
             batch (rank 0 the first rows), so that a group of ``G`` answers may straddle two ranks; the
@@ -67,16 +72,20 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     _check_choice("scale", scale, ADVANTAGE_SCALES)
     _check_choice("mode", mode, ADVANTAGE_MODES)
     eps = _check_real("eps", eps, low=0.0, low_inclusive=scale == "none")
+    answer_mix = _check_real("answer_mix", answer_mix, low=0.0)
+    if answer_mix > 1:
+        raise ValueError(f"answer_mix must lie in [0, 1], got {answer_mix}")
     chosen = resolve_backend(backend, rewards.device)
     if process_group is not None:      # every rank checked its own rows above; the global batch is checked there
         return _across_ranks(rewards, num_sentences, group_size, process_group, eps=eps, weighting=weighting,
-                             scale=scale, mode=mode, backend=chosen.name)
+                             scale=scale, mode=mode, answer_mix=answer_mix, backend=chosen.name)
     if chosen.name != "reference":
-        out = chosen.passes().group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode)
+        out = chosen.passes().group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode,
+                                               answer_mix)
         if out is not None:
             return out
     return reference.group_sentence_advantages(rewards, num_sentences.long(), group_size, eps=eps,
-                                               weighting=weighting, scale=scale, mode=mode)
+                                               weighting=weighting, scale=scale, mode=mode, answer_mix=answer_mix)
 
 
 def _across_ranks(rewards, num_sentences, group_size, process_group, **options):

@@ -356,11 +356,14 @@ def clipped_sentences(ratio: torch.Tensor, advantage: torch.Tensor, config: Loss
 
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int,
                               eps: float = 1e-4, weighting: str = "output", scale: str = "std",
-                              mode: str = "sentence") -> torch.Tensor:
+                              mode: str = "sentence", answer_mix: float = 0.0) -> torch.Tensor:
     """Group-relative sentence advantages (``docs/design.md``, "Group advantages").
 
     rewards ``[B, S_max]`` float (entries at ``s >= num_sentences[b]`` are ignored, even NaN);
     num_sentences ``[B]`` int; consecutive blocks of ``group_size`` rows form the groups.
+    ``answer_mix = α``: ``Â = (1 − α) · Â_sentence + α · Â_answer`` (the seed's multi-scale fusion), with
+    ``Â_sentence`` the advantages of ``weighting``/``scale``/``mode`` and ``Â_answer`` :func:`answer_advantages`
+    (``α = 0``: the sentence level; ``α = 1``: every sentence its answer's advantage).
     Returns ``[B, S_max]`` in the dtype of ``rewards``, 0 where ``s >= num_sentences[b]``.
     """
     batch, num_slots = rewards.shape
@@ -397,4 +400,19 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     if mode == "cumulative":        # sentence s gets the sum of the normalised rewards of s .. S_i - 1
         advantages = advantages.flip(1).cumsum(1).flip(1)
         advantages = torch.where(exists, advantages, 0.0)
+    if answer_mix != 0:
+        answer = answer_advantages(rewards, num_sentences, group_size, eps=eps, scale=scale)
+        advantages = torch.where(exists, (1 - answer_mix) * advantages + answer_mix * answer.unsqueeze(1), 0.0)
     return advantages
+
+
+def answer_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, eps: float = 1e-4,
+                      scale: str = "std") -> torch.Tensor:
+    """``Â_answer [B]``: each answer's mean sentence reward ``r̄_i = (1/S_i) Σ_s r(i, s)``, normalised over the
+    answers of its group that have a sentence (``(r̄_i − mean) / (std + eps)`` by ``scale``, every answer weighing
+    1); 0 for an answer without sentences. rewards ``[B, S_max]``, num_sentences ``[B]`` as
+    :func:`group_sentence_advantages`."""
+    exists = torch.arange(rewards.shape[1], device=rewards.device) < num_sentences.unsqueeze(1)
+    mean_reward = torch.where(exists, rewards, 0.0).sum(1) / num_sentences.clamp(min=1).to(rewards.dtype)
+    has_sentence = (num_sentences > 0).long()
+    return group_sentence_advantages(mean_reward.unsqueeze(1), has_sentence, group_size, eps=eps, scale=scale)[:, 0]

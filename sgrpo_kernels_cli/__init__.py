@@ -33,7 +33,8 @@ CHAIN_MAX_LENGTH, CHAIN_MAX_FACTS, CHAIN_MAX_OPERAND = 40, 52, 9
 BENCH_PRESETS = ("quick", "cpu", "gpu", "options")
 TRAIN_SIZE = 20000                       # problems in train.jsonl
 # flags whose default stands only for the chain task (None: not given, so that giving one elsewhere is an error)
-CHAIN_DEFAULTS = {"chain_length": 6, "chain_facts": 26, "chain_max_operand": 9, "mistaught_rate": 0.6}
+CHAIN_DEFAULTS = {"chain_length": 6, "chain_facts": 26, "chain_max_operand": 9, "chain_facts_seed": 0,
+                  "mistaught_rate": 0.6}
 STAMP = "stamp.json"
 DATA_FILES = ("train.jsonl", "test.jsonl")
 
@@ -65,11 +66,14 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{CHAIN_MAX_FACTS} (default: {CHAIN_DEFAULTS['chain_facts']})")
     parser.add_argument("--chain-max-operand", type=int, help="chain task: each fact an operand in [1, this], 1 to "
                         f"{CHAIN_MAX_OPERAND} (default: {CHAIN_DEFAULTS['chain_max_operand']})")
+    parser.add_argument("--chain-facts-seed", type=int,
+                        help="chain task: seed of the task instance: the facts' operands, which facts are mis-taught "
+                             f"and their misconceptions, >= 0 (default: {CHAIN_DEFAULTS['chain_facts_seed']})")
     parser.add_argument("--data-dir", help="folder of train.jsonl and test.jsonl, written with stamp.json if "
                                            "missing; refused if its stamp disagrees with --task, --chain-*, "
                                            "--data-seed or --eval-size (default: data/<task>, for chain "
-                                           "data/chain-L<length>-F<facts>[-O<max operand>], a cache remade when "
-                                           "the flags change)")
+                                           "data/chain-L<length>-F<facts>[-O<max operand>][-S<facts seed>], a "
+                                           "cache remade when the flags change)")
     parser.add_argument("--data-seed", type=int, default=0,
                         help="seed of the generated problems (test.jsonl: this seed + 1) (default: 0)")
     parser.add_argument("--output-dir", required=True, help="where the checkpoint, metrics and plots go (required)")
@@ -118,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--advantage", choices=ADVANTAGES, default="sentence",
                        help="sentence level: each sentence its own normalised reward, their sum from it to the end "
                             "(reward-to-go), or its answer's normalised mean reward (default: sentence)")
+    train.add_argument("--answer-mix", type=float, default=0.0,
+                       help="sentence level, --advantage sentence: weight a in [0, 1] of the answer's normalised "
+                            "mean reward fused into each sentence's advantage, (1-a)*sentence + a*answer "
+                            "(default: 0, pure sentence credit; 1 is --advantage broadcast)")
     train.add_argument("--output-ratio-level", choices=RATIO_LEVELS,
                        help="output level's ratio: exp of the mean (GSPO) or of the sum of the answer's token "
                             "log-ratios (default: mean)")
@@ -212,8 +220,8 @@ def _writable_folder(args, dest: str) -> None:
 
 def _check_chain(args) -> None:
     """The chain flags belong to --task chain; their defaults are filled in here."""
-    names = ["chain_length", "chain_facts", "chain_max_operand"] + (["mistaught_rate"] if args.command == "sft"
-                                                                     else [])
+    names = ["chain_length", "chain_facts", "chain_max_operand", "chain_facts_seed"] + (
+        ["mistaught_rate"] if args.command == "sft" else [])
     if args.task != "chain":
         for name in names:
             _require(getattr(args, name) is None, args, f"{_flag(name)} applies to --task chain, not {args.task}")
@@ -224,6 +232,7 @@ def _check_chain(args) -> None:
     _between(args, "chain_length", 1, CHAIN_MAX_LENGTH)
     _between(args, "chain_facts", 1, CHAIN_MAX_FACTS)
     _between(args, "chain_max_operand", 1, CHAIN_MAX_OPERAND)
+    _at_least(args, "chain_facts_seed", 0)
 
 
 def _check_sft(args) -> None:
@@ -253,6 +262,10 @@ def _check_train(args) -> None:
     _positive(args, "temperature")
     _require(args.advantage == "sentence" or args.level == "sentence", args,
              f"--advantage {args.advantage} is a sentence-level variant; --level is {args.level}")
+    _between(args, "answer_mix", 0, 1)
+    _require(not args.answer_mix or (args.level == "sentence" and args.advantage == "sentence"), args,
+             f"--answer-mix applies to --level sentence with --advantage sentence, not --level {args.level} "
+             f"--advantage {args.advantage}")
     _require(args.output_ratio_level is None or args.level == "output", args,
              f"--output-ratio-level applies to --level output, not {args.level}")
     args.output_ratio_level = args.output_ratio_level or "mean"
@@ -289,7 +302,7 @@ def data_stamp(args) -> dict:
     stamp = {"task": args.task, "data_seed": args.data_seed, "train_size": TRAIN_SIZE, "eval_size": args.eval_size}
     if args.task == "chain":
         stamp.update(chain_length=args.chain_length, chain_facts=args.chain_facts,
-                     chain_max_operand=args.chain_max_operand)
+                     chain_max_operand=args.chain_max_operand, chain_facts_seed=args.chain_facts_seed)
     return stamp
 
 
@@ -298,10 +311,14 @@ def default_data_dir(args) -> str:
 
 
 def chain_data_name(args) -> str:
-    """``chain-L<length>-F<facts>``, with ``-O<max operand>`` when it is not the default."""
+    """``chain-L<length>-F<facts>``, with ``-O<max operand>`` and ``-S<facts seed>`` when they are not the
+    defaults."""
     name = f"chain-L{args.chain_length}-F{args.chain_facts}"
-    operand = args.chain_max_operand
-    return name if operand == CHAIN_DEFAULTS["chain_max_operand"] else f"{name}-O{operand}"
+    if args.chain_max_operand != CHAIN_DEFAULTS["chain_max_operand"]:
+        name += f"-O{args.chain_max_operand}"
+    if getattr(args, "chain_facts_seed", 0) != CHAIN_DEFAULTS["chain_facts_seed"]:
+        name += f"-S{args.chain_facts_seed}"
+    return name
 
 
 def read_stamp(data_dir: str) -> dict | None:

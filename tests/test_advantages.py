@@ -79,21 +79,28 @@ def test_equal_rewards_give_zero_finite_advantages(weighting):
     assert torch.isfinite(advantages).all() and torch.count_nonzero(advantages) == 0
 
 
-def test_group_where_no_output_has_a_sentence():
+@pytest.mark.parametrize("answer_mix", [0.0, 0.5])
+def test_group_where_no_output_has_a_sentence(answer_mix):
     rewards = torch.tensor([[0.2, 0.9], [0.5, 0.1], [math.nan, math.nan], [math.nan, math.nan]])
-    advantages = compute(rewards, torch.tensor([2, 1, 0, 0]), 2)
+    advantages = compute(rewards, torch.tensor([2, 1, 0, 0]), 2, answer_mix=answer_mix)
     assert torch.isfinite(advantages).all()
     assert torch.count_nonzero(advantages[2:]) == 0
     assert torch.count_nonzero(advantages[:2]) == 3
 
 
-def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode):
+def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode, answer_mix=0.0):
     """Independent statement with Python loops over groups, outputs and sentences."""
     result = torch.zeros_like(rewards)
     for start in range(0, rewards.shape[0], group_size):
         outputs = [(b, int(num_sentences[b])) for b in range(start, start + group_size) if num_sentences[b] > 0]
         if not outputs:
             continue
+        # the answer level: each output's mean reward, normalised over the outputs (each weighing 1)
+        answer_means = {b: sum(rewards[b, :n].tolist()) / n for b, n in outputs}
+        answer_mean = sum(answer_means.values()) / len(outputs)
+        answer_spread = sum((value - answer_mean) ** 2 for value in answer_means.values())
+        answer_var = answer_spread / (max(len(outputs) - 1, 1) if scale == "unbiased_std" else len(outputs))
+        answer_scale = math.sqrt(answer_var) + eps if scale != "none" else 1.0
         if weighting == "output":
             count = len(outputs)
             mean = sum(sum(rewards[b, :n].tolist()) / n for b, n in outputs) / count
@@ -109,6 +116,8 @@ def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, m
                           for r in rewards[b, :n].tolist()]
             if mode == "cumulative":
                 normalised = [sum(normalised[s:]) for s in range(n)]
+            answer = (answer_means[b] - answer_mean) / answer_scale
+            normalised = [(1 - answer_mix) * value + answer_mix * answer for value in normalised]
             result[b, :n] = torch.tensor(normalised, dtype=rewards.dtype)
     return result
 
@@ -116,15 +125,48 @@ def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, m
 @pytest.mark.parametrize("weighting", ["output", "sentence"])
 @pytest.mark.parametrize("scale", ["std", "none", "unbiased_std"])
 @pytest.mark.parametrize("mode", ["sentence", "cumulative"])
-def test_random_groups_match_loop_statement(weighting, scale, mode):
+@pytest.mark.parametrize("answer_mix", [0.0, 0.35])
+def test_random_groups_match_loop_statement(weighting, scale, mode, answer_mix):
     generator = torch.Generator().manual_seed(4)
     rewards = torch.rand(12, 7, generator=generator, dtype=torch.float64)
     num_sentences = torch.randint(0, 8, (12,), generator=generator)
     num_sentences[3:6] = 0                      # a group with no sentence at all
+    num_sentences[7] = 0                        # and one output without a sentence in a group with others
     advantages = compute(rewards, num_sentences, 3, eps=1e-4, weighting=weighting, scale=scale,
-                                           mode=mode)
-    expected = loop_advantages(rewards, num_sentences, 3, 1e-4, weighting, scale, mode)
+                         mode=mode, answer_mix=answer_mix)
+    expected = loop_advantages(rewards, num_sentences, 3, 1e-4, weighting, scale, mode, answer_mix)
     torch.testing.assert_close(advantages, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_answer_mix_by_hand():
+    # Group of 2: output 0 rewards (1, 0), output 1 (0.5); eps tiny. Sentence level (output weighting): μ = 0.5,
+    # σ² = (1/2)((0.25 + 0.25)/2 + 0) = 0.125. Answer level: means 0.5 and 0.5 -> both 0.
+    rewards = torch.tensor([[1.0, 0.0], [0.5, 0.0]], dtype=torch.float64)
+    num_sentences = torch.tensor([2, 1])
+    sigma = math.sqrt(0.125)
+    sentence = torch.tensor([[0.5 / sigma, -0.5 / sigma], [0.0, 0.0]], dtype=torch.float64)
+    for alpha in (0.0, 0.25, 1.0):
+        mixed = compute(rewards, num_sentences, 2, eps=1e-12, answer_mix=alpha)
+        torch.testing.assert_close(mixed, (1 - alpha) * sentence, rtol=1e-9, atol=1e-9)
+    # answer means 1 and 0: the answer level is ±1, mixed into every sentence of the answer (and none past it)
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 7.0]], dtype=torch.float64)
+    mixed = compute(rewards, torch.tensor([2, 1]), 2, eps=1e-12, answer_mix=0.5)
+    # sentence level: μ = 0.5, σ = 0.5 -> (1, 1) and (-1); the answer level the same
+    torch.testing.assert_close(mixed, torch.tensor([[1.0, 1.0], [-1.0, 0.0]], dtype=torch.float64),
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_full_answer_mix_is_the_answer_advantage_broadcast(scale):
+    """``answer_mix=1``: every sentence gets the normalised mean reward of its answer (the broadcast ablation)."""
+    generator = torch.Generator().manual_seed(9)
+    rewards = torch.rand(8, 5, generator=generator, dtype=torch.float64)
+    num_sentences = torch.tensor([5, 1, 0, 3, 2, 2, 4, 5])
+    exists = torch.arange(5) < num_sentences.unsqueeze(1)
+    means = torch.where(exists, rewards, 0.0).sum(1) / num_sentences.clamp(min=1)
+    answer = loop_advantages(means.unsqueeze(1), (num_sentences > 0).long(), 4, 1e-4, "output", scale, "sentence")
+    mixed = compute(rewards, num_sentences, 4, scale=scale, answer_mix=1.0)
+    torch.testing.assert_close(mixed, torch.where(exists, answer, 0.0), rtol=1e-12, atol=1e-12)
 
 
 def test_float32_rewards_stay_float32():
@@ -140,8 +182,8 @@ def test_groups_larger_than_a_tile(group_size, num_slots, mode):
     batch = 2 * group_size
     rewards = torch.rand(batch, num_slots, generator=generator, dtype=torch.float64)
     num_sentences = torch.randint(0, num_slots + 1, (batch,), generator=generator, dtype=torch.int32)
-    advantages = compute(rewards, num_sentences, group_size, mode=mode)
-    expected = loop_advantages(rewards, num_sentences, group_size, 1e-4, "output", "std", mode)
+    advantages = compute(rewards, num_sentences, group_size, mode=mode, answer_mix=0.6)
+    expected = loop_advantages(rewards, num_sentences, group_size, 1e-4, "output", "std", mode, 0.6)
     torch.testing.assert_close(advantages, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -150,7 +192,7 @@ def test_half_precision_rewards_are_normalised_in_float32(dtype):
     generator = torch.Generator().manual_seed(5)
     rewards = torch.rand(6, 4, generator=generator).to(dtype)
     num_sentences = torch.tensor([4, 2, 3, 1, 4, 4], dtype=torch.int16)
-    advantages = compute(rewards, num_sentences, 3)
-    expected = loop_advantages(rewards.double(), num_sentences, 3, 1e-4, "output", "std", "sentence")
+    advantages = compute(rewards, num_sentences, 3, answer_mix=0.5)
+    expected = loop_advantages(rewards.double(), num_sentences, 3, 1e-4, "output", "std", "sentence", 0.5)
     assert advantages.dtype == dtype
     torch.testing.assert_close(advantages.double(), expected.to(dtype).double(), rtol=0, atol=0.02)

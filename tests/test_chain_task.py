@@ -73,6 +73,44 @@ def test_sloppy_demonstrations_miswrite_only_the_chosen_facts_at_the_chosen_rate
     assert 0.5 < miswritten / total < 0.7
 
 
+@pytest.mark.parametrize("facts_seed", range(40))
+def test_no_misconception_is_another_mistaught_facts_operand(facts_seed):
+    """A misconception that were another mis-taught fact's true operand would make repairing one fact teach the
+    other's error (a swap or cycle): a ceiling of the task instance, ruled out for every facts seed."""
+    config = chain.ChainConfig(num_facts=26, mistaught=8, facts_seed=facts_seed)
+    table, wrong = chain.facts(config), chain.misconceptions(config)
+    held = {table[label] for label in wrong}
+    assert len(wrong) == 8 and all(value not in held for value in wrong.values())
+    assert all(value != table[label] and 1 <= value <= 9 for label, value in wrong.items())
+    assert chain.misconception_choices(config) == sorted(set(range(1, 10)) - held)
+
+
+def test_facts_seeds_draw_different_instances_and_an_impossible_one_is_refused():
+    instances = {tuple(sorted(chain.misconceptions(chain.ChainConfig(mistaught=8, facts_seed=seed)).items()))
+                 for seed in range(5)}
+    assert len(instances) == 5
+    # three mis-taught facts over operands {1, 2} hold both values (or a fact has no wrong value left)
+    impossible = [seed for seed in range(50)
+                  if len({chain.facts(chain.ChainConfig(num_facts=3, max_operand=2, facts_seed=seed))[label]
+                          for label in "abc"}) == 2]
+    with pytest.raises(ValueError, match="none is left as a misconception"):
+        chain.ChainConfig(num_facts=3, max_operand=2, mistaught=3, facts_seed=impossible[0])
+    with pytest.raises(ValueError, match="facts_seed must be >= 0"):
+        chain.ChainConfig(facts_seed=-1)
+
+
+def test_per_fact_error_rates_count_each_label():
+    config = chain.ChainConfig(num_facts=3, facts_seed=0)
+    table = chain.facts(config)
+    a, b = table["a"], table["b"]
+    wrong = b % 9 + 1
+    question = "Start 7. Steps: a b a."
+    first, second = (7 + a) % 10, (7 + a + wrong) % 10
+    sentences = [f"a: 7+{a}={first}.", f"b: {first}+{wrong}={second}.", f"a: {second}+{a}={(second + a) % 10}."]
+    assert chain.per_fact_error_rates([question, question], [sentences, sentences[:1]], config) == {
+        "a": [0, 3], "b": [2, 2]}
+
+
 def test_the_char_tokenizer_segments_a_solution_into_its_steps():
     pytest.importorskip("transformers")
     import torch
@@ -132,6 +170,14 @@ def test_cli_trains_on_the_chain_task(tmp_path, capsys):
                                                                                   "accuracy_after"}
     with pytest.raises(SystemExit, match="mistaught must lie"):
         main(["sft", "--output-dir", str(tmp_path / "x"), "--mistaught", "9", *common])
+    # --chain-facts-seed draws another instance: stamped, and an instance with no misconception left is one line
+    seeded = ["--task", "chain", "--chain-length", "3", "--chain-facts", "5", "--chain-max-operand", "2",
+              "--eval-size", "4", "--data-dir", str(tmp_path / "data-s3"), "--chain-facts-seed", "3"]
+    main(["train", "--model", str(tmp_path / "sft"), "--output-dir", str(tmp_path / "grpo-s3"), "--steps", "1",
+          "--group-size", "2", "--prompts", "2", "--answer-mix", "0.5", *seeded])
+    assert json.loads((tmp_path / "data-s3" / "stamp.json").read_text())["chain_facts_seed"] == 3
+    with pytest.raises(SystemExit, match="none is left as a misconception"):
+        main(["sft", "--output-dir", str(tmp_path / "y"), "--mistaught", "5", *seeded])
 
 
 def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys):

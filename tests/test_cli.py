@@ -161,6 +161,9 @@ def test_paths_that_hold_no_model_or_cannot_be_written(tmp_path, model_dir):
     (["sft", "--task", "chain", "--chain-max-operand", "1", "--mistaught", "1"], "--chain-max-operand must be >= 2"),
     (["sft", "--task", "chain", "--chain-facts", "5", "--mistaught", "6"], "--mistaught must lie in [0, 5]"),
     (["sft", "--task", "chain", "--mistaught", "2", "--mistaught-rate", "1.2"], "--mistaught-rate must lie in [0, 1]"),
+    (["sft", "--task", "chain", "--chain-facts-seed", "-1"], "--chain-facts-seed must be >= 0"),
+    (["train", "--answer-mix", "1.5"], "--answer-mix must lie in [0, 1]"),
+    (["train", "--answer-mix", "nan"], "--answer-mix must lie in [0, 1]"),
 ])
 def test_numbers_out_of_range(tmp_path, model_dir, arguments, fragment):
     model = ["--model", model_dir] if arguments[0] == "train" else []
@@ -170,6 +173,9 @@ def test_numbers_out_of_range(tmp_path, model_dir, arguments, fragment):
 @pytest.mark.parametrize("arguments,fragment", [
     (["train", "--level", "output", "--advantage", "cumulative"], "--advantage cumulative is a sentence-level"),
     (["train", "--level", "sentence", "--output-ratio-level", "sum"], "--output-ratio-level applies to --level output"),
+    (["train", "--level", "output", "--answer-mix", "0.5"], "--answer-mix applies to --level sentence"),
+    (["train", "--advantage", "cumulative", "--answer-mix", "0.5"], "--answer-mix applies to --level sentence"),
+    (["sft", "--task", "arith", "--chain-facts-seed", "2"], "--chain-facts-seed applies to --task chain"),
     (["train", "--task", "arith", "--outcome-reward"], "--outcome-reward applies to --task chain"),
     (["train", "--task", "arith-small", "--chain-length", "4"], "--chain-length applies to --task chain"),
     (["sft", "--task", "arith", "--chain-facts", "4"], "--chain-facts applies to --task chain"),

@@ -157,6 +157,10 @@ def test_group_size_must_divide_batch():
     (dict(mode="prefix"), ValueError, "mode"),
     (dict(eps=0.0), ValueError, "eps"),
     (dict(eps=-1.0, scale="none"), ValueError, "eps"),
+    (dict(answer_mix=-0.1), ValueError, "answer_mix"),
+    (dict(answer_mix=1.5), ValueError, "answer_mix"),
+    (dict(answer_mix=float("nan")), ValueError, "answer_mix"),
+    (dict(answer_mix="half"), TypeError, "answer_mix"),
 ])
 def test_bad_advantage_inputs(kwargs, error, name):
     arguments = dict(rewards=torch.rand(2, 3), num_sentences=torch.tensor([1, 3]), group_size=2)

@@ -41,6 +41,9 @@ class GRPOLoopConfig:
     # end ("cumulative", reward-to-go), or its answer's normalised mean reward ("broadcast": the sentence loss and
     # ratios with output-level credit, which separates credit assignment from the token weighting)
     advantage: str = "sentence"
+    # sentence level, advantage="sentence": weight of the answer-level advantage fused into each sentence's,
+    # (1 - a) * A_sentence + a * A_answer (the seed's multi-scale credit; 0 is pure sentence credit, 1 broadcast)
+    answer_mix: float = 0.0
     output_ratio_level: str = "mean"  # output level: GSPO's length-normalised ratio, or "sum" (the product)
     steps: int = 60
     prompts_per_step: int = 8
@@ -65,6 +68,11 @@ class GRPOLoopConfig:
             raise ValueError(f"advantage must be one of {', '.join(map(repr, ADVANTAGES))}, got {self.advantage!r}")
         if self.advantage != "sentence" and self.level != "sentence":
             raise ValueError(f"advantage={self.advantage!r} is a sentence-level variant; level is {self.level!r}")
+        if not 0.0 <= self.answer_mix <= 1.0:
+            raise ValueError(f"answer_mix must lie in [0, 1], got {self.answer_mix}")
+        if self.answer_mix and (self.level != "sentence" or self.advantage != "sentence"):
+            raise ValueError(f"answer_mix mixes per-sentence advantages (level='sentence', advantage='sentence'); "
+                             f"got level={self.level!r}, advantage={self.advantage!r}")
         for name in ("steps", "prompts_per_step", "group_size", "mu", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -126,7 +134,8 @@ class GRPOLoop:
                 return sentences.segment_ids, answer[:, 0]
             mode = "cumulative" if self.config.advantage == "cumulative" else "sentence"
             return sentences.segment_ids, group_sentence_advantages(rewards, sentences.num_sentences, group,
-                                                                    scale=self.config.scale, mode=mode)
+                                                                    scale=self.config.scale, mode=mode,
+                                                                    answer_mix=self.config.answer_mix)
         segment_ids = self.loss_segmenter(batch["completion_ids"], batch["mask"]).segment_ids
         return segment_ids, group_sentence_advantages(per_answer, has_sentence, group, scale=self.config.scale)[:, 0]
 

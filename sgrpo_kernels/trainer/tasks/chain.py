@@ -31,7 +31,7 @@ from ...rewards import CompositeReward, SentenceReward
 from .arith import Problem, final_answer, is_correct, read_jsonl, write_jsonl
 
 __all__ = ["ChainConfig", "ChainStep", "BinaryOutcome", "Problem", "facts", "mistaught_labels", "misconceptions",
-           "make_dataset",
+           "misconception_choices", "make_dataset", "fact_error_rates", "per_fact_error_rates",
            "sloppy_demonstrations", "reward", "step_errors", "is_correct", "final_answer", "read_jsonl",
            "write_jsonl"]
 
@@ -44,8 +44,9 @@ _STEP = re.compile(r"^\s*([A-Za-z]): (\d+)\+(\d+)=(\d+)\.?\s*$")
 @dataclass(frozen=True)
 class ChainConfig:
     """``length`` steps per problem over ``num_facts`` labels, each fact an operand in ``[1, max_operand]``
-    drawn with ``facts_seed``; ``mistaught`` of the facts are demonstrated wrongly with probability
-    ``error_rate`` by :func:`sloppy_demonstrations`."""
+    drawn with ``facts_seed`` (which also picks the mis-taught facts and their misconceptions: any seed is a task
+    instance); ``mistaught`` of the facts are demonstrated wrongly with probability ``error_rate`` by
+    :func:`sloppy_demonstrations`."""
 
     length: int = 6
     num_facts: int = 26
@@ -67,6 +68,13 @@ class ChainConfig:
             raise ValueError(f"error_rate must lie in [0, 1], got {self.error_rate}")
         if self.mistaught and self.max_operand < 2:
             raise ValueError("a mis-taught fact needs a wrong operand to write: max_operand must be >= 2")
+        if self.facts_seed < 0:
+            raise ValueError(f"facts_seed must be >= 0, got {self.facts_seed}")
+        if self.mistaught and not misconception_choices(self):
+            raise ValueError(f"facts seed {self.facts_seed}: the {self.mistaught} mis-taught facts hold every operand "
+                             f"in [1, {self.max_operand}] between them, so none is left as a misconception that "
+                             "is no other mis-taught fact's operand; choose fewer mis-taught facts, a larger "
+                             "operand range or another facts seed")
 
 
 def facts(config: ChainConfig) -> dict[str, int]:
@@ -112,12 +120,25 @@ def question_steps(question: str) -> tuple[int, list[str]]:
     return int(match.group(1)), match.group(2).split()
 
 
+def misconception_choices(config: ChainConfig) -> list[int]:
+    """The operands a misconception may take: those that no mis-taught fact holds as its true operand.
+
+    Were a mis-taught fact taught another mis-taught fact's operand (``d`` written as ``u``'s value while ``u`` is
+    written as ``d``'s), repairing one would teach the other's error: with ``facts_seed=0`` and the earlier rule (any
+    wrong operand) a tiny model repaired one of such a pair at the expense of the other in 14 of 18 runs, a ceiling
+    of the task instance rather than of the learner. Excluding every mis-taught operand rules out swaps and cycles.
+    """
+    table = facts(config)
+    held = {table[label] for label in mistaught_labels(config)}
+    return [value for value in range(1, config.max_operand + 1) if value not in held]
+
+
 def misconceptions(config: ChainConfig) -> dict[str, int]:
     """The one wrong operand that the demonstrations write for each mis-taught label (fixed by the seed): a
-    consistent misconception, so that at ``error_rate > 0.5`` even the greedy policy recalls the wrong fact."""
-    table, rng = facts(config), random.Random(config.facts_seed + 2)
-    return {label: rng.choice([value for value in range(1, config.max_operand + 1) if value != table[label]])
-            for label in mistaught_labels(config)}
+    consistent misconception, so that at ``error_rate > 0.5`` even the greedy policy recalls the wrong fact. It is
+    never a mis-taught fact's true operand (:func:`misconception_choices`)."""
+    choices, rng = misconception_choices(config), random.Random(config.facts_seed + 2)
+    return {label: rng.choice(choices) for label in mistaught_labels(config)}
 
 
 def sloppy_demonstrations(problems: list[Problem], config: ChainConfig, seed: int = 0) -> list[Problem]:
@@ -216,3 +237,15 @@ def fact_error_rates(questions: list[str], answers: list[list[str]], config: Cha
             bucket[0] += is_wrong
             bucket[1] += 1
     return {name: errors / total if total else float("nan") for name, (errors, total) in counts.items()}
+
+
+def per_fact_error_rates(questions: list[str], answers: list[list[str]], config: ChainConfig) -> dict[str, list[int]]:
+    """``{label: [steps that recalled it wrongly, steps that wrote it]}`` over answers given as sentences, for every
+    label written at least once: the per-fact view of :func:`fact_error_rates`."""
+    counts: dict[str, list[int]] = {}
+    for question, sentences in zip(questions, answers, strict=True):
+        for label, is_wrong in step_errors(question, sentences, config):
+            bucket = counts.setdefault(label, [0, 0])
+            bucket[0] += is_wrong
+            bucket[1] += 1
+    return dict(sorted(counts.items()))
