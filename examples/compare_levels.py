@@ -11,6 +11,8 @@ Variants (each from the same checkpoint, with the same steps, prompts and sample
 - ``output-sum``: the same with the product of the token ratios, so that the step size is not what differs;
 - ``broadcast``: the sentence loss and ratios, every sentence given its answer's advantage (credit assignment
   without the token weighting);
+- ``mix``: each sentence ``0.5 · its own advantage + 0.5 · its answer's`` (``answer_mix=0.5``, the seed's
+  multi-scale fusion of sentence and answer credit);
 - ``cumulative``: each sentence the reward-to-go of the normalised sentence rewards;
 - ``outcome``: the binary outcome of the answer on every sentence, output level (the R1 baseline; chain task);
 - ``token-mu2``: token level with two updates per batch (with one update, on-policy, the token level's gradient
@@ -54,6 +56,7 @@ VARIANTS = {
     "output": (dict(level="output"), {}),
     "output-sum": (dict(level="output", output_ratio_level="sum"), {}),
     "broadcast": (dict(level="sentence", advantage="broadcast"), {}),
+    "mix": (dict(level="sentence", answer_mix=0.5), {}),
     "cumulative": (dict(level="sentence", advantage="cumulative"), {}),
     "outcome": (dict(level="output"), dict(outcome_only=True)),
     "token-mu2": (dict(level="token", mu=2), {}),
@@ -70,7 +73,8 @@ def task_of(args):
 
 def chain_config(args, mistaught: int) -> chain.ChainConfig:
     return chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts,
-                             max_operand=args.chain_max_operand, mistaught=mistaught)
+                             max_operand=args.chain_max_operand, facts_seed=args.chain_facts_seed,
+                             mistaught=mistaught)
 
 
 def finished(path: str, steps: int) -> list[dict] | None:
@@ -84,7 +88,8 @@ def finished(path: str, steps: int) -> list[dict] | None:
 
 def fact_errors(model, tokenizer, problems, args) -> dict:
     """Chain task: the share of sampled (temperature 1) and greedy steps that recall a fact wrongly, on the
-    mis-taught facts and on the others (``chain.fact_error_rates``), over the held-out problems."""
+    mis-taught facts and on the others (``chain.fact_error_rates``), over the held-out problems; per fact, the
+    sampled ``[wrong, written]`` counts (``per_fact_sampled``)."""
     from sgrpo_kernels import Segmenter
     from sgrpo_kernels.trainer.common import generate
 
@@ -96,8 +101,11 @@ def fact_errors(model, tokenizer, problems, args) -> dict:
         for mode in ("sampled", "greedy"):
             _, _, ids, mask = generate(model, tokenizer, questions, max_new_tokens=11 * args.chain_length + 16,
                                        greedy=mode == "greedy")
-            rates = chain.fact_error_rates(questions, Segmenter(tokenizer, "sentence")(ids, mask).texts, config)
+            texts = Segmenter(tokenizer, "sentence")(ids, mask).texts
+            rates = chain.fact_error_rates(questions, texts, config)
             result |= {f"{mode}_error_{group}": rate for group, rate in rates.items()}
+            if mode == "sampled":
+                result["per_fact_sampled"] = chain.per_fact_error_rates(questions, texts, config)
     return result
 
 
@@ -193,13 +201,14 @@ def described(step: int | None) -> str:
 
 def mean_accuracy(records: list[dict]) -> float:
     """Held-out accuracy averaged over the evaluations after step 0 (the area under the curve)."""
-    values = curve(records, "eval_accuracy")[1][1:]
+    values = [value for step, value in zip(*curve(records, "eval_accuracy")) if step > 0]
     return statistics.mean(values) if values else 0.0
 
 
 def choose_learning_rates(args) -> dict[str, float]:
-    """``--sweep``: every variant at every rate on the first seed; per variant the rate that reaches
-    ``--target`` first (ties: higher mean held-out accuracy). Writes ``lr_sweep.md``."""
+    """``--sweep``: every variant at every rate on the first seed; per variant the rate with the higher primary
+    measure (held-out accuracy averaged over the run's evaluations; ties: reaches ``--target`` first). Writes
+    ``lr_sweep.md``."""
     from tqdm import tqdm
 
     seed, rates = args.seeds[0], sorted(args.sweep)
@@ -208,16 +217,17 @@ def choose_learning_rates(args) -> dict[str, float]:
     chosen = dict(args.lrs)
     lines = [f"Learning-rate sweep, seed {seed}, {args.steps} steps, clipping "
              f"{'off' if math.isinf(args.max_grad_norm) else f'at {args.max_grad_norm:g}'}: steps to "
-             f"{args.target:.2f} held-out greedy accuracy / mean accuracy over the run.\n",
+             f"{args.target:.2f} held-out greedy accuracy / mean accuracy over the run (the primary measure, "
+             "which chooses).\n",
              "| variant | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |",
              "| --- | " + " | ".join("---:" for _ in rates) + " | ---: |"]
     for name in args.variants:
         if name in args.lrs:
             continue
 
-        def score(lr, name=name):
+        def score(lr, name=name):                 # the primary measure decides, its ties the steps to target
             reached = steps_to(results[name, lr], args.target)
-            return (reached if reached is not None else math.inf, -mean_accuracy(results[name, lr]))
+            return (-mean_accuracy(results[name, lr]), reached if reached is not None else math.inf)
 
         chosen[name] = min(rates, key=score)
         cells = [f"{described(steps_to(results[name, lr], args.target))} / {mean_accuracy(results[name, lr]):.3f}"
@@ -229,22 +239,97 @@ def choose_learning_rates(args) -> dict[str, float]:
     return chosen
 
 
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_difference(first: list[float], second: list[float]) -> str:
+    """``mean [low, high] (k/n higher)`` of ``first[i] − second[i]`` over paired seeds: the 95 % confidence
+    interval of Student's t with ``n − 1`` degrees of freedom (``–`` with fewer than two pairs)."""
+    differences = [a - b for a, b in zip(first, second, strict=True)]
+    if len(differences) < 2:
+        return "–"
+    mean, error = statistics.mean(differences), statistics.stdev(differences) / math.sqrt(len(differences))
+    half = T_975.get(len(differences) - 1, 1.96) * error
+    wins = sum(value > 0 for value in differences)
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] ({wins}/{len(differences)} higher)"
+
+
+def paired_table(runs: dict, baseline: str = "output") -> str:
+    """Each variant minus ``baseline`` in the primary measure, seed by seed (the runs of one seed share prompts and
+    sampling seeds)."""
+    if baseline not in runs or len(runs[baseline]) < 2:
+        return ""
+    base = [mean_accuracy(records) for records in runs[baseline]]
+    lines = [f"| paired difference, variant − {baseline} | mean held-out accuracy over the run, 95 % CI (t, "
+             f"{len(base) - 1} df) |", "| --- | --- |"]
+    for name, seeds in runs.items():
+        if name != baseline and len(seeds) == len(base):
+            lines.append(f"| {name} − {baseline} | {paired_difference([mean_accuracy(r) for r in seeds], base)} |")
+    return "\n".join(lines)
+
+
+def per_fact_table(runs: dict, args) -> str:
+    """Chain task: per fact, in how many final checkpoints of each variant its sampled recall is wrong more often
+    than right (and the mean error rate), for the mis-taught facts and any other fact wrong in some checkpoint;
+    then the facts that stay wrong in the majority of final checkpoints of every variant (a ceiling of the task)."""
+    last = {name: [next((r["per_fact_sampled"] for r in reversed(records) if "per_fact_sampled" in r), None)
+                   for records in seeds] for name, seeds in runs.items()}
+    if any(table is None for tables in last.values() for table in tables):
+        return ""
+    mistaught = chain.misconceptions(chain_config(args, mistaught=args.mistaught))
+
+    def rate(table, label):
+        wrong, total = table.get(label, (0, 0))
+        return wrong / total if total else 0.0
+
+    labels = sorted({label for tables in last.values() for table in tables for label in table
+                     if label in mistaught or rate(table, label) > 0.5})
+    names = list(last)
+    lines = ["| fact | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    stuck = []
+    for label in labels:
+        counts = {name: sum(rate(table, label) > 0.5 for table in last[name]) for name in names}
+        cells = [f"{counts[name]}/{len(last[name])} ({statistics.mean(rate(t, label) for t in last[name]):.2f})"
+                 for name in names]
+        taught = f" (taught {mistaught[label]})" if label in mistaught else ""
+        lines.append(f"| {label}{taught} | " + " | ".join(cells) + " |")
+        if all(2 * counts[name] > len(last[name]) for name in names):
+            stuck.append(label)
+    verdict = (f"Facts wrong in the majority of final checkpoints of every variant: {', '.join(stuck)}."
+               if stuck else "No fact stays wrong in the majority of final checkpoints of every variant.")
+    return ("Per fact: final checkpoints whose sampled recall of the fact is wrong more often than right / "
+            "checkpoints (mean sampled error rate); mis-taught facts with their misconception.\n\n"
+            + "\n".join(lines) + f"\n\n{verdict}")
+
+
+def compute_curve(records: list[dict]) -> tuple[list[float], list[float]]:
+    """Held-out accuracy against the cumulative CPU seconds of training (rollout, rewards, update; the wall time
+    where CPU time was not recorded) up to each evaluation."""
+    spent, total = {0: 0.0}, 0.0
+    for record in records:
+        if "loss" in record:
+            total += record.get("cpu_seconds", record.get("seconds", 0.0))
+            spent[record["step"]] = total
+    steps, values = curve(records, "eval_accuracy")
+    return [spent.get(step, total) for step in steps], values
+
+
 def summarise(runs: dict, args) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (accuracy_axis, norm_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
+    figure, (accuracy_axis, compute_axis, norm_axis) = plt.subplots(1, 3, figsize=(17, 4.4))
     grid = args.eval_every                  # budgets on the evaluation grid (and the last step, always evaluated)
     budgets = sorted({args.steps // 4 // grid * grid, args.steps // 2 // grid * grid, args.steps} - {0})
     errors = args.task == "chain" and args.mistaught > 0
     cosine = args.snr_pairs > 0
-    lines = [f"| variant | lr | steps to {args.target:.2f} (per seed) | "
+    lines = [f"| variant | lr | mean accuracy over the run | steps to {args.target:.2f} (per seed) | "
              + " | ".join(f"accuracy at {budget}" for budget in budgets) + " | final reward | median grad norm |"
              + (" gradient cosine (SNR) |" if cosine else "")
              + (" sampled error, mis-taught facts | other facts |" if errors else ""),
-             "| --- | ---: | --- | " + " | ".join("---:" for _ in budgets) + " | ---: | ---: |"
+             "| --- | ---: | ---: | --- | " + " | ".join("---:" for _ in budgets) + " | ---: | ---: |"
              + (" ---: |" if cosine else "") + (" ---: | ---: |" if errors else "")]
     for name, seeds in runs.items():
         for key, axis in (("eval_accuracy", accuracy_axis), ("grad_norm", norm_axis)):
@@ -255,6 +340,11 @@ def summarise(runs: dict, args) -> str:
             axis.plot(steps, [statistics.mean(column) for column in columns], label=name)
             axis.fill_between(steps, [min(column) for column in columns], [max(column) for column in columns],
                               alpha=0.15)
+        paired = [compute_curve(records) for records in seeds]
+        length = min(len(values) for _, values in paired)
+        compute_axis.plot([statistics.mean(column) for column in zip(*(x[:length] for x, _ in paired))],
+                          [statistics.mean(column) for column in zip(*(y[:length] for _, y in paired))],
+                          label=name, marker=".")
         reached = [steps_to(records, args.target) for records in seeds]
         accuracy = []
         for budget in budgets:
@@ -264,7 +354,7 @@ def summarise(runs: dict, args) -> str:
                          for records in seeds])
         norm = statistics.median(record["grad_norm"] for records in seeds for record in records
                                  if "grad_norm" in record)
-        row = (f"| {name} | {args.lrs.get(name, args.lr):g} | "
+        row = (f"| {name} | {args.lrs.get(name, args.lr):g} | {spread([mean_accuracy(r) for r in seeds])} | "
                f"{', '.join(map(described, reached))} | "
                + " | ".join(accuracy) + f" | {reward} | {norm:.3g} |")
         if cosine:
@@ -282,7 +372,9 @@ def summarise(runs: dict, args) -> str:
                       ylabel="accuracy (fraction correct)")
     norm_axis.set(title=f"gradient norm before clipping{over_seeds}", xlabel="GRPO step", ylabel="L2 norm",
                   yscale="log")
-    for axis in (accuracy_axis, norm_axis):
+    compute_axis.set(title="held-out accuracy per compute (mean over seeds)",
+                     xlabel="training CPU seconds (rollout, rewards, update)", ylabel="accuracy (fraction correct)")
+    for axis in (accuracy_axis, compute_axis, norm_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     clip = "no clipping" if math.isinf(args.max_grad_norm) else f"clipped at {args.max_grad_norm:g}"
@@ -291,7 +383,11 @@ def summarise(runs: dict, args) -> str:
                     f"{seeds} seed{'s' if seeds > 1 else ''}")
     figure.tight_layout()
     figure.savefig(os.path.join(args.out, "compare_levels.png"), dpi=100)
-    table = "\n".join(lines)
+    caveat = ("One run per variant (one seed): an illustration, not evidence; runs of the same variant differ by "
+              "several points of accuracy, so a difference this size says nothing about the levels. The "
+              "multi-seed paired comparison is examples/results/credit-assignment/.") if seeds == 1 else ""
+    table = "\n\n".join(part for part in (caveat, "\n".join(lines), paired_table(runs),
+                                             per_fact_table(runs, args) if errors else "") if part)
     with open(os.path.join(args.out, "compare_levels.md"), "w") as handle:
         handle.write(f"{args.task}, {seeds} seed{'s' if seeds > 1 else ''}, {args.steps} steps × {args.prompts} "
                      f"prompts × {args.group_size} answers, gradient clipping "
@@ -343,6 +439,9 @@ def main(argv=None) -> None:
     parser.add_argument("--chain-length", type=int, default=6, help="chain task: steps per problem")
     parser.add_argument("--chain-facts", type=int, default=26, help="chain task: labels")
     parser.add_argument("--chain-max-operand", type=int, default=9, help="chain task: facts' operands in [1, this]")
+    parser.add_argument("--chain-facts-seed", type=int, default=0,
+                        help="chain task: the task instance (facts, mis-taught facts, misconceptions), as given to "
+                             "`sgrpo sft`")
     parser.add_argument("--mistaught", type=int, default=0,
                         help="chain task: the facts mis-taught in the SFT checkpoint (as given to `sgrpo sft`), to "
                              "report the error rate on them after each run")

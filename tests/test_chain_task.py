@@ -108,7 +108,7 @@ def test_per_fact_error_rates_count_each_label():
     first, second = (7 + a) % 10, (7 + a + wrong) % 10
     sentences = [f"a: 7+{a}={first}.", f"b: {first}+{wrong}={second}.", f"a: {second}+{a}={(second + a) % 10}."]
     assert chain.per_fact_error_rates([question, question], [sentences, sentences[:1]], config) == {
-        "a": [0, 3], "b": [2, 2]}
+        "a": [0, 3], "b": [1, 1]}
 
 
 def test_the_char_tokenizer_segments_a_solution_into_its_steps():
@@ -180,6 +180,31 @@ def test_cli_trains_on_the_chain_task(tmp_path, capsys):
         main(["sft", "--output-dir", str(tmp_path / "y"), "--mistaught", "5", *seeded])
 
 
+def _compare_levels():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "compare_levels.py"
+    spec = importlib.util.spec_from_file_location("compare_levels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_confidence_interval_and_compute_axis():
+    pytest.importorskip("transformers")
+    compare = _compare_levels()
+    # differences 1, 2, 3: mean 2, standard error 1/sqrt(3), t(0.975, 2 df) = 4.303
+    assert compare.paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]) == "+2.000 [-0.484, +4.484] (3/3 higher)"
+    assert compare.paired_difference([0.5], [0.4]) == "–"
+    records = [{"step": 0, "eval_accuracy": 0.1}, {"step": 1, "loss": 0.0, "cpu_seconds": 2.0, "seconds": 9.0},
+               {"step": 2, "loss": 0.0, "cpu_seconds": 3.0}, {"step": 2, "eval_accuracy": 0.5}]
+    assert compare.compute_curve(records) == ([0.0, 5.0], [0.1, 0.5])
+    runs = {"output": [[{"step": 5, "eval_accuracy": a}] for a in (0.0, 0.5)],
+            "sentence": [[{"step": 5, "eval_accuracy": a}] for a in (0.0, 0.7)]}
+    assert compare.paired_table(runs).splitlines()[-1].startswith("| sentence − output | +0.100 [")
+
+
 def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys):
     """``examples/compare_levels.py`` on the chain task: the learning-rate sweep on the first seed, every variant ×
     seed once (the sweep's run at the chosen rate reused), the gradient cosine of independent batches; a second call
@@ -213,8 +238,12 @@ def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys
         "outcome-lr0.0001-seed0.metrics.jsonl", "sentence-lr0.0001-seed0.metrics.jsonl",
         "sentence-lr0.0003-seed0.metrics.jsonl"]
     table = (out / "compare_levels.md").read_text()
-    assert f"| sentence | {float(chosen):g} | 0 |" in table and "| outcome | 0.0001 | 0 |" in table
+    assert re.search(rf"\| sentence \| {float(chosen):g} \| 0\.\d{{3}} \| 0 \|", table)
+    assert re.search(r"\| outcome \| 0.0001 \| 0\.\d{3} \| 0 \|", table)
     assert "sampled error, mis-taught facts" in table and "clipping off" in table
+    assert "an illustration, not evidence" in table                # one seed is labelled as such
+    assert "Per fact:" in table and re.search(r"\| [a-e] \(taught \d\) \| \d/1 \(", table)
+    assert ("No fact stays wrong" in table) != ("Facts wrong in the majority" in table)
     for name in ("sentence", "outcome"):
         cosines = json.loads((out / f"{name}.gradient_cosine.json").read_text())
         assert len(cosines) == 2 and all(-1 <= value <= 1 for value in cosines)

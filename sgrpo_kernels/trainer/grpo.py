@@ -166,7 +166,7 @@ class GRPOLoop:
             ratio_level=ratio_level, return_metrics=True)
 
     def step(self) -> dict:
-        config, start = self.config, time.perf_counter()
+        config, start, cpu_start = self.config, time.perf_counter(), time.process_time()
         batch = self.rollout()
         segment_ids, advantages = self.advantages(batch)
         old_logps = self._logprobs(self.model, batch)
@@ -179,9 +179,13 @@ class GRPOLoop:
             self.optimizer.step()
         self.schedule.step()
         self.step_index += 1
-        return self._step_metrics(batch, loss, metrics, grad_norm, time.perf_counter() - start)
+        record = self._step_metrics(batch, loss, metrics, grad_norm, time.perf_counter() - start)
+        return record | {"cpu_seconds": time.process_time() - cpu_start}
 
     def _step_metrics(self, batch, loss, metrics, grad_norm, seconds) -> dict:
+        """One step's record; ``seconds`` is its wall time (rollout, rewards and update; ``cpu_seconds``, added by
+        :meth:`step`, the process's CPU time over the same span, which another job on the machine does not
+        inflate)."""
         exists = torch.arange(batch["rewards"].shape[1]) < batch["sentences"].num_sentences.unsqueeze(1)
         texts = decode_completions(self.tokenizer, batch["completion_ids"], batch["mask"])
         record = {"step": self.step_index, "loss": loss.item(), "reward": batch["rewards"][exists].mean().item(),
