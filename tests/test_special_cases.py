@@ -230,3 +230,72 @@ def test_vespo_matches_liger_at_the_sequence_level(with_is_ratio, backend):
     hidden, weight = random_head(200)
     assert_liger_fused_loss_matches(case, backend, hidden, weight, options, is_ratio, loss_type="vespo",
                                     importance_sampling_level="token")
+
+
+KL_MAGNITUDES = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def exact_head(vocab=16, width=8, seed=5):
+    """Hidden states ``[2, 8, width]`` of integers in [-2, 2] and an LM head ``[vocab, width]`` of multiples of 1/2 in
+    [-1, 1]: every logit is a multiple of 1/2 in [-16, 16], exact in bf16 and fp16 and whatever order a matmul sums
+    in, so the logits path and every fused linear path see the same logits. Token ids: the most likely token at
+    even positions (|logp| mostly below 1, where fp32 resolves ``x = ref − logp`` finer than it rounds ``e^x`` near
+    1, so that ``1 − exp(x)`` loses digits), random ones at odd positions. Returns the float64 hidden states and
+    head, and the ids."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-2, 3, (2, 8, width), generator=generator).double()
+    weight = torch.randint(-2, 3, (vocab, width), generator=generator).double() / 2
+    ids = torch.randint(0, vocab, (2, 8), generator=generator)
+    return hidden, weight, torch.where(torch.arange(8) % 2 == 0, (hidden @ weight.T).argmax(-1), ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("path", ["logits", "fused_linear"])
+def test_k3_is_accurate_for_tiny_log_ratios(path, dtype, backend):
+    """k3 = e^x − x − 1 at x = ref − logp of 1e-2 down to 1e-6 (both signs): ``kl_mean``, the loss and the gradient
+    of the KL term (e^x − 1 and its chain) within 1e-4 of float64 computed from the same log-probs (the ones the
+    backend computes from these logits, in low precision too), where the direct form cancels to 0 in fp32.
+
+    Token-level segments, zero advantages and ``reduction="sum"`` make the loss ``beta · Σ_t k3_t`` and
+    ``∂loss/∂logp_t = −beta · expm1(x_t)``; ``beta = 1/|x|`` keeps the gradients far from fp16's subnormals, and
+    gradients in bf16/fp16 are held to their own rounding."""
+    device = device_of(backend)
+    hidden, weight, ids = exact_head()
+    logits = (hidden @ weight.T).to(dtype)
+    batch, length = ids.shape
+    # the log-probs this backend computes from these logits (the reference's are rounded to the logits' dtype)
+    logp = sk.token_logprobs(logits.to(device), ids.to(device), backend=backend, return_entropy=True)[0]
+    logp = logp.detach().cpu().double()
+    probs = torch.softmax(logits.double(), -1)
+    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    signs = torch.where(torch.arange(batch * length).reshape(batch, length) % 2 == 0, 1.0, -1.0)
+    spread = 1 + torch.rand(batch, length, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grad_rel = max(1e-4, torch.finfo(dtype).eps)       # low-precision gradients are rounded to their dtype
+    segment_ids = torch.arange(length).expand(batch, length).to(device)
+    advantages = torch.zeros(batch, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    for magnitude in KL_MAGNITUDES:
+        ref_logps = (logp + signs * spread * magnitude).to(ref_dtype)
+        x = ref_logps.double() - logp                   # the log-ratios the loss sees, exactly
+        assert x.abs().min() > 0.2 * magnitude and x.abs().max() < 3 * magnitude
+        k3 = torch.expm1(x) - x                         # float64: accurate to ~1e-10 at |x| = 1e-6
+        beta = 1 / magnitude
+        options = dict(beta=beta, reduction="sum", backend=backend, return_metrics=True)
+        coef = -beta * torch.expm1(x)                   # ∂loss/∂logp_t
+        logits_grad = coef[..., None] * (torch.nn.functional.one_hot(ids, logits.shape[-1]) - probs)
+        arguments = (ids.to(device), segment_ids, advantages, None, ref_logps.to(device))
+        if path == "logits":
+            inputs = (logits.to(device).requires_grad_(),)
+            loss, metrics = sk.sentence_grpo_loss(*inputs, *arguments, **options)
+            names, expected_grads = ("logits",), (logits_grad,)
+        else:
+            inputs = (hidden.to(dtype).to(device).requires_grad_(), weight.to(dtype).to(device).requires_grad_())
+            loss, metrics = sk.fused_linear_sentence_grpo_loss(*inputs, *arguments, chunk_size=5, **options)
+            names = ("hidden", "weight")
+            expected_grads = (logits_grad @ weight,
+                              logits_grad.reshape(-1, logits.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
+        grads = torch.autograd.grad(loss, inputs)
+        what = f"|x| ~ {magnitude:g}"
+        assert_relative_close(metrics["kl_mean"].cpu(), k3.mean(), 1e-4, f"kl_mean at {what}")
+        assert_relative_close(loss.cpu(), beta * k3.sum(), 1e-4, f"loss at {what}")
+        for name, grad, expected in zip(names, grads, expected_grads):
+            assert_relative_close(grad.cpu(), expected, grad_rel, f"gradient of the {name} at {what}")
