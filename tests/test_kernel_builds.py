@@ -22,7 +22,7 @@ import torch
 from cases import KERNEL_DEVICE
 
 import sgrpo_kernels as sk
-from sgrpo_kernels.ops import custom_ops
+from sgrpo_kernels.ops import library
 from sgrpo_kernels.ops.triton import kernel_builds
 from sgrpo_kernels.ops.triton.kernel_builds import Launch, expand, recorded_launches
 
@@ -88,7 +88,7 @@ def backward(loss, options):
     if options["return_metrics"]:
         loss = loss[0]
     if loss.requires_grad:
-        with mock.patch.object(custom_ops, "_scaled_on_device", lambda gradient: gradient.is_contiguous()):
+        with mock.patch.object(library, "_scaled_on_device", lambda gradient: gradient.is_contiguous()):
             (2 * loss).backward()
 
 

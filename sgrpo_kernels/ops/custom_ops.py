@@ -11,7 +11,6 @@ inside the ops, before any kernel.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch
 
@@ -25,11 +24,10 @@ from .fused_linear import (
     fused_linear_token_scores_backward,
     run_fused_linear_loss,
 )
+from .library import LIBRARY, NAMESPACE, scale_gradients_
 from .passes import accumulator_dtype
 from .vocab_parallel import VocabParallelPasses, split_backend
 
-NAMESPACE = "sgrpo_kernels"
-_LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 _SCHEMA_TYPES = {"float": "float", "float | None": "float?", "str": "str", "str | None": "str?", "int": "int",
                  "bool": "bool"}
 OPTION_FIELDS = tuple(field.name for field in dataclasses.fields(LossConfig))
@@ -37,9 +35,9 @@ _OPTION_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[field.type]} {field.name}" for field
 
 
 def _define(name: str, schema: str, implementation, fake) -> None:
-    _LIBRARY.define(f"{name}{schema}")
-    _LIBRARY.impl(name, implementation, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
+    LIBRARY.define(f"{name}{schema}")
+    LIBRARY.impl(name, implementation, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIBRARY)
 
 
 def passes_for(backend: str, device: torch.device):
@@ -95,36 +93,6 @@ def _fake_metrics(like: torch.Tensor, config: LossConfig, dtype: torch.dtype, wi
     return [like.new_empty((), dtype=_metric_dtype(name, dtype)) for name in metric_names(config)]
 
 
-# ---- scaling the eager gradients in backward ------------------------------------------------------------------
-
-def _scaled_on_device(gradient: torch.Tensor) -> bool:
-    """Whether the Triton kernel scales ``gradient`` (it reads the scale on the device)."""
-    return gradient.is_cuda and gradient.is_contiguous() and importlib.util.find_spec("triton") is not None
-
-
-def _scale_gradients(gradients: list[torch.Tensor], scale: torch.Tensor) -> None:
-    # Skipped when ``scale`` is exactly 1 (the usual ``loss.backward()``), which saves a read and a write of
-    # each gradient. On CUDA a Triton kernel reads the scale on the device and leaves the gradient untouched when
-    # it is 1; a CPU scale is read on the host (no device sync); elsewhere the gradients are always multiplied.
-    host_scale_is_one = scale.device.type == "cpu" and scale.item() == 1.0    # read once, not per gradient
-    for gradient in gradients:
-        if _scaled_on_device(gradient):
-            from .triton.scale import scale_unless_one_
-            scale_unless_one_(gradient, scale)
-        elif not host_scale_is_one:
-            gradient.mul_(scale.to(gradient.dtype))
-
-
-_LIBRARY.define("scale_gradients_(Tensor(a!)[] gradients, Tensor scale) -> ()")
-_LIBRARY.impl("scale_gradients_", _scale_gradients, "CompositeExplicitAutograd")
-torch.library.register_fake(f"{NAMESPACE}::scale_gradients_", lambda gradients, scale: None, lib=_LIBRARY)
-
-
-def scale_gradients_(gradients: list[torch.Tensor], scale: torch.Tensor) -> None:
-    """Multiply each gradient in place by the 0-dim ``scale`` (the ``grad_output`` of a loss)."""
-    getattr(torch.ops, NAMESPACE).scale_gradients_(gradients, scale)
-
-
 def _saved_gradients(ctx) -> tuple:
     try:
         return ctx.saved_tensors
@@ -178,7 +146,7 @@ def _loss_backward(ctx, grad_loss, grad_gradient, grad_metrics):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::sentence_grpo_loss", _loss_backward, setup_context=_loss_setup,
-                                lib=_LIBRARY)
+                                lib=LIBRARY)
 
 
 def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config: LossConfig,
@@ -255,7 +223,7 @@ def _fused_backward(ctx, grad_loss, *unused):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::fused_linear_sentence_grpo_loss", _fused_backward,
-                                setup_context=_fused_setup, lib=_LIBRARY)
+                                setup_context=_fused_setup, lib=LIBRARY)
 
 
 def fused_linear_sentence_grpo_loss(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
@@ -317,7 +285,7 @@ def _logprobs_backward(ctx, grad_logp, grad_lse, grad_entropy):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::token_logprobs", _logprobs_backward, setup_context=_logprobs_setup,
-                                lib=_LIBRARY)
+                                lib=LIBRARY)
 
 
 def token_logprobs(logits, ids, temperature: float, with_entropy: bool, backend: str):
@@ -387,7 +355,7 @@ def _fused_logprobs_backward(ctx, grad_logp, grad_lse, grad_entropy):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::fused_linear_token_logprobs", _fused_logprobs_backward,
-                                setup_context=_fused_logprobs_setup, lib=_LIBRARY)
+                                setup_context=_fused_logprobs_setup, lib=LIBRARY)
 
 
 def fused_linear_token_logprobs(hidden, weight, bias, ids, temperature: float, with_entropy: bool,

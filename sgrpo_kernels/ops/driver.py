@@ -13,6 +13,7 @@ import torch
 
 from .. import distributed, reference
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
+from .library import scale_gradients_
 from .passes import Passes, flat_token_weights, new_output
 
 
@@ -21,7 +22,7 @@ class EagerGradient(torch.autograd.Function):
     gradient lives in the overwritten logits; the functional paths get theirs from ``ops/custom_ops.py``).
 
     ``EagerGradient.apply(value, gradients, *inputs)`` returns ``value``; ``backward`` hands ``gradients[k]``
-    to ``inputs[k]``, scaled in place by ``grad_output`` without a host sync (``custom_ops.scale_gradient_``).
+    to ``inputs[k]``, scaled in place by ``grad_output`` without a host sync (``library.scale_gradients_``).
     The gradients are handed over once: a second backward through the same graph (``retain_graph=True``)
     raises instead of returning stale buffers.
     """
@@ -33,8 +34,6 @@ class EagerGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        from .custom_ops import scale_gradients_
-
         if ctx.gradients is None:
             raise RuntimeError("this fused loss computed its gradient in the forward pass and has already "
                                "handed it over; backward can run once per forward (no retain_graph reuse)")
