@@ -149,18 +149,19 @@ def verifier_parts():
     return transformers.Qwen2ForCausalLM(config).double().eval(), tokenizer
 
 
-def test_verifier_cache_reuse_and_batching_agree(verifier_parts):
+def test_verifier_modes_agree_in_float64(verifier_parts):
     model, tokenizer = verifier_parts
     questions, answers = [QUESTION, QUESTION, QUESTION_ZH], [GOOD, BAD[:2], GOOD_ZH]
-    reused = GenerativeVerifier(model, tokenizer)(questions, answers)
-    batched = GenerativeVerifier(model, tokenizer, reuse_cache=False, batch_size=5)(questions, answers)
-    single = GenerativeVerifier(model, tokenizer, reuse_cache=False, batch_size=1)(questions, answers)
-    assert [len(scores) for scores in reused] == [4, 2, 4]
+    one_pass = GenerativeVerifier(model, tokenizer, batch_size=2)(questions, answers)
+    cached = GenerativeVerifier(model, tokenizer, mode="cache")(questions, answers)
+    batched = GenerativeVerifier(model, tokenizer, mode="batched", batch_size=5)(questions, answers)
+    single = GenerativeVerifier(model, tokenizer, mode="batched", batch_size=1)(questions, answers)
+    assert [len(scores) for scores in one_pass] == [4, 2, 4]
     for row in range(3):
-        assert reused[row] == pytest.approx(single[row], abs=1e-10)
-        assert batched[row] == pytest.approx(single[row], abs=1e-10)
-    assert all(0.0 < score < 1.0 for scores in reused for score in scores)
-    assert len({round(score, 9) for scores in reused for score in scores}) > 3    # the steps are told apart
+        for scores in (one_pass, cached, batched):
+            assert scores[row] == pytest.approx(single[row], abs=1e-10)
+    assert all(0.0 < score < 1.0 for scores in one_pass for score in scores)
+    assert len({round(score, 9) for scores in one_pass for score in scores}) > 3    # the steps are told apart
 
 
 def test_verifier_score_is_yes_over_yes_plus_no(verifier_parts):

@@ -1,7 +1,9 @@
-"""The seed's composite sentence reward ``r = Σ_k λ_k R_k``, padded to ``[B, S_max]``, with its breakdown."""
+"""The seed's composite sentence reward ``r = Σ_k λ_k R_k``, padded to ``[B, S_max]``, with its breakdown; PURE's
+min-form credit over any reward."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -51,6 +53,50 @@ class CompositeReward:
             total += self.weights[name] * padded
         return total
 
+    def with_term(self, name: str, reward, weight: float) -> CompositeReward:
+        """A new composite with ``reward`` added as component ``name`` at ``weight`` in ``(0, 1]``; the existing
+        weights are scaled by ``1 - weight`` (their proportions kept)."""
+        if name in self.components:
+            raise ValueError(f"the composite already has a component {name!r}")
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"weight must lie in (0, 1], got {weight}")
+        weights = {key: value * (1.0 - weight) for key, value in self.weights.items()}
+        return CompositeReward({**self.components, name: reward}, {**weights, name: weight})
+
     def num_sentences(self, answers) -> torch.Tensor:
         """``[B]`` sentence counts, for ``group_sentence_advantages``."""
         return torch.tensor([len(sentences) for sentences in answers], dtype=torch.long)
+
+
+class MinForm:
+    """PURE's min-form credit (Cheng et al., "Stop Summation: Min-Form Credit Assignment Is All Process Reward
+    Model Needs for Reasoning"): step ``s`` scores ``min(r_0, ..., r_s)`` of the wrapped reward, so a step after a
+    bad one can never score more than it.
+
+    ``MinForm(reward)`` takes what ``reward`` takes and returns what it returns, with running minima: ``B`` lists
+    of floats for a reward term (then usable as a :class:`CompositeReward` component), or ``[B, S_max]`` float32
+    with 0 past each answer's last sentence when ``reward`` is itself a :class:`CompositeReward` (whose
+    ``breakdown`` it passes on, unchanged).
+    """
+
+    def __init__(self, reward):
+        if not callable(reward):
+            raise TypeError(f"reward must be callable, got {type(reward).__name__}")
+        self.reward = reward
+
+    @property
+    def breakdown(self) -> dict:
+        return getattr(self.reward, "breakdown", {})
+
+    def num_sentences(self, answers) -> torch.Tensor:
+        return torch.tensor([len(sentences) for sentences in answers], dtype=torch.long)
+
+    def __call__(self, questions, answers, references=None):
+        answers = [list(sentences) for sentences in answers]
+        scores = self.reward(questions, answers, references)
+        if not isinstance(scores, torch.Tensor):
+            return [list(itertools.accumulate(row, min)) for row in scores]
+        counts = self.num_sentences(answers).to(scores.device)
+        exists = torch.arange(scores.shape[1], device=scores.device) < counts.unsqueeze(1)
+        running = torch.where(exists, scores, torch.inf).cummin(dim=1).values
+        return torch.where(exists, running, torch.zeros((), dtype=scores.dtype))
