@@ -145,6 +145,7 @@ def _train_title(args) -> str:
              "token": "token level", "output": f"output level (ratio: {args.output_ratio_level})"}[args.level]
     extras = "".join([f", beta={args.beta:g}" if args.beta else "", f", mu={args.mu}" if args.mu > 1 else "",
                       ", outcome reward" if args.outcome_reward else "",
+                      "".join(f", {spec.split('=')[0]} term" for spec in args.step_scorer),
                       f", T={args.temperature:g}" if args.temperature != 1 else ""])
     return (f"GRPO, {level}, task={_task_title(args)}\n{args.steps} steps, {args.prompts} prompts x "
             f"G={args.group_size}, lr={args.lr:g}{extras}")
@@ -165,6 +166,12 @@ def run_train(args) -> dict:
     task, _ = _task(args)
     sentence_reward = (task.reward(_chain_config(args), outcome_only=args.outcome_reward) if args.task == "chain"
                        else task.reward())
+    if args.step_scorer:
+        from .rewards.loading import with_step_scorers
+        try:
+            sentence_reward = with_step_scorers(sentence_reward, args.step_scorer)
+        except ValueError as error:          # a tag or word that is not one token of the scorer's tokenizer
+            raise front.UsageError(f"sgrpo {args.command}: error: --step-scorer: {error}") from None
     train, held_out = _datasets(args)
     model, tokenizer = load_pretrained(args.resume or args.model)
     loop = GRPOLoop(model, tokenizer, train, held_out, task.is_correct, sentence_reward, config, args.output_dir,

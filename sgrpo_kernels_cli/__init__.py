@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=int, default=0,
                        help="steps between checkpoints (default: 0, only at the end)")
     train.add_argument("--resume", help="a checkpoint folder of an earlier run to continue from (default: none)")
+    train.add_argument("--step-scorer", action="append", default=[], metavar="KIND=FOLDER[,KEY=VALUE...]",
+                       help="add a local model folder as a reward term, once per KIND: verifier (P(yes) of a causal "
+                            "LM after each step; keys mode, batch_size, yes, no) or prm (a process reward model read "
+                            "at a tag after each sentence; keys step_tag, good_token, bad_token, label_ids=BAD:GOOD, "
+                            f"batch_size); weight=W in (0, 1] (default {DEFAULT_STEP_SCORER_WEIGHT}) scales the "
+                            "task's own terms by 1-W (default: none)")
     train.add_argument("--outcome-reward", action="store_true",
                        help="chain task: every sentence gets the answer's binary outcome instead of its local "
                             "step reward, the one-reward-per-answer baseline (default: off)")
@@ -185,10 +191,10 @@ def _positive(args, dest: str) -> None:
     _require(math.isfinite(value) and value > 0, args, f"{_flag(dest)} must be > 0, got {value:g}")
 
 
-def _model_folder(args, dest: str, *, checkpoint: bool = False) -> None:
+def _model_folder(args, dest: str, *, checkpoint: bool = False, path: str | None = None) -> None:
     """A folder that ``load_pretrained`` can read: config.json (valid JSON) and a tokenizer; for --resume also the
-    trainer state that ``sgrpo train`` saves."""
-    path, flag = getattr(args, dest), _flag(dest)
+    trainer state that ``sgrpo train`` saves. ``path``: the folder when it is not the flag's whole value."""
+    path, flag = getattr(args, dest) if path is None else path, _flag(dest)
     _require(os.path.exists(path), args, f"{flag} {path}: no such directory")
     _require(os.path.isdir(path), args, f"{flag} {path}: not a directory")
     config = os.path.join(path, "config.json")
@@ -272,8 +278,73 @@ def _check_train(args) -> None:
     _require(not args.outcome_reward or args.task == "chain", args,
              f"--outcome-reward applies to --task chain, not {args.task}")
     _model_folder(args, "model")
+    _check_step_scorers(args)
     if args.resume is not None:
         _model_folder(args, "resume", checkpoint=True)
+
+
+# -- step scorers: `sgrpo train --step-scorer`, and the verl plugin's SGRPO_STEP_SCORER ----------------------------
+STEP_SCORER_KEYS = {"verifier": ("weight", "mode", "batch_size", "yes", "no"),
+                    "prm": ("weight", "step_tag", "good_token", "bad_token", "label_ids", "batch_size")}
+VERIFIER_MODES = ("one_pass", "cache", "batched")        # sgrpo_kernels.rewards.logic.MODES (tests/test_cli.py)
+DEFAULT_STEP_SCORER_WEIGHT = 0.3
+
+
+def parse_step_scorer(spec: str) -> tuple[str, str, float, dict]:
+    """``KIND=FOLDER[,KEY=VALUE...]`` -> ``(kind, folder, weight, options)``: ``options`` the constructor keywords
+    of :class:`~sgrpo_kernels.rewards.GenerativeVerifier` (``verifier``) or
+    :class:`~sgrpo_kernels.rewards.ProcessRewardModel` (``prm``), typed (``batch_size`` an int, ``label_ids``
+    ``BAD:GOOD`` a pair of ints). A value cannot hold a comma. ``ValueError`` saying what is wrong."""
+    kind, separator, rest = spec.partition("=")
+    if not separator or kind not in STEP_SCORER_KEYS or not rest.split(",")[0]:
+        raise ValueError(f"{spec!r} is not KIND=FOLDER[,KEY=VALUE...] with KIND one of {', '.join(STEP_SCORER_KEYS)}")
+    folder, *pairs = rest.split(",")
+    options = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or key not in STEP_SCORER_KEYS[kind] or key in options:
+            raise ValueError(f"{spec!r}: {pair!r} is not KEY=VALUE with a new KEY among "
+                             f"{', '.join(STEP_SCORER_KEYS[kind])}")
+        options[key] = _step_scorer_value(spec, key, value)
+    return kind, folder, options.pop("weight", DEFAULT_STEP_SCORER_WEIGHT), options
+
+
+def _step_scorer_value(spec: str, key: str, value: str):
+    try:
+        if key == "weight":
+            weight = float(value)
+            if not 0 < weight <= 1:
+                raise ValueError
+            return weight
+        if key == "batch_size":
+            if int(value) < 1:
+                raise ValueError
+            return int(value)
+        if key == "label_ids":
+            bad, good = (int(index) for index in value.split(":"))
+            return (bad, good)
+    except ValueError:
+        expected = {"weight": "a number in (0, 1]", "batch_size": "an integer >= 1",
+                    "label_ids": "BAD:GOOD, two class indices"}[key]
+        raise ValueError(f"{spec!r}: {key} must be {expected}, got {value!r}") from None
+    if key == "mode" and value not in VERIFIER_MODES:
+        raise ValueError(f"{spec!r}: mode must be one of {', '.join(VERIFIER_MODES)}, got {value!r}")
+    if not value:
+        raise ValueError(f"{spec!r}: {key} is empty")
+    return value
+
+
+def _check_step_scorers(args) -> None:
+    """Each --step-scorer parses, names a model folder and a kind not given before; the weights leave room."""
+    kinds = []
+    for spec in args.step_scorer:
+        try:
+            kind, folder, _, _ = parse_step_scorer(spec)
+        except ValueError as error:
+            raise UsageError(f"sgrpo {args.command}: error: --step-scorer {error}") from None
+        _require(kind not in kinds, args, f"--step-scorer {kind} is given twice")
+        _model_folder(args, "step_scorer", path=folder)
+        kinds.append(kind)
 
 
 def check_arguments(args) -> None:

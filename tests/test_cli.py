@@ -209,6 +209,36 @@ def test_a_refusal_in_process_is_a_system_exit_with_the_message(capsys):
     assert capsys.readouterr().err.strip() == str(refusal.value)
 
 
+@pytest.mark.parametrize("spec,fragment", [
+    ("judge=MODEL", "is not KIND=FOLDER[,KEY=VALUE...] with KIND one of verifier, prm"),
+    ("prm=", "is not KIND=FOLDER"),
+    ("prm=MODEL,mode=cache", "'mode=cache' is not KEY=VALUE with a new KEY among weight, step_tag"),
+    ("verifier=MODEL,weight=0", "weight must be a number in (0, 1], got '0'"),
+    ("verifier=MODEL,batch_size=two", "batch_size must be an integer >= 1"),
+    ("verifier=MODEL,mode=fast", "mode must be one of one_pass, cache, batched"),
+    ("prm=MODEL,label_ids=1", "label_ids must be BAD:GOOD"),
+    ("prm=MODEL,step_tag=", "step_tag is empty"),
+    ("prm=/nonexistent/prm", "--step-scorer /nonexistent/prm: no such directory"),
+])
+def test_step_scorer_specs_are_checked(tmp_path, model_dir, spec, fragment):
+    spec = spec.replace("MODEL", str(model_dir))
+    message = assert_refused(["train", "--model", model_dir, "--output-dir", tmp_path / "out", "--step-scorer", spec],
+                             fragment)
+    assert message.startswith("sgrpo train: error: --step-scorer ")
+
+
+def test_step_scorer_specs_parse_to_constructor_keywords(tmp_path, model_dir):
+    from sgrpo_kernels.rewards import logic
+
+    assert front.VERIFIER_MODES == logic.MODES
+    assert front.parse_step_scorer("prm=runs/prm,label_ids=0:1,weight=0.5,batch_size=4") == (
+        "prm", "runs/prm", 0.5, {"label_ids": (0, 1), "batch_size": 4})
+    assert front.parse_step_scorer("verifier=v,yes=Yes,no=No") == (
+        "verifier", "v", front.DEFAULT_STEP_SCORER_WEIGHT, {"yes": "Yes", "no": "No"})
+    twice = ["--step-scorer", f"prm={model_dir}", "--step-scorer", f"prm={model_dir},weight=0.2"]
+    assert_refused(["train", "--model", model_dir, "--output-dir", tmp_path / "out", *twice], "prm is given twice")
+
+
 # -- the data cache ------------------------------------------------------------------------------------------------
 def sft_args(tmp_path, *extra) -> Namespace:
     args = front.build_parser().parse_args(["sft", "--output-dir", str(tmp_path / "out"), "--task", "arith-small",

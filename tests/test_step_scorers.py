@@ -244,3 +244,41 @@ def test_with_term_scales_the_other_weights():
         composite.with_term("a", FormatReward(), 0.2)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         composite.with_term("c", FormatReward(), 0.0)
+
+
+def test_step_scorers_from_local_folders_in_sgrpo_train(tmp_path, capsys):
+    """``--step-scorer`` loads saved models as terms of the task's composite (``with_step_scorers``, also the verl
+    plugin's), trains a step with them and logs their breakdown; a tag the scorer's tokenizer cannot encode as
+    one token ends the command with one line."""
+    import json
+
+    from sgrpo_kernels.rewards.loading import load_step_scorer, with_step_scorers
+    from sgrpo_kernels.trainer.tasks import arith
+    from sgrpo_kernels.trainer.tiny import char_tokenizer, save_pretrained, tiny_model
+    from sgrpo_kernels_cli import main
+
+    tokenizer = char_tokenizer()
+    policy, classifier = tmp_path / "policy", tmp_path / "classifier"
+    save_pretrained(tiny_model(tokenizer, hidden_size=32, layers=1, heads=2), tokenizer, str(policy))
+    torch.manual_seed(0)
+    head = transformers.Qwen2ForTokenClassification(config(tokenizer, num_labels=2, pad_token_id=0))
+    save_pretrained(head, tokenizer, str(classifier))
+    reward = with_step_scorers(arith.reward(), [f"prm={classifier},step_tag=?",
+                                                f"verifier={policy},yes=Yes,no=No,weight=0.5"])
+    assert isinstance(reward.components["prm"], ProcessRewardModel) and reward.components["prm"].classifier
+    assert reward.weights == pytest.approx({"correctness": 0.35 / 2, "logic": 0.21 / 2, "format": 0.14 / 2,
+                                            "prm": 0.15, "verifier": 0.5})
+    rewards = reward(["Compute 1 + 2."], [["1 + 2 = 3.", " Answer: 3"]], ["3"])
+    assert rewards.shape == (1, 2) and ((reward.breakdown["prm"] > 0) & (reward.breakdown["prm"] < 1)).all()
+    with pytest.raises(ValueError, match="step_tag='ки' must be exactly one token"):
+        load_step_scorer("prm", str(policy))                        # Math-Shepherd's default tag
+    common = ["train", "--model", policy, "--task", "arith-small", "--data-dir", tmp_path / "data", "--eval-size", "2",
+              "--steps", "1", "--group-size", "2", "--prompts", "2", "--output-dir"]
+    with pytest.raises(SystemExit) as refusal:
+        main([*map(str, common), str(tmp_path / "refused"), "--step-scorer", f"prm={policy}"])
+    assert refusal.value.code == 2 and str(refusal.value).startswith("sgrpo train: error: --step-scorer: step_tag=")
+    capsys.readouterr()
+    main([*map(str, common), str(tmp_path / "run"), "--step-scorer", f"prm={policy},step_tag=?"])
+    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line][0]
+    assert 0 < record["reward_prm"] < 1 and "reward_logic" in record

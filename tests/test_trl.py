@@ -106,6 +106,28 @@ def test_sentence_level_loss_equals_reference_on_the_same_batch(tmp_path):
     assert_relative_close(ours, expected, 1e-5, "loss")
 
 
+def test_model_step_scorers_in_a_composite_are_a_sentence_reward(tmp_path):
+    """A verifier and a process reward model (tiny models of their own) inside a CompositeReward, min-form on the
+    PRM, score the sentences of TRL's completions; the advantages are per sentence and the loss is finite."""
+    from sgrpo_kernels.rewards import CompositeReward, GenerativeVerifier, MinForm, ProcessRewardModel
+
+    tokenizer = char_tokenizer()
+    judge, prm = (tiny_model(tokenizer, hidden_size=32, layers=1, heads=2, seed=seed).eval() for seed in (1, 2))
+    reward = CompositeReward({"verifier": GenerativeVerifier(judge, tokenizer, yes="Yes", no="No", batch_size=3),
+                              "prm": MinForm(ProcessRewardModel(prm, tokenizer, step_tag="?", good_token="+",
+                                                                bad_token="-", batch_size=3))},
+                             {"verifier": 0.5, "prm": 0.5})
+    trainer = make(tmp_path, sentence_reward=reward)
+    inputs = batch_inputs(trainer)
+    judged, prm_scores = reward.breakdown["verifier"], reward.breakdown["prm"]
+    exists = torch.arange(judged.shape[1]) < (inputs["segment_ids"].amax(1) + 1).unsqueeze(1)
+    for scores in (judged, prm_scores):
+        assert exists.any() and ((scores > 0) & (scores < 1))[exists].all() and (scores[~exists] == 0).all()
+    assert (prm_scores[:, 1:] <= prm_scores[:, :-1])[exists[:, 1:]].all()           # min-form: never rises
+    assert inputs["advantages"].shape == judged.shape
+    assert torch.isfinite(trainer._compute_loss(trainer.model, inputs))
+
+
 def perturb(model, seed=1, scale=0.3):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -238,14 +238,20 @@ def test_two_gloo_ranks_with_global_batch_info(tmp_path):
 def test_example_plugin_registers_in_every_verl_process(tmp_path):
     """``examples/verl/sgrpo_verl_plugin.py`` loads through verl's own ``VERL_USE_EXTERNAL_MODULES`` hook (at
     ``import verl``, as in every Ray worker), registers both functions, and its reward manager turns a batch into
-    dense sentence rewards and ``sentence_ids``."""
+    dense sentence rewards and ``sentence_ids``; ``SGRPO_STEP_SCORER`` (or the manager's ``step_scorer``) adds a
+    local process reward model (or verifier) as a term."""
     import os
     from pathlib import Path
 
     from cases import train_byte_level_bpe
 
+    from sgrpo_kernels.trainer.tiny import char_tokenizer, save_pretrained, tiny_model
+
     tokenizer = train_byte_level_bpe(["Let x = 2. Then x + 3 = 5. Answer: 5", "We add 2 and 3. So 5."], 290)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
+    scorer_tokenizer = char_tokenizer()
+    save_pretrained(tiny_model(scorer_tokenizer, hidden_size=32, layers=1, heads=2), scorer_tokenizer,
+                    str(tmp_path / "scorer"))
     examples = Path(__file__).resolve().parent.parent / "examples" / "verl"
     script = """
 import numpy as np, torch, verl
@@ -263,13 +269,21 @@ data = DataProto.from_dict(
     tensors=dict(prompts=torch.tensor([[7, 8], [7, 8]]), responses=responses,
                  attention_mask=torch.cat([torch.ones(2, 2, dtype=torch.long), response_mask], 1)),
     non_tensors=dict(reward_model=np.array([{"ground_truth": "5"}, {"ground_truth": "5"}], dtype=object)))
-rewards = get_reward_manager_cls("sentence")()(data)
+manager = get_reward_manager_cls("sentence")()
+assert manager.reward.weights == {"correct": 0.4, "format": 0.1, "prm": 0.5}, manager.reward.weights
+rewards = manager(data)
 ids = data.batch["sentence_ids"]
 assert rewards.shape == responses.shape and int(ids.max()) >= 1, (rewards, ids)
 assert ((rewards != 0) <= (ids >= 0)).all()
+prm = manager.reward.breakdown["prm"]
+assert prm.shape == (2, int(ids.max()) + 1) and ((prm > 0) & (prm < 1)).sum() == int((ids.amax(1) + 1).sum())
+assert set(get_reward_manager_cls("sentence")(step_scorer="").reward.components) == {"correct", "format"}
+verifier = get_reward_manager_cls("sentence")(step_scorer="verifier=SCORER,yes=Yes,no=No").reward
+assert set(verifier.components) == {"correct", "format", "verifier"}
 print("ok", int(ids.max()) + 1)
-""".replace("TOKENIZER", repr(str(tmp_path / "tokenizer")))
+""".replace("TOKENIZER", repr(str(tmp_path / "tokenizer"))).replace("SCORER", str(tmp_path / "scorer"))
     env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="sgrpo_verl_plugin", SGRPO_TOKENIZER=str(tmp_path / "tokenizer"),
+               SGRPO_STEP_SCORER=f"prm={tmp_path / 'scorer'},step_tag=?,weight=0.5",
                PYTHONPATH=os.pathsep.join([str(examples), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]

@@ -58,19 +58,25 @@ def save_pretrained(model, tokenizer, path: str) -> None:
             json.dump(config, handle, indent=1)
 
 
-def load_pretrained(path: str):
-    """Model and tokenizer from a local folder (no download); see :func:`save_pretrained`."""
+def load_tokenizer(path: str):
+    """The tokenizer of a local folder (no download); a marked character tokenizer as is (see
+    :func:`save_pretrained`)."""
     import json
     import os
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     config_path = os.path.join(path, "tokenizer_config.json")
     marked = os.path.exists(config_path) and json.load(open(config_path)).get(CHAR_TOKENIZER_MARK, False)
-    if marked:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-        tokenizer.sgrpo_char_tokenizer = True
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
+    if not marked:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    tokenizer.sgrpo_char_tokenizer = True
+    return tokenizer
+
+
+def load_pretrained(path: str):
+    """Causal LM and tokenizer from a local folder (no download); see :func:`save_pretrained`."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True), load_tokenizer(path)
