@@ -41,6 +41,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.bench_loss --preset quick
 	$(BIN)/python -m benchmarks.bench_fused_linear --preset quick
+	$(BIN)/python -m benchmarks.bench_rewards --preset quick
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check sgrpo_kernels tests examples benchmarks

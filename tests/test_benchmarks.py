@@ -102,3 +102,20 @@ def test_matmuls_provider_computes_the_three_products():
     logits = hidden.detach() @ weight.detach().T
     torch.testing.assert_close(hidden.grad, logits @ weight.detach())
     torch.testing.assert_close(weight.grad, logits.reshape(-1, 50000).T @ hidden.detach().reshape(-1, 8))
+
+
+def test_reward_benchmark_counts_one_forward_per_batch_in_one_pass(tmp_path, monkeypatch):
+    from benchmarks import bench_rewards
+
+    preset = dict(device="cpu", threads=0, hidden=32, layers=1, heads=2, answers=5, batch_size=2,
+                  shapes=[(40, 4), (64, 8)], repeats=1, skip={64: ("batched",)})
+    monkeypatch.setitem(bench_rewards.PRESETS, "tiny", preset)
+    paths = bench_rewards.main(["--preset", "tiny", "--out", str(tmp_path)])
+    with open(paths[0]) as handle:
+        records = list(csv.DictReader(handle))
+    calls = {(record["provider"], record["length"]): record["note"] for record in records}
+    assert calls[("one_pass", "40")] == calls[("prm", "64")] == "3 forwards"          # ceil(5 answers / 2)
+    assert calls[("cache", "40")] == f"{5 * (4 + 1)} forwards" and calls[("batched", "40")] == "10 forwards"
+    assert calls[("batched", "64")] == "not timed"
+    assert all(float(record["value"]) > 0 for record in records if record["note"] != "not timed")
+    assert "| 64 | 8 | batched | not timed | – | 20 (planned) |" in open(paths[2]).read()
