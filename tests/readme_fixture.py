@@ -38,7 +38,8 @@ def build(names: list[str]) -> dict:
         logits = model(input_ids).logits[:, prompt_ids.shape[1] - 1:-1]
         old_logps = sk.token_logprobs(logits, completion_ids)
     values = dict(
-        model=model, tokenizer=tokenizer, verifier_model=model, verifier_tokenizer=tokenizer,
+        model=model, tokenizer=tokenizer, verifier_model=model, verifier_tokenizer=tokenizer, prm_model=model,
+        prm_tokenizer=tokenizer,
         ref_model=copy.deepcopy(model).eval(), input_ids=input_ids,
         attention_mask=torch.cat([prompt_mask, completion_mask], 1), prompt_len=prompt_ids.shape[1],
         T=completion_ids.shape[1], completion_ids=completion_ids, completion_mask=completion_mask,

@@ -48,6 +48,8 @@ class GenerativeVerifier(SentenceReward):
     - ``mode="batched"``: every step's whole prompt on its own, ``batch_size`` prompts per forward (left padding).
 
     Only the ``yes``/``no`` rows of the LM head are applied, to the hidden states that end each judge suffix.
+    ``one_pass``'s attention is dense over the answer and its ``S`` judge copies (``W = T + S·m`` keys per row): on an
+    attention-bound model it beats ``cache`` at short answers and loses at long ones (README, "Step scorers").
 
     Args:
         model: a Hugging Face causal LM (in eval mode); tokenizer: its tokenizer.
