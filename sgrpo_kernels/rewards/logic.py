@@ -155,15 +155,15 @@ class GenerativeVerifier(SentenceReward):
             start = total - len(tokens)
             copy[row, start:], position[row, start:], prefix_end[row, start:] = \
                 copies[row], positions[row], prefix_ends[row]
+        copy, position, prefix_end = copy.to(device), position.to(device), prefix_end.to(device)
         causal = position[:, None, :] <= position[:, :, None]                        # [B, Q, K]
         answer_key = (copy[:, None, :] == -1) & (position[:, None, :] < prefix_end[:, :, None])
         same_copy = (copy[:, None, :] == copy[:, :, None]) & (copy[:, None, :] >= 0)
-        allowed = causal & (answer_key | same_copy) | torch.eye(total, dtype=torch.bool)
+        allowed = causal & (answer_key | same_copy) | torch.eye(total, dtype=torch.bool, device=device)
         row_index = torch.cat([torch.full((len(read),), row) for row, read in enumerate(reads)]).to(device)
         column_index = torch.cat([total - len(tokens) + read for tokens, read in zip(rows, reads)]).to(device)
         scores, _ = self._read(row_index, column_index, input_ids=ids.to(device),
-                               attention_mask=additive_mask(allowed.to(device), self.model),
-                               position_ids=position.to(device))
+                               attention_mask=additive_mask(allowed, self.model), position_ids=position)
         bounds = torch.tensor([0] + [len(read) for read in reads]).cumsum(0).tolist()
         return [scores[bounds[row]:bounds[row + 1]] for row in range(len(rows))]
 
