@@ -102,7 +102,8 @@ def test_the_front_end_repeats_the_trainers_choices_and_bounds():
             chain.ChainConfig(**options)
     defaults = chain.ChainConfig()
     assert front.CHAIN_DEFAULTS == {"chain_length": defaults.length, "chain_facts": defaults.num_facts,
-                                    "chain_max_operand": defaults.max_operand, "mistaught_rate": defaults.error_rate}
+                                    "chain_max_operand": defaults.max_operand,
+                                    "chain_facts_seed": defaults.facts_seed, "mistaught_rate": defaults.error_rate}
     chain.ChainConfig(max_operand=front.CHAIN_MAX_OPERAND)
     with pytest.raises(ValueError):
         chain.ChainConfig(max_operand=front.CHAIN_MAX_OPERAND + 1)
