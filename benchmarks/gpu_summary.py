@@ -36,6 +36,9 @@ def loss_targets(rows: list[dict]) -> list[str]:
         if time_ms is None:
             lines.append(f"- {provider}: no measurement")
             continue
+        if not row["ratio_to_floor"]:
+            lines.append(f"- {provider}: {time_ms:.2f} ms, {row['note']}: not judged")
+            continue
         ratio = float(row["ratio_to_floor"])
         lines.append(f"- {provider}: {time_ms:.2f} ms = {ratio:.2f}× floor (target ≤ 1.3×): "
                      f"{'met' if ratio <= 1.3 else 'MISSED'}")
@@ -61,8 +64,12 @@ def fused_linear_targets(rows: list[dict]) -> list[str]:
     time_ms, row = pick(rows, "triton", "full", "time_ms", **FUSED_SHAPE)
     if time_ms is None:
         return ["- triton: no measurement"]
-    ratio = float(row["ratio_to_floor"])
-    lines = [f"- triton: {time_ms:.1f} ms = {ratio:.2f}× floor (target ≤ 1.5×): {'met' if ratio <= 1.5 else 'MISSED'}"]
+    if not row["ratio_to_floor"]:
+        lines = [f"- triton: {time_ms:.1f} ms, {row['note']}: not judged"]
+    else:
+        ratio = float(row["ratio_to_floor"])
+        lines = [f"- triton: {time_ms:.1f} ms = {ratio:.2f}× floor (target ≤ 1.5×): "
+                 f"{'met' if ratio <= 1.5 else 'MISSED'}"]
     extra_mib, _ = pick(rows, "triton", "full", "extra_peak_mib", **FUSED_SHAPE)
     if extra_mib is not None:
         gradients_mib = (8 * 2048 + 151936) * 4096 * 2 / 2**20     # grad of hidden and of the weight, bf16

@@ -3,7 +3,9 @@
 Time: the median of repeated runs after warm-up (CUDA events on GPU, ``perf_counter`` on CPU).
 Peak memory: ``torch.cuda.max_memory_allocated`` above the inputs on GPU; on CPU the peak resident
 set of a fresh process above what it held once the inputs existed (Linux ``VmHWM``, reset through
-``/proc/self/clear_refs``).
+``/proc/self/clear_refs``). Ceilings (copy bandwidth, matmul rate): the best of samples taken before, between and
+after the timed runs (:class:`Ceilings`); a time below the floor they give is a failed measurement
+(:func:`judge_floor`), never a result.
 """
 
 from __future__ import annotations
@@ -75,23 +77,91 @@ def median_time_ms(run, prepare=None, *, device: torch.device, repeats: int, war
     return statistic(samples)
 
 
-def copy_bandwidth_gbps(device: torch.device, megabytes: int) -> float:
+def copy_bandwidth_gbps(device: torch.device, megabytes: int, repeats: int = 10) -> float:
     """Measured device copy bandwidth, counting bytes read plus bytes written (GB/s)."""
     source = torch.randn(megabytes * MIB // 4, device=device)
     target = torch.empty_like(source)
     # a ceiling is the best the device does: the fastest of the runs, not their median
-    milliseconds = median_time_ms(lambda _: target.copy_(source), device=device, repeats=10, warmup=3, statistic=min)
+    milliseconds = median_time_ms(lambda _: target.copy_(source), device=device, repeats=repeats, warmup=3,
+                                  statistic=min)
     return 2 * source.numel() * 4 / (milliseconds * 1e-3) / 1e9
 
 
-def matmul_tflops(device: torch.device, size: int = 8192) -> float:
+def matmul_tflops(device: torch.device, size: int = 8192, repeats: int | None = None) -> float:
     """Measured bf16 (GPU) or fp32 (CPU) matrix-product rate on random data (TFLOP/s)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    milliseconds = median_time_ms(lambda _: a @ b, device=device, repeats=10 if device.type == "cuda" else 5,
+    milliseconds = median_time_ms(lambda _: a @ b, device=device,
+                                  repeats=repeats or (10 if device.type == "cuda" else 5),
                                   warmup=3 if device.type == "cuda" else 1, statistic=min)
     return 2 * size**3 / (milliseconds * 1e-3) / 1e12
+
+
+class Ceilings:
+    """The device's ceilings (copy bandwidth, matmul rate), sampled again and again; the best sample of each counts.
+
+    A ceiling is the best the device can do. On a machine shared with other work a single measurement can come
+    out low, and a low ceiling makes a floor that a provider seems to beat (a ratio below 1). So the runner
+    samples the ceilings before, between and after its timed runs and keeps the highest sample of each.
+    ``measure()`` returns one sample of every ceiling, ``{"copy_gbps": ..., "matmul_tflops": ...}``.
+    """
+
+    def __init__(self, measure):
+        self._measure = measure
+        self.samples: dict[str, list[float]] = {}
+
+    def sample(self) -> dict[str, float]:
+        """Measure every ceiling once more; returns this sample."""
+        values = self._measure()
+        for key, value in values.items():
+            self.samples.setdefault(key, []).append(value)
+        return values
+
+    def best(self) -> dict[str, float]:
+        return {key: max(values) for key, values in self.samples.items()}
+
+    def text(self) -> str:
+        """``copy_gbps 27.4 (best of 9, lowest 12.1)``: the ceilings as the tables and plots state them."""
+        return ", ".join(f"{key} {max(values):.3g} (best of {len(values)}, lowest {min(values):.3g})"
+                         for key, values in self.samples.items())
+
+    def record(self) -> dict:
+        return {key: dict(best=max(values), samples=values) for key, values in self.samples.items()}
+
+
+FLOOR_FAILED = "floor measurement failed"
+
+
+def judge_floor(row: Row, floor: float) -> None:
+    """Fill ``row.floor`` and ``row.ratio_to_floor``; a time below its floor is not a result but a failed
+    measurement (the ceiling behind the floor was measured low, or the timer was wrong): the ratio is then left
+    out, the row's note says so and ``extra["ratio_below_floor"]`` keeps the impossible ratio."""
+    row.floor = floor
+    if row.value is None:
+        return
+    ratio = row.value / floor
+    if ratio < 1:
+        row.ratio_to_floor = None
+        row.note = f"{FLOOR_FAILED} (ratio {ratio:.2f} < 1)"
+        row.extra["ratio_below_floor"] = ratio
+    else:
+        row.ratio_to_floor = ratio
+
+
+def floor_failures(rows: list[Row]) -> list[Row]:
+    return [row for row in rows if "ratio_below_floor" in row.extra]
+
+
+def write_json(rows: list[Row], ceilings: Ceilings, path: str, **fields) -> None:
+    """The run's ceilings (every sample and the best), its failed measurements and every row, as JSON."""
+    failed = [dict(provider=row.provider, batch=row.batch, length=row.length, vocab=row.vocab, hidden=row.hidden,
+                   dtype=row.dtype, mode=row.mode, time_ms=row.value, floor_ms=row.floor, note=row.note)
+              for row in floor_failures(rows)]
+    record = dict(fields, ceilings=ceilings.record(), floor_failed=failed, rows=[asdict(row) for row in rows])
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=1)
 
 
 def _read_status_kib(field_name: str) -> int:
@@ -212,6 +282,10 @@ def markdown_table(rows: list[Row], mode: str = "full", baseline: str = "referen
             lines.append(f"| {label} | {provider} | {_cell(time_row, 'value', '.1f')} | "
                          f"{_cell(time_row, 'ratio_to_floor', '.2f')} | {_cell(time_row, 'ratio_to_reference', '.2f')}"
                          f" | {_cell(memory_row, 'value', '.0f')} | {_cell(memory_row, 'ratio_to_reference', '.3f')} |")
+    failed = [row for row in floor_failures(rows) if row.mode == mode]
+    if failed:
+        lines += ["", f"**{len(failed)} of these times fell below their floor: the {FLOOR_FAILED}, they are not "
+                      "results** (a ceiling measured low on a busy machine; run again on an idle one)."]
     return "\n".join(lines)
 
 
@@ -219,6 +293,8 @@ def _cell(row, attribute, spec):
     if row is None:
         return "–"
     value = getattr(row, attribute)
+    if attribute == "ratio_to_floor" and "ratio_below_floor" in row.extra:
+        return f"**{FLOOR_FAILED}** ({row.extra['ratio_below_floor']:.2f} < 1)"
     if value is None:
         return row.note or "–" if attribute == "value" else "–"
     return format(value, spec)

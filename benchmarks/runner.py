@@ -66,10 +66,12 @@ class Suite:
 
 
 def measure_ceilings(device: torch.device, with_matmul: bool) -> dict:
-    """Copy bandwidth (GB/s, read + write) and, if asked, the matmul rate (TFLOP/s) of this device."""
-    ceilings = {"copy_gbps": harness.copy_bandwidth_gbps(device, 2048 if device.type == "cuda" else 512)}
+    """One sample of the copy bandwidth (GB/s, read + write) and, if asked, the matmul rate (TFLOP/s) of this
+    device. Short (a few fastest-of-5 runs): the runner takes many samples and keeps the best."""
+    ceilings = {"copy_gbps": harness.copy_bandwidth_gbps(device, 2048 if device.type == "cuda" else 512, repeats=5)}
     if with_matmul:
-        ceilings["matmul_tflops"] = harness.matmul_tflops(device, 8192 if device.type == "cuda" else 2048)
+        ceilings["matmul_tflops"] = harness.matmul_tflops(device, 8192 if device.type == "cuda" else 2048,
+                                                          repeats=5 if device.type == "cuda" else 3)
     return ceilings
 
 
@@ -159,18 +161,23 @@ def memory_row(suite: Suite, name: str, shape: Shape, inputs: dict, device: torc
 
 
 def run(suite: Suite, preset: dict, providers: list[str], out_dir: str, repeats: int) -> list[harness.Row]:
-    """Every provider at every shape of the preset; writes ``bench_<name>.{csv,png,md}`` into ``out_dir``."""
+    """Every provider at every shape of the preset; writes ``bench_<name>.{csv,png,md,json}`` into ``out_dir``.
+
+    The ceilings behind the floors are sampled before the first timed run, after every provider's timed runs and
+    once more at the end (:class:`harness.Ceilings`); every floor is then computed from the best samples, and a
+    time below its floor is reported as a failed measurement (:func:`harness.judge_floor`)."""
     device = torch.device(preset["device"])
-    ceilings = measure_ceilings(device, suite.needs_matmul_rate)
-    ceiling_text = ", ".join(f"{key} {value:.3g}" for key, value in ceilings.items())
-    print(f"device {device}: {ceiling_text}", flush=True)
+    ceilings = harness.Ceilings(lambda: measure_ceilings(device, suite.needs_matmul_rate))
+    first = ceilings.sample()
+    print(f"device {device}: " + ", ".join(f"{key} {value:.3g}" for key, value in first.items())
+          + " (first sample; sampled again between the timed runs, the best counts)", flush=True)
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
     work = [(shape, name) for shape in preset["shapes"] for name in providers]
     progress = tqdm(work, desc=f"bench_{suite.name}", unit="run") if tqdm else work
-    rows, inputs, inputs_shape = [], None, None
+    rows, timed, inputs, inputs_shape = [], [], None, None
     for shape, name in progress:
         if tqdm:
             progress.set_postfix_str(f"{name} N={shape.tokens}")
@@ -186,27 +193,44 @@ def run(suite: Suite, preset: dict, providers: list[str], out_dir: str, repeats:
             inputs, inputs_shape = suite.make_inputs(shape, device), shape
         common = dict(bench=suite.name, provider=name, device=str(device), dtype=shape.dtype, batch=shape.batch,
                       length=shape.length, vocab=shape.vocab, hidden=shape.hidden, tokens=shape.tokens)
-        floor = suite.floor_ms(shape, ceilings)
         try:
             times = time_provider(suite, name, inputs, device, repeats)
-            rows += [harness.Row(**common, mode=mode, metric="time_ms", value=times[mode], floor=floor,
-                                 ratio_to_floor=times[mode] / floor) for mode in MODES]
+            time_rows = [harness.Row(**common, mode=mode, metric="time_ms", value=times[mode]) for mode in MODES]
+            rows += time_rows
+            timed += [(shape, row) for row in time_rows]
         except torch.cuda.OutOfMemoryError:
             rows += [harness.Row(**common, mode=mode, metric="time_ms", value=None, note="OOM") for mode in MODES]
+        ceilings.sample()                      # between the timed runs (and after the last)
         for mode in preset["memory"]:
             rows.append(memory_row(suite, name, shape, inputs, device, mode, common))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    inputs = None
+    ceilings.sample()                          # once more when nothing else of this run holds memory
+    best = ceilings.best()
+    for shape, row in timed:
+        harness.judge_floor(row, suite.floor_ms(shape, best))
     # option presets compare every variant with the plain backend of the same run, and keep their own files
     baseline = preset.get("baseline", "reference")
     harness.fill_reference_ratios(rows, baseline)
     stem = os.path.join(out_dir, f"bench_{suite.name}{preset.get('suffix', '')}")
-    harness.write_csv(rows, f"{stem}.csv")
-    harness.plot(rows, f"{stem}.png", f"{suite.title}, {device} ({ceiling_text})")
+    ceiling_text = ceilings.text()
+    paths = [f"{stem}.{extension}" for extension in ("csv", "png", "md", "json")]
+    harness.write_csv(rows, paths[0])
+    harness.plot(rows, paths[1], f"{suite.title}, {device}\n({ceiling_text})")
     table = harness.markdown_table(rows, "full", baseline)
-    with open(f"{stem}.md", "w") as handle:
+    with open(paths[2], "w") as handle:
         handle.write(f"forward + backward; {suite.floor_text}; measured {ceiling_text}\n\n{table}\n")
+    harness.write_json(rows, ceilings, paths[3], bench=suite.name, device=str(device), floor=suite.floor_text)
     print(table)
+    print(f"ceilings: {ceiling_text}")
+    failed = harness.floor_failures(rows)
+    for row in failed:
+        print(f"FAILED: {row.provider} B={row.batch} T={row.length} {row.dtype} {row.mode}: {row.value:.1f} ms, "
+              f"{row.note}", flush=True)
+    if failed:
+        print(f"{len(failed)} time(s) below the floor: not results; run again on an idle machine")
+    print("wrote " + " ".join(paths), flush=True)
     return rows
 
 

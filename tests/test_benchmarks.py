@@ -1,6 +1,7 @@
 """The benchmark harness measures what it claims: ratios, tables, a real run end to end (CPU, small)."""
 
 import csv
+import json
 
 import torch
 
@@ -119,3 +120,71 @@ def test_reward_benchmark_counts_one_forward_per_batch_in_one_pass(tmp_path, mon
     assert calls[("batched", "64")] == "not timed"
     assert all(float(record["value"]) > 0 for record in records if record["note"] != "not timed")
     assert "| 64 | 8 | batched | not timed | – | 20 (planned) |" in open(paths[2]).read()
+
+
+def fake_suite(floor_per_gbps: float = 100.0):
+    """A suite whose providers do nothing: the runner's floors and judgements are then all there is to test."""
+    return runner.Suite(name="fake", module="benchmarks.bench_loss", title="fake", floor_text="floor = 100 / copy_gbps",
+                        make_inputs=lambda shape, device: {}, provider=lambda name: None, leaves=lambda name, x: [],
+                        unavailable=lambda name, device: None,
+                        floor_ms=lambda shape, ceilings: floor_per_gbps / ceilings["copy_gbps"])
+
+
+def test_floors_take_the_best_ceiling_sampled_between_the_timed_runs(tmp_path, monkeypatch, capsys):
+    """The ceilings are sampled before, between and after the timed runs; the floor uses the best sample, so a
+    provider timed while the machine was busy is held to the fastest the machine was seen to copy."""
+    events, bandwidths = [], iter([10.0, 20.0, 50.0, 25.0])       # GB/s: low first, best in the middle
+    monkeypatch.setattr(runner, "measure_ceilings",
+                        lambda device, with_matmul: events.append("ceiling") or {"copy_gbps": next(bandwidths)})
+    monkeypatch.setattr(runner, "time_provider", lambda suite, name, inputs, device, repeats: events.append(name)
+                        or {"forward": 3.0, "backward": 4.0, "full": 5.0})
+    preset = dict(device="cpu", shapes=[runner.Shape(1, 8, 10, "float32")], memory=())
+    rows = runner.run(fake_suite(), preset, ["a", "b"], str(tmp_path), repeats=1)
+    assert events == ["ceiling", "a", "ceiling", "b", "ceiling", "ceiling"]
+    assert {row.floor for row in rows} == {2.0}                   # 100 / 50, not 100 / 10 (the first sample)
+    assert [row.ratio_to_floor for row in rows if row.provider == "a"] == [1.5, 2.0, 2.5]
+    assert not harness.floor_failures(rows)
+    record = json.loads((tmp_path / "bench_fake.json").read_text())
+    assert record["ceilings"]["copy_gbps"] == {"best": 50.0, "samples": [10.0, 20.0, 50.0, 25.0]}
+    assert record["floor_failed"] == []
+    assert "copy_gbps 50 (best of 4, lowest 10)" in (tmp_path / "bench_fake.md").read_text()
+    wrote = capsys.readouterr().out.strip().splitlines()[-1]      # every file, named at the end
+    assert wrote == "wrote " + " ".join(str(tmp_path / f"bench_fake.{ext}") for ext in ("csv", "png", "md", "json"))
+
+
+def test_a_time_below_its_floor_is_a_failed_measurement(tmp_path, monkeypatch, capsys):
+    """A provider cannot beat the floor: a ratio below 1 is reported as a failed floor measurement in the table,
+    the CSV and the JSON, and never as a ratio."""
+    monkeypatch.setattr(runner, "measure_ceilings", lambda device, with_matmul: {"copy_gbps": 10.0})   # floor 10 ms
+    monkeypatch.setattr(runner, "time_provider", lambda suite, name, inputs, device, repeats:
+                        {"forward": 4.0, "backward": 6.0, "full": 8.0 if name == "fast" else 12.0})
+    preset = dict(device="cpu", shapes=[runner.Shape(1, 8, 10, "float32")], memory=())
+    rows = runner.run(fake_suite(), preset, ["fast", "slow"], str(tmp_path), repeats=1)
+    full = {row.provider: row for row in rows if row.mode == "full"}
+    assert full["fast"].ratio_to_floor is None and full["fast"].note == "floor measurement failed (ratio 0.80 < 1)"
+    assert full["slow"].ratio_to_floor == 1.2 and full["slow"].note == ""
+    table = (tmp_path / "bench_fake.md").read_text()
+    assert "| fast | 8.0 | **floor measurement failed** (0.80 < 1) |" in table and "0.80 |" not in table
+    assert "| slow | 12.0 | 1.20 |" in table and "1 of these times fell below their floor" in table
+    with open(tmp_path / "bench_fake.csv") as handle:
+        records = {(record["provider"], record["mode"]): record for record in csv.DictReader(handle)}
+    assert records["fast", "full"]["ratio_to_floor"] == "" and "failed" in records["fast", "full"]["note"]
+    assert records["slow", "forward"]["ratio_to_floor"] == "" and records["slow", "backward"]["ratio_to_floor"] == ""
+    failed = json.loads((tmp_path / "bench_fake.json").read_text())["floor_failed"]
+    assert sorted((entry["provider"], entry["mode"]) for entry in failed) == [
+        ("fast", "backward"), ("fast", "forward"), ("fast", "full"), ("slow", "backward"), ("slow", "forward")]
+    printed = capsys.readouterr().out
+    assert "FAILED: fast B=1 T=8 float32 full: 8.0 ms, floor measurement failed (ratio 0.80 < 1)" in printed
+    assert "5 time(s) below the floor: not results" in printed
+
+
+def test_gpu_summary_does_not_judge_a_failed_floor(tmp_path, capsys):
+    from benchmarks import gpu_summary
+
+    record = harness.Row(bench="loss", provider="triton", device="cuda", dtype="bfloat16", batch=8, length=2048,
+                         vocab=151936, hidden=0, tokens=16384, mode="full", metric="time_ms", value=6.0)
+    harness.judge_floor(record, 7.5)
+    harness.write_csv([record], str(tmp_path / "bench_loss.csv"))
+    harness.write_csv([], str(tmp_path / "bench_fused_linear.csv"))
+    gpu_summary.main(str(tmp_path))
+    assert "triton: 6.00 ms, floor measurement failed (ratio 0.80 < 1): not judged" in capsys.readouterr().out
