@@ -1,6 +1,7 @@
-"""The commands behind ``sgrpo sft`` and ``sgrpo train``; the parser and every check of the command line are in the
-torch-free front end :mod:`sgrpo_kernels_cli` (the console script), which calls these after the checks pass.
-``python -m sgrpo_kernels.cli`` runs the same command."""
+"""The commands behind ``sgrpo sft`` and ``sgrpo train``. The parser, every check of the command line and the data
+plan are in the torch-free front end :mod:`sgrpo_kernels_cli`; the console script (:mod:`sgrpo_kernels_cli.console`)
+checks there first and then calls :func:`run`. This module uses the front end and never the console script.
+``python -m sgrpo_kernels.cli`` runs the same command through :func:`main`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import sys
 
 import sgrpo_kernels_cli as front
-from sgrpo_kernels_cli import TASKS, build_parser, main  # noqa: F401  (the command's names, importable from here)
+from sgrpo_kernels_cli import TASKS, build_parser  # noqa: F401  (the command's names, importable from here)
 
 
 def _task(args):
@@ -113,9 +114,7 @@ def run_sft(args) -> dict:
     plot_metrics(os.path.join(args.output_dir, "sft_metrics.jsonl"), os.path.join(args.output_dir, "sft_loss.png"),
                  title=_sft_title(args, accuracy, len(held_out)), panels=SFT_PANELS)
     print(f"held-out greedy accuracy ({len(held_out)} problems) after {args.steps} SFT steps: {accuracy:.3f}")
-    summary = {"held_out_accuracy": accuracy, "output_dir": args.output_dir}
-    print(json.dumps(summary))
-    return summary
+    return {"held_out_accuracy": accuracy, "output_dir": args.output_dir}
 
 
 def _task_title(args) -> str:
@@ -183,8 +182,22 @@ def run_train(args) -> dict:
     print(f"held-out greedy accuracy ({len(held_out)} problems): {before}{summary['accuracy_after']:.3f} after "
           f"{args.steps} GRPO steps (the progress bar's train_acc is on sampled training answers at temperature "
           f"{args.temperature:g})")
-    print(json.dumps(summary))
     return summary
+
+
+def run(args) -> dict | None:
+    """Run the command of checked arguments (:func:`sgrpo_kernels_cli.parse_arguments`); the summary of
+    ``sft`` / ``train`` (held-out accuracy), which the command has printed as a line of text."""
+    if args.command == "bench":
+        front.run_bench(args)
+        return None
+    return {"sft": run_sft, "train": run_train}[args.command](args)
+
+
+def main(argv=None) -> dict | None:
+    """``sgrpo`` in this process: check the command line as the console script does, run it, return its summary."""
+    with front.usage_errors_on_stderr():
+        return run(front.parse_arguments(argv))
 
 
 if __name__ == "__main__":

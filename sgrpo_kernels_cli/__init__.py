@@ -8,14 +8,17 @@
                 # the benchmark suite (from a source checkout)
 """
 
-# This module is the command's front end: it parses and checks every argument with the standard library only, so
+# This package is the command's front end: it parses and checks every argument with the standard library only, so
 # that `sgrpo --help` and every mistake on the command line answer in a fraction of a second, with one line, before
 # torch, transformers or a model is loaded. It lives outside the package `sgrpo_kernels` because importing anything
-# inside that package imports torch first. The commands themselves are `sgrpo_kernels.cli.run_sft/run_train`.
+# inside that package imports torch first. The layers (docs/design.md, "Layers and layout"), each arrow one way:
+# the console script `sgrpo_kernels_cli.console` -> this front end, and -> the commands `sgrpo_kernels.cli`, which
+# -> this front end (its parser, checks and data plan). This module imports neither of the two.
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -450,22 +453,20 @@ def run_bench(args) -> None:
                              "is above)")
 
 
-def main(argv=None) -> None:
-    """Parse and check the command line, then run the command (importing torch only now)."""
-    try:
-        args, unknown = build_parser().parse_known_args(argv)
-        _require(not unknown, args, f"unrecognized arguments: {' '.join(unknown)}")     # said by the subcommand
-        check_arguments(args)
-        if args.command == "bench":
-            run_bench(args)
-            return
-        from sgrpo_kernels import cli
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The checked command line (defaults of the chain flags filled in); a bad one raises :class:`UsageError`."""
+    args, unknown = build_parser().parse_known_args(argv)
+    _require(not unknown, args, f"unrecognized arguments: {' '.join(unknown)}")     # said by the subcommand
+    check_arguments(args)
+    return args
 
-        {"sft": cli.run_sft, "train": cli.run_train}[args.command](args)
-    except UsageError as error:          # also one the command raises about its data before loading a model
+
+@contextlib.contextmanager
+def usage_errors_on_stderr():
+    """A :class:`UsageError` raised inside (by the checks, or by a command about its data before it loads a model)
+    is printed as its one line on stderr, then raised on (a ``SystemExit`` with status 2)."""
+    try:
+        yield
+    except UsageError as error:
         print(error, file=sys.stderr)
         raise
-
-
-if __name__ == "__main__":
-    main()

@@ -2,8 +2,10 @@
 one ends the command with one line and exit status 2; `--help` is fast and shows every default; the data cache
 carries a stamp of the generator's arguments and never silently disagrees with the flags."""
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,11 +15,13 @@ from pathlib import Path
 import pytest
 
 import sgrpo_kernels_cli as front
+from sgrpo_kernels_cli import console
 
 ROOT = Path(__file__).resolve().parent.parent
-# the console script's own code (pyproject.toml: sgrpo = "sgrpo_kernels_cli:main"), under -X importtime so that the
+ENTRY_POINT = re.search(r'^sgrpo = "([\w.]+):(\w+)"', (ROOT / "pyproject.toml").read_text(), re.M).groups()
+# the console script's own code (what pip writes for pyproject.toml's entry point), under -X importtime so that the
 # test sees every module the command imported before it stopped
-CONSOLE_SCRIPT = "import sys; from sgrpo_kernels_cli import main; sys.exit(main())"
+CONSOLE_SCRIPT = "import sys; from {} import {}; sys.exit({}())".format(*ENTRY_POINT, ENTRY_POINT[1])
 HEAVY = ("torch", "transformers", "sgrpo_kernels")
 
 
@@ -77,9 +81,9 @@ def test_help_is_fast_imports_nothing_heavy_and_shows_every_default():
 
 
 def test_console_script_and_module_entry_points():
-    """pyproject.toml points the console script at the torch-free front end; ``python -m sgrpo_kernels.cli``
+    """pyproject.toml points the console script at the torch-free console module; ``python -m sgrpo_kernels.cli``
     (which imports the package, hence torch) runs the same checks."""
-    assert 'sgrpo = "sgrpo_kernels_cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert ENTRY_POINT == ("sgrpo_kernels_cli.console", "main")
     done = subprocess.run([sys.executable, "-m", "sgrpo_kernels.cli", "train", "--model", "/nonexistent/model",
                            "--output-dir", "out"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2
@@ -91,7 +95,7 @@ def test_the_front_end_repeats_the_trainers_choices_and_bounds():
     from sgrpo_kernels.trainer import grpo
     from sgrpo_kernels.trainer.tasks import arith, chain
 
-    assert cli.build_parser is front.build_parser and cli.main is front.main
+    assert cli.build_parser is front.build_parser
     assert front.LEVELS == levels.LEVELS and front.RATIO_LEVELS == config.RATIO_LEVELS
     assert front.DEFAULT_SENTENCE_RATIO_LEVEL == levels.DEFAULT_SENTENCE_RATIO_LEVEL
     assert front.ADVANTAGES == grpo.ADVANTAGES
@@ -204,10 +208,57 @@ def test_malformed_command_lines_say_so_in_one_line(arguments, fragment):
 
 
 def test_a_refusal_in_process_is_a_system_exit_with_the_message(capsys):
-    with pytest.raises(SystemExit) as refusal:
-        front.main(["train", "--model", "/nonexistent/model", "--output-dir", "o"])
-    assert refusal.value.code == 2 and "no such directory" in str(refusal.value)
-    assert capsys.readouterr().err.strip() == str(refusal.value)
+    from sgrpo_kernels import cli
+
+    for main in (console.main, cli.main):
+        with pytest.raises(SystemExit) as refusal:
+            main(["train", "--model", "/nonexistent/model", "--output-dir", "o"])
+        assert refusal.value.code == 2 and "no such directory" in str(refusal.value)
+        assert capsys.readouterr().err.strip() == str(refusal.value)
+
+
+# -- layering ------------------------------------------------------------------------------------------------------
+CLI_MODULES = {"sgrpo_kernels_cli": ROOT / "sgrpo_kernels_cli" / "__init__.py",
+               "sgrpo_kernels_cli.console": ROOT / "sgrpo_kernels_cli" / "console.py",
+               "sgrpo_kernels.cli": ROOT / "sgrpo_kernels" / "cli.py"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function, with the packages that importing it runs."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):                   # relative: inside the file's own package
+            package = "sgrpo_kernels" if path.parent.name == "sgrpo_kernels" else "sgrpo_kernels_cli"
+            found = [f"{package}.{node.module}" if node.module else package]
+        else:
+            continue
+        for name in found:
+            parts = name.split(".")
+            names.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
+    return names
+
+
+def test_the_command_line_layers_import_one_way():
+    """docs/design.md's layers: the console script -> the front end and -> the commands; the commands -> the front
+    end; the front end -> neither (nor anything of sgrpo_kernels, hence no torch). An import back up, at the top of a
+    file or inside a function, would close a circle."""
+    arrows = {module: imported_modules(path) & set(CLI_MODULES) - {module} for module, path in CLI_MODULES.items()}
+    assert arrows == {"sgrpo_kernels_cli": set(),
+                      "sgrpo_kernels_cli.console": {"sgrpo_kernels_cli", "sgrpo_kernels.cli"},
+                      "sgrpo_kernels.cli": {"sgrpo_kernels_cli"}}, arrows
+    assert not {name for name in imported_modules(CLI_MODULES["sgrpo_kernels_cli"]) if name.startswith(
+        ("sgrpo_kernels.", "torch"))} and "sgrpo_kernels" not in imported_modules(CLI_MODULES["sgrpo_kernels_cli"])
+    # the front end package holds no other module that could carry an arrow unseen
+    assert {path.name for path in (ROOT / "sgrpo_kernels_cli").glob("*.py")} == {"__init__.py", "console.py"}
+    # and at run time: the commands module loads without the console script
+    done = subprocess.run([sys.executable, "-c", "import sys, sgrpo_kernels.cli; "
+                           "print('sgrpo_kernels_cli.console' in sys.modules)"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("spec,fragment", [
@@ -341,8 +392,8 @@ def test_a_stamp_from_another_generator(tmp_path, monkeypatch, capsys):
         before = snapshot(folder)
         if extra:
             with pytest.raises(SystemExit) as refusal:
-                front.main(["sft", "--task", "arith-small", "--output-dir", str(tmp_path / "out"), "--eval-size", "3",
-                            *extra])
+                console.main(["sft", "--task", "arith-small", "--output-dir", str(tmp_path / "out"), "--eval-size", "3",
+                              *extra])
             assert refusal.value.code == 2 and snapshot(folder) == before
             assert capsys.readouterr().err.strip() == str(refusal.value) and "another version" in str(refusal.value)
             assert not (tmp_path / "out").exists()                    # refused before the model was built
