@@ -164,8 +164,9 @@ def run(suite: Suite, preset: dict, providers: list[str], out_dir: str, repeats:
     """Every provider at every shape of the preset; writes ``bench_<name>.{csv,png,md,json}`` into ``out_dir``.
 
     The ceilings behind the floors are sampled before the first timed run, after every provider's timed runs and
-    once more at the end (:class:`harness.Ceilings`); every floor is then computed from the best samples, and a
-    time below its floor is reported as a failed measurement (:func:`harness.judge_floor`)."""
+    once more at the end (:class:`harness.Ceilings`); the floor of every forward + backward (mode ``full``) is then
+    computed from the best samples, and a time below it is reported as a failed measurement
+    (:func:`harness.judge_floor`)."""
     device = torch.device(preset["device"])
     ceilings = harness.Ceilings(lambda: measure_ceilings(device, suite.needs_matmul_rate))
     first = ceilings.sample()
@@ -197,7 +198,9 @@ def run(suite: Suite, preset: dict, providers: list[str], out_dir: str, repeats:
             times = time_provider(suite, name, inputs, device, repeats)
             time_rows = [harness.Row(**common, mode=mode, metric="time_ms", value=times[mode]) for mode in MODES]
             rows += time_rows
-            timed += [(shape, row) for row in time_rows]
+            # the floor is that of forward + backward: a fused backend computes the gradient in its forward, so
+            # neither half alone can be held to it
+            timed += [(shape, row) for row in time_rows if row.mode == "full"]
         except torch.cuda.OutOfMemoryError:
             rows += [harness.Row(**common, mode=mode, metric="time_ms", value=None, note="OOM") for mode in MODES]
         ceilings.sample()                      # between the timed runs (and after the last)
