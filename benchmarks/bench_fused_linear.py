@@ -36,7 +36,7 @@ from sgrpo_kernels.ops.fused_linear import _LinearHead, default_chunk_size  # no
 
 PRESETS = {
     "quick": dict(device="cpu", shapes=[Shape(4, 1024, 32000, "float32", 512)],
-                  providers=["reference", "torch", "native", "trl-chunked"], repeats=1, memory=("full",)),
+                  providers=["reference", "torch", "native", "trl-chunked", "matmuls"], repeats=1, memory=("full",)),
     "cpu": dict(device="cpu", shapes=[Shape(4, 512, 32000, "float32", 512), Shape(4, 1024, 32000, "float32", 512),
                                       Shape(4, 2048, 32000, "float32", 512)],
                 providers=["reference", "torch", "native", "liger", "trl-chunked", "matmuls"], repeats=3,
