@@ -254,8 +254,8 @@ def test_arguments_are_checked(tmp_path):
         make(tmp_path, reward_funcs=[length_reward], level="token", loss_type="vespo")
     with pytest.raises(ValueError, match="level='output'"):
         make(tmp_path, reward_funcs=[length_reward], level="token", off_policy_mask_threshold=0.1)
-    with pytest.raises(ValueError, match="adaptive entropy"):
-        make(tmp_path, reward_funcs=[length_reward], level="token", use_adaptive_entropy=True)
+    with pytest.raises(TypeError, match="trl_metrics"):
+        make(tmp_path, reward_funcs=[length_reward], level="token", trl_metrics="yes")
 
 
 def _free_port() -> int:

@@ -22,18 +22,35 @@ TRL's own normalisers), ``sapo`` and ``luspo``, with or without ``use_bias_corre
 (``importance_sampling_ratio`` as ``is_weights``). Each loss type's normaliser is passed to the loss as its
 ``normalizer``. ``vespo`` weighs each sentence (TRL: each sequence, so ``level="output"`` reproduces it; it has
 no token form and is refused at ``level="token"``), with vLLM's token ratios folded into its weight as TRL does.
-TRL's adaptive entropy controller is refused with an error. Needs ``trl >= 1.0``.
+
+As a drop-in it logs what TRL's ``_compute_loss`` logs, into the same train/eval metric dicts (averaged over the
+logging steps by TRL's ``log``, gathered across processes as TRL gathers them): ``entropy``, ``kl`` (``beta > 0``),
+``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}`` (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``,
+``luspo``), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, and with an entropy bonus ``policy_loss`` and
+``entropy_coef``; besides them its own ``sentence/*`` keys (the loss's metrics). The clip ratios are taken at the
+level that is trained: at ``level="token"`` and ``"output"`` they equal TRL's for ``importance_sampling_level``
+``"token"`` and ``"sequence"`` (each token, resp. each answer, weighs one); at ``level="sentence"`` TRL's token
+formulas are applied to each token's sentence (a sentence is clipped or not as a whole and weighs its token
+count; ``low_min``/``high_max`` take each answer's share of clipped tokens). TRL's adaptive entropy controller
+(``use_adaptive_entropy``, Skywork-OR1) runs at every level with TRL's state, update rule and checkpointing.
+The fused loss keeps its per-token log-probs and entropies inside its passes, so these metrics and the controller
+take them from one more no-grad pass over the LM head (chunked, like the loss: no ``[tokens, vocab]`` logits);
+``trl_metrics=False`` skips that pass (and TRL's keys) unless the controller needs it. Needs ``trl >= 1.0``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from trl import GRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
 
 from .. import levels
 from ..advantages import group_sentence_advantages
+from ..config import LossConfig
 from ..distributed import world_size
-from ..loss import fused_linear_sentence_grpo_loss
+from ..loss import fused_linear_sentence_grpo_loss, fused_linear_token_logprobs
 from ..segmentation import Segmenter
 from .hf import output_projection
 
@@ -42,18 +59,17 @@ LOSS_TYPES = {"grpo": ("ppo_clip", "sentence_mean"), "bnpo": ("ppo_clip", "token
               "dr_grpo": ("ppo_clip", "token_mean"), "dapo": ("ppo_clip", "token_mean"),
               "cispo": ("cispo", "token_mean"), "sapo": ("sapo", "sentence_mean"),
               "luspo": ("ppo_clip", "answer_mean_token_sum"), "vespo": ("vespo", "token_mean")}
+CLAMP_LOG_RATIO = LossConfig().clamp_log_ratio      # the loss's clamp of a unit's log-ratio, as in the metrics
+
+# TRL's own message (GRPOTrainer.__init__, trl 1.16) when it is given neither reward_funcs nor an environment
+NO_REWARD_SOURCE = ("No reward source provided. Pass `reward_funcs`, or an `environment_factory` whose environment "
+                    "defines a `get_reward` method.")
 
 
 def _check_supported(args) -> None:
     """Refuse TRL options whose loss the fused loss does not compute, rather than silently ignoring them."""
     if args.loss_type not in LOSS_TYPES:
         raise ValueError(f"SentenceGRPOTrainer supports loss_type in {tuple(LOSS_TYPES)}, got {args.loss_type!r}")
-    option = lambda name, default: getattr(args, name, default)    # noqa: E731 (older TRL lacks some options)
-    refused = []
-    if option("use_adaptive_entropy", False):
-        refused.append("use_adaptive_entropy (TRL's adaptive entropy controller)")
-    if refused:
-        raise ValueError("SentenceGRPOTrainer does not implement: " + "; ".join(refused))
 
 
 def _process_group():
@@ -86,12 +102,25 @@ class SentenceGRPOTrainer(GRPOTrainer):
             level ``"mean"``, as TRL's token and sequence importance sampling).
         reference_column: the dataset column handed to ``sentence_reward`` as the reference answer.
         chunk_size: tokens per chunk of logits in the fused loss (``None``: chosen from free memory).
+        trl_metrics: log TRL's loss metrics (``entropy``, ``kl``, ``clip_ratio/*``, ...; see the module's
+            docstring) at the cost of one more no-grad pass over the LM head per micro-batch; ``False`` logs only
+            the ``sentence/*`` keys (and ``entropy_coef``).
+
+    TRL's errors are raised where TRL raises them, with TRL's text (no reward source: before the model loads).
     """
 
     def __init__(self, model, reward_funcs=None, args=None, *, sentence_reward=None, level: str = "sentence",
                  segmenter: Segmenter | None = None, ratio_level: str = levels.DEFAULT_SENTENCE_RATIO_LEVEL,
-                 reference_column: str = "answer", chunk_size: int | None = None, **kwargs):
+                 reference_column: str = "answer", chunk_size: int | None = None, trl_metrics: bool = True,
+                 **kwargs):
         levels.check_level(level, ratio_level)
+        if not isinstance(trl_metrics, bool):
+            raise TypeError(f"trl_metrics must be a bool, got {type(trl_metrics).__name__}")
+        if (reward_funcs is None or isinstance(reward_funcs, list) and not reward_funcs) and sentence_reward is None \
+                and kwargs.get("environment_factory") is None:
+            # TRL's check (TRL decides itself whether an environment_factory's environments reward)
+            hint = "" if level != "sentence" else " (level='sentence' needs a sentence_reward: one score per sentence)"
+            raise ValueError(NO_REWARD_SOURCE + hint)
         if level == "token" and getattr(args, "loss_type", None) == "vespo":
             raise ValueError("loss_type='vespo' weighs whole sequences in TRL (its gamma weight of the summed token "
                              "log-ratios) and has no token form: use level='output' (TRL's vespo) or 'sentence'")
@@ -100,9 +129,8 @@ class SentenceGRPOTrainer(GRPOTrainer):
                              "token, not TRL's sequence: use level='output' (TRL's mask) or 'sentence'")
         if level == "sentence" and sentence_reward is None:
             raise ValueError("level='sentence' needs a sentence_reward (one score per sentence)")
-        if reward_funcs is None and sentence_reward is None:
-            raise ValueError("pass reward_funcs (one score per answer) or sentence_reward (one per sentence)")
         self.sentence_reward, self.level, self.ratio_level = sentence_reward, level, ratio_level
+        self.trl_metrics = trl_metrics
         self.reference_column, self.chunk_size = reference_column, chunk_size
         self._scored, self._head_checked = None, False
         if sentence_reward is not None:
@@ -140,6 +168,7 @@ class SentenceGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         completion_ids, mask = output["completion_ids"], output["completion_mask"]
+        scored = mask if output.get("tool_mask") is None else mask * output["tool_mask"]     # TRL's loss mask
         device = completion_ids.device
         if levels.advantages_per_sentence(self.level):
             segmentation, rewards = self._scored
@@ -152,7 +181,7 @@ class SentenceGRPOTrainer(GRPOTrainer):
             output["advantages"] = advantages
         else:
             segment_ids = self.loss_segmenter(completion_ids.cpu(), mask.cpu()).segment_ids.to(device)
-        output["segment_ids"] = torch.where(mask.bool(), segment_ids, -1)
+        output["segment_ids"] = torch.where(scored.bool(), segment_ids, -1)
         return output
 
     # -- loss -------------------------------------------------------------------------------------------------
@@ -187,6 +216,17 @@ class SentenceGRPOTrainer(GRPOTrainer):
         objective, reduction = LOSS_TYPES[self.loss_type]
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        adaptive = getattr(self, "use_adaptive_entropy", False)
+        scores = None
+        if self.trl_metrics or (adaptive and mode == "train"):
+            # per-token log-probs and entropies for TRL's metrics and the controller: the fused loss keeps its own
+            # inside its passes, so this is one more no-grad pass over the LM head (chunked, never [N, V] at once)
+            with torch.no_grad():
+                scores = fused_linear_token_logprobs(
+                    hidden.detach(), weight.detach(), inputs["completion_ids"],
+                    bias=None if bias is None else bias.detach(), temperature=self.temperature, return_entropy=True,
+                    chunk_size=self.chunk_size)
+        entropy_coef = self._applied_entropy_coef()
         loss, metrics = fused_linear_sentence_grpo_loss(
             hidden, weight, inputs["completion_ids"], inputs["segment_ids"], inputs["advantages"].detach(),
             inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
@@ -199,14 +239,167 @@ class SentenceGRPOTrainer(GRPOTrainer):
             top_entropy_quantile=getattr(self.args, "top_entropy_quantile", 1.0),
             off_policy_mask_threshold=getattr(self.args, "off_policy_mask_threshold", None),
             # TRL scales its entropy bonus by the accumulation steps only, never by the loss type's normaliser
-            entropy_coef=getattr(self.args, "entropy_coef", 0.0) / accumulation,
+            entropy_coef=entropy_coef / accumulation,
             normalizer=self._normalizer(inputs, mode, accumulation), chunk_size=self.chunk_size,
             return_metrics=True)
+        if self._entropy_bonus_on():
+            self._entropy_step(loss.detach(), scores, inputs, mode, entropy_coef, accumulation)
+        if self.trl_metrics:
+            self._log_trl_metrics(inputs, *scores, mode)
         for name in ("clip_fraction", "ratio_mean", "kl_mean", "entropy_mean"):
             if name in metrics:
                 self._metrics[mode][f"sentence/{name}"].append(
                     self.accelerator.gather(metrics[name].float().reshape(1)).mean().item())
         return loss
+
+    # -- entropy bonus and TRL's adaptive controller ------------------------------------------------------------
+    def _entropy_bonus_on(self) -> bool:
+        """TRL's ``_entropy_bonus_enabled``: a nonzero coefficient, or the adaptive controller (which may have
+        brought it to ``entropy_coef_min`` and must be able to raise it again)."""
+        return getattr(self, "entropy_coef", 0.0) != 0.0 or getattr(self, "use_adaptive_entropy", False)
+
+    def _applied_entropy_coef(self) -> float:
+        """The coefficient of this micro-batch's entropy bonus, as TRL applies it: the controller's coefficient
+        from the end of the previous optimizer step, and only while the entropy measured then was at or below
+        ``entropy_target`` (none in the first window: TRL starts from an infinite entropy)."""
+        coef = getattr(self, "entropy_coef", 0.0)
+        if getattr(self, "use_adaptive_entropy", False):
+            return coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        return coef
+
+    def _bonus_mask(self, inputs, entropies: torch.Tensor) -> torch.Tensor:
+        """The tokens the entropy bonus acts on (TRL's ``effective_mask``): the scored tokens, restricted to the
+        top-entropy ones (TRL's own quantile, over every process) with ``top_entropy_quantile < 1``."""
+        mask = (inputs["segment_ids"] >= 0).float()
+        quantile = getattr(self.args, "top_entropy_quantile", 1.0)
+        if quantile < 1.0:
+            mask = mask * self.get_high_entropy_mask(entropies, mask, 1 - quantile)
+        return mask
+
+    def _entropy_step(self, loss, scores, inputs, mode: str, applied: float, accumulation: int) -> None:
+        """TRL's bookkeeping of the entropy bonus: log ``policy_loss`` (the loss without the bonus, before the
+        accumulation scaling, as TRL reports it), run the adaptive controller at each optimizer-step boundary
+        (train only) and log ``entropy_coef`` there."""
+        entropies = None if scores is None else scores[1]
+        mask = None if entropies is None else self._bonus_mask(inputs, entropies)
+        if self.trl_metrics:
+            bonus = applied / accumulation * (entropies * mask).sum() / mask.sum().clamp(min=1.0)
+            policy_loss = loss + bonus
+            if self.loss_type not in ("dapo", "cispo", "vespo"):     # TRL logs these before / accumulation
+                policy_loss = policy_loss * accumulation
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if getattr(self, "use_adaptive_entropy", False) and mode == "train":
+            stats = torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
+            self._entropy_window_stats = stats if self._entropy_window_stats is None else \
+                self._entropy_window_stats + stats
+            if self.accelerator.sync_gradients:      # the window's entropy, over every process: the next coef
+                window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                if world_entropy <= self.args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + self.args.entropy_coef_delta,
+                                            self.args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - self.args.entropy_coef_delta,
+                                            self.args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+    # -- TRL's metrics at the trained level ---------------------------------------------------------------------
+    def _per_unit(self, values: torch.Tensor, segment_ids: torch.Tensor, mean: bool) -> torch.Tensor:
+        """The sum (or mean) of ``values [B, T]`` over each unit whose ratio the loss takes: ``[B, 1]`` at the
+        output level (one per answer, TRL's sequence-level shape), else ``[B, T]`` with each token holding its
+        sentence's (at the token level, its own value)."""
+        scored = segment_ids >= 0
+        values = torch.where(scored, values, 0.0)
+        if self.level == "output":
+            total = values.sum(-1, keepdim=True)
+            return total / scored.sum(-1, keepdim=True).clamp(min=1) if mean else total
+        rows, slots = segment_ids.shape[0], int(segment_ids.max().clamp(min=0).item()) + 1
+        index = (torch.where(scored, segment_ids, 0)
+                 + slots * torch.arange(rows, device=values.device)[:, None]).reshape(-1)
+        sums = values.new_zeros(rows * slots).index_add_(0, index, values.reshape(-1))
+        if mean:
+            counts = values.new_zeros(rows * slots).index_add_(0, index, scored.reshape(-1).to(values.dtype))
+            sums = sums / counts.clamp(min=1)
+        return sums[index].view_as(values)
+
+    def _unit_advantages(self, advantages: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """Each unit's advantage in the shape of :meth:`_per_unit`'s results."""
+        if advantages.dim() == 1:
+            return advantages[:, None]
+        return advantages.gather(1, segment_ids.clamp(min=0))      # [B, S_max] (sentence level) -> [B, T]
+
+    def _log_trl_metrics(self, inputs, logps: torch.Tensor, entropies: torch.Tensor, mode: str) -> None:
+        """TRL's ``_compute_loss`` metrics (``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``,
+        ``vespo/phi_seq_mean``) with TRL's formulas, applied to the units the loss trains.
+
+        TRL's token-level formulas (a mean over tokens, summed and counted over every process) where a unit is a
+        token or a sentence: a sentence's clip indicator (or gamma weight) is given to each of its tokens, so a
+        sentence weighs its token count and ``clip_ratio/low_min``/``high_max`` take each answer's share of
+        clipped tokens; at ``level="output"`` TRL's sequence-level formulas (each answer weighs one). ``kl`` and
+        ``entropy`` are always means over tokens. Equal to TRL's at ``level="token"``/``"output"`` against
+        ``importance_sampling_level="token"``/``"sequence"``.
+        """
+        segment_ids = inputs["segment_ids"]
+        mask = (segment_ids >= 0).to(logps.dtype)
+        old = inputs.get("old_per_token_logps")
+        log_ratio = logps - (logps if old is None else old)
+        ratio_mean = levels.loss_ratio_level(self.level, self.ratio_level) == "mean"
+        coef = torch.exp(self._per_unit(log_ratio, segment_ids, ratio_mean).clamp(-CLAMP_LOG_RATIO, CLAMP_LOG_RATIO))
+        advantages = self._unit_advantages(inputs["advantages"], segment_ids)
+
+        def global_masked_mean(x):          # TRL's: a unit per answer counts every answer, else the scored tokens
+            if x.shape[1] == 1:
+                local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+            else:
+                local = torch.stack([(x * mask).sum(), mask.sum()])
+            totals = self.accelerator.reduce(local, reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def masked_seq_mean(x):             # TRL's: each answer's value (NaN for an answer without tokens)
+            return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+        metrics = self._metrics[mode]
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            per_token_kl = torch.exp(ref - logps) - (ref - logps) - 1
+            if getattr(self.args, "use_bias_correction_kl", False):
+                per_token_kl = per_token_kl * coef
+            metrics["kl"].append(global_masked_mean(per_token_kl))
+        metrics["entropy"].append(global_masked_mean(entropies))
+        if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            low = ((coef < 1 - self.epsilon_low) & (advantages < 0)).to(logps.dtype)
+            high = ((coef > 1 + self.epsilon_high) & (advantages > 0)).to(logps.dtype)
+            metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+            metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+            metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+            metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
+            metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
+        elif self.loss_type == "cispo":
+            clipped = ((coef > self.epsilon_high) & (advantages > 0)).to(logps.dtype)
+            metrics["cispo_clip_ratio"].append(global_masked_mean(clipped))
+        elif self.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"].append(global_masked_mean(self._gamma_weights(inputs, log_ratio,
+                                                                                        advantages)))
+
+    def _gamma_weights(self, inputs, log_ratio: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+        """VESPO's gamma weight per unit, as TRL's ``get_gamma_weights`` computes it per sequence: ``log w`` the
+        sum of the token log-ratios (each clamped to ±20) and of the rollout log-weights, clamped to
+        ``[log 1e-8, 20]``."""
+        segment_ids = inputs["segment_ids"]
+        log_w = self._per_unit(log_ratio.clamp(-20.0, 20.0), segment_ids, mean=False)
+        rollout = inputs.get("importance_sampling_ratio")
+        if rollout is not None:
+            log_w = log_w + self._per_unit(torch.log(rollout).clamp(math.log(1e-8), 20.0).expand_as(log_ratio),
+                                           segment_ids, mean=False)
+        log_w = log_w.clamp(math.log(1e-8), 20.0)
+        options = self._vespo_options()
+        nonnegative = advantages >= 0
+        k = torch.where(nonnegative, options["vespo_k_pos"], options["vespo_k_neg"])
+        lam = torch.where(nonnegative, options["vespo_lambda_pos"], options["vespo_lambda_neg"])
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
     def _vespo_options(self) -> dict:
         """TRL's gamma-weight parameters (its λ are floored at 1e-4, as TRL does)."""
