@@ -196,3 +196,37 @@ def test_adaptive_entropy_controller_at_the_sentence_level(tmp_path):
                           sentence_reward=noisy_sentence_reward)
     assert logs[0]["loss"] == pytest.approx(static[0]["loss"], abs=1e-7)    # first window: no bonus applied
     assert abs(logs[1]["loss"] - static[1]["loss"]) > 1e-2                  # then coef 0.5 x entropy ~ 4
+
+
+def test_tool_tokens_are_not_scored(tmp_path, monkeypatch):
+    """TRL leaves tool output out of its loss and metrics (``tool_mask``): so do the drop-in's segments."""
+    generate = trl.GRPOTrainer._generate_and_score_completions
+
+    def with_tool_output(self, inputs):             # as after a tool call: positions 2..4 came from the tool
+        output = generate(self, inputs)
+        output["tool_mask"] = torch.ones_like(output["completion_mask"])
+        output["tool_mask"][:, 2:5] = 0
+        return output
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", with_tool_output)
+    trainer = build(tmp_path, SentenceGRPOTrainer, reward_funcs=[length_reward], level="output")
+    trainer.model.train()
+    inputs = trainer._generate_and_score_completions([trainer.train_dataset[index] for index in range(4)])
+    scored = inputs["completion_mask"].bool() & inputs["tool_mask"].bool()
+    assert (inputs["segment_ids"][:, 2:5] == -1).all()
+    assert torch.equal(inputs["segment_ids"] >= 0, scored)
+
+
+def test_without_trl_metrics_only_our_keys_are_logged(tmp_path):
+    """``trl_metrics=False`` skips the extra pass over the LM head and TRL's loss keys; the loss is unchanged."""
+    trainer = build(tmp_path, SentenceGRPOTrainer, dict(beta=0.05, loss_type="dapo", num_iterations=2),
+                    reward_funcs=[length_reward], level="token")
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._generate_and_score_completions([trainer.train_dataset[index] for index in range(4)])
+    with_metrics = trainer._compute_loss(trainer.model, inputs)
+    assert {"entropy", "kl", "clip_ratio/region_mean"} <= set(trainer._metrics["train"])
+    trainer._metrics["train"].clear()
+    trainer.trl_metrics = False
+    assert trainer._compute_loss(trainer.model, inputs).item() == pytest.approx(with_metrics.item(), abs=1e-7)
+    assert all(key.startswith("sentence/") for key in trainer._metrics["train"]), trainer._metrics["train"]
