@@ -285,8 +285,8 @@ class SentenceGRPOTrainer(GRPOTrainer):
         if self.trl_metrics:
             bonus = applied / accumulation * (entropies * mask).sum() / mask.sum().clamp(min=1.0)
             policy_loss = loss + bonus
-            if self.loss_type not in ("dapo", "cispo", "vespo"):     # TRL logs these before / accumulation
-                policy_loss = policy_loss * accumulation
+            if self.loss_type not in ("dapo", "cispo", "vespo"):
+                policy_loss = policy_loss * accumulation    # TRL logs these before dividing by the accumulation
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
         if getattr(self, "use_adaptive_entropy", False) and mode == "train":
             stats = torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
