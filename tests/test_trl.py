@@ -256,6 +256,8 @@ def test_arguments_are_checked(tmp_path):
         make(tmp_path, reward_funcs=[length_reward], level="token", off_policy_mask_threshold=0.1)
     with pytest.raises(TypeError, match="trl_metrics"):
         make(tmp_path, reward_funcs=[length_reward], level="token", trl_metrics="yes")
+    with pytest.raises(ValueError, match="not both"):
+        make(tmp_path, reward_funcs=[length_reward], sentence_reward=arith.reward(), level="output")
 
 
 def _free_port() -> int:

@@ -129,6 +129,10 @@ class SentenceGRPOTrainer(GRPOTrainer):
                              "token, not TRL's sequence: use level='output' (TRL's mask) or 'sentence'")
         if level == "sentence" and sentence_reward is None:
             raise ValueError("level='sentence' needs a sentence_reward (one score per sentence)")
+        if sentence_reward is not None and reward_funcs not in (None, []):
+            raise ValueError("pass reward_funcs or sentence_reward, not both: with a sentence_reward the answer's "
+                             "reward is the mean of its sentence rewards, so reward_funcs would be ignored; add an "
+                             "answer-level score to the CompositeReward as one more term instead")
         self.sentence_reward, self.level, self.ratio_level = sentence_reward, level, ratio_level
         self.trl_metrics = trl_metrics
         self.reference_column, self.chunk_size = reference_column, chunk_size
