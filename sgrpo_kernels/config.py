@@ -214,32 +214,66 @@ def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, where: torch.
         raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocabulary of logits), found {bad}")
 
 
+def check_cu_seqlens(cu_seqlens) -> int:
+    """Check the form of a packed batch's ``cu_seqlens`` (a 1-D integer tensor of ``B + 1`` offsets) without
+    reading it; returns ``B``. Raises ``ValueError`` (:func:`check_cu_seqlens_values` checks the offsets)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens must be a torch.Tensor of B + 1 offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must have an integer dtype (int32 or int64), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
+    return cu_seqlens.numel() - 1
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
+    """Raise ``ValueError`` unless ``0 = cu[0] <= cu[1] <= ... <= cu[B] = num_tokens`` (one host read of ``B + 1``
+    ints)."""
+    offsets = cu_seqlens.detach().to("cpu", torch.int64)
+    if int(offsets[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(offsets[0])}")
+    steps = offsets[1:] - offsets[:-1]
+    if bool((steps < 0).any()):
+        at = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{at}] = {int(offsets[at])} > "
+                         f"cu_seqlens[{at + 1}] = {int(offsets[at + 1])}")
+    if int(offsets[-1]) != num_tokens:
+        raise ValueError(f"cu_seqlens must end at the number of packed tokens N = {num_tokens}, "
+                         f"got {int(offsets[-1])}")
+
+
 def check_loss_inputs(logits_shape, logits_dtype, logits_device, completion_ids, segment_ids, advantages,
-                      old_logps, ref_logps, config: LossConfig, *, logits_name: str = "logits") -> None:
+                      old_logps, ref_logps, config: LossConfig, *, logits_name: str = "logits",
+                      cu_seqlens=None) -> None:
     """Validate the shapes, dtypes and devices of the loss's inputs; raise before any kernel runs.
 
     Reads no tensor's values (so ``torch.compile`` traces it); :func:`check_loss_values` checks the ids.
-    ``logits_shape`` is ``(B, T, V)``: the logits themselves are never read here, so the fused
+    ``logits_shape`` is ``(B, T, V)``, or ``(N, V)`` for packed inputs (``cu_seqlens``, whose offsets
+    :func:`check_cu_seqlens_values` checks): the logits themselves are never read here, so the fused
     linear path can pass the shape of logits it never materialises.
     """
-    if len(logits_shape) != 3:
+    if cu_seqlens is None and len(logits_shape) != 3:
         raise ValueError(f"{logits_name} must have shape [B, T, V], got {tuple(logits_shape)}")
+    if cu_seqlens is not None and len(logits_shape) != 2:
+        raise ValueError(f"{logits_name} must have shape [N, V] for packed inputs (cu_seqlens given), "
+                         f"got {tuple(logits_shape)}")
     if logits_dtype not in LOGIT_DTYPES:
         raise TypeError(f"{logits_name} must have dtype in {[str(d) for d in LOGIT_DTYPES]}, got {logits_dtype}")
-    batch, length, vocab = logits_shape
+    *tokens, vocab = logits_shape
+    batch = tokens[0] if cu_seqlens is None else check_cu_seqlens(cu_seqlens)
     if vocab < 1:
         raise ValueError(f"{logits_name} must have a vocabulary of at least one entry, got V={vocab}")
-    _check_tensor("completion_ids", completion_ids, ndim=2, kind="integer")
-    _check_shape("completion_ids", completion_ids, (batch, length))
-    _check_tensor("segment_ids", segment_ids, ndim=2, kind="integer")
-    _check_shape("segment_ids", segment_ids, (batch, length))
+    _check_tensor("completion_ids", completion_ids, ndim=len(tokens), kind="integer")
+    _check_shape("completion_ids", completion_ids, tokens)
+    _check_tensor("segment_ids", segment_ids, ndim=len(tokens), kind="integer")
+    _check_shape("segment_ids", segment_ids, tokens)
     _check_tensor("advantages", advantages, ndim=(1, 2), kind="floating")
     if advantages.shape[0] != batch:
         raise ValueError(f"advantages must have shape [B] or [B, S_max] with B={batch}, got {tuple(advantages.shape)}")
     for name, value in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if value is not None:
-            _check_tensor(name, value, ndim=2, kind="floating")
-            _check_shape(name, value, (batch, length))
+            _check_tensor(name, value, ndim=len(tokens), kind="floating")
+            _check_shape(name, value, tokens)
     if config.beta > 0 and ref_logps is None:
         raise ValueError(f"ref_logps is required when beta > 0 (beta={config.beta})")
     _check_same_device(logits_name, logits_device, completion_ids=completion_ids, segment_ids=segment_ids,

@@ -21,11 +21,20 @@ def world_size(process_group) -> int:
 
 def global_sum(tensor: torch.Tensor, process_group) -> torch.Tensor:
     """The sum of ``tensor`` over the ranks of ``process_group`` (``tensor`` itself without one)."""
+    return _all_reduced(tensor, process_group, "SUM")
+
+
+def global_max(tensor: torch.Tensor, process_group) -> torch.Tensor:
+    """The elementwise maximum of ``tensor`` over the ranks of ``process_group`` (``tensor`` itself without one)."""
+    return _all_reduced(tensor, process_group, "MAX")
+
+
+def _all_reduced(tensor: torch.Tensor, process_group, operation: str) -> torch.Tensor:
     if process_group is None:
         return tensor
     import torch.distributed as dist
     total = tensor.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
+    dist.all_reduce(total, op=getattr(dist.ReduceOp, operation), group=process_group)
     return total
 
 
@@ -65,3 +74,17 @@ def group_name(process_group) -> str | None:
 def group_from_name(name: str | None):
     """The process group :func:`group_name` named (``None`` for ``None``)."""
     return None if name is None else _GROUPS_BY_NAME[name]
+
+
+def sequence_slice(local_tokens: int, sp_group, device: torch.device) -> tuple[int, int]:
+    """Where this rank's contiguous slice of a packed sequence split over ``sp_group`` starts, and the length of
+    the whole sequence: the slices lie in rank order, so the start is the sum of the lower ranks' token counts
+    (one all-gather of one int64 per rank, on ``device``). Without a group: ``(0, local_tokens)``."""
+    if sp_group is None:
+        return 0, local_tokens
+    import torch.distributed as dist
+
+    gathered = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(sp_group))]
+    dist.all_gather(gathered, torch.full((1,), int(local_tokens), dtype=torch.int64, device=device), group=sp_group)
+    counts = [int(count) for count in torch.cat(gathered).tolist()]
+    return sum(counts[:dist.get_rank(sp_group)]), sum(counts)

@@ -15,6 +15,8 @@ from .backends import check_backend_name, resolve_backend
 from .config import (
     LossConfig,
     _check_real,
+    check_cu_seqlens,
+    check_cu_seqlens_values,
     check_loss_inputs,
     check_loss_values,
     check_token_ids,
@@ -48,12 +50,18 @@ def _normalizer_tensor(normalizer, device: torch.device) -> torch.Tensor | None:
 
 
 def _check_is_weights(is_weights, batch_and_length, device) -> None:
-    """``None``, or a floating ``[B]`` / ``[B, T]`` tensor on ``device`` (its values are not read here)."""
+    """``None``, or a floating ``[B]`` / ``[B, T]`` tensor on ``device`` (packed inputs: ``[N]`` only, for
+    ``batch_and_length = (N,)``); its values are not read here."""
     if is_weights is None:
         return
     if not isinstance(is_weights, torch.Tensor) or not is_weights.dtype.is_floating_point:
         raise TypeError("is_weights must be a floating torch.Tensor, "
                         f"got {getattr(is_weights, 'dtype', type(is_weights).__name__)}")
+    if len(batch_and_length) == 1:
+        if tuple(is_weights.shape) != tuple(batch_and_length):
+            raise ValueError(f"is_weights of packed inputs must have shape [N] = {tuple(batch_and_length)} (one "
+                             f"per token; an answer's weight repeated over its tokens), got {tuple(is_weights.shape)}")
+        return
     batch, length = batch_and_length
     if tuple(is_weights.shape) not in ((batch,), (batch, length)):
         raise ValueError(f"is_weights must have shape [B] = ({batch},) or [B, T] = ({batch}, {length}), "
@@ -63,13 +71,14 @@ def _check_is_weights(is_weights, batch_and_length, device) -> None:
 
 
 def _check_per_token(name: str, value, batch_and_length, device) -> None:
-    """``None``, or a floating ``[B, T]`` tensor on ``device``."""
+    """``None``, or a floating ``[B, T]`` (packed: ``[N]``) tensor on ``device``."""
     if value is None:
         return
     if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating torch.Tensor, got {getattr(value, 'dtype', type(value).__name__)}")
     if tuple(value.shape) != tuple(batch_and_length):
-        raise ValueError(f"{name} must have shape [B, T] = {tuple(batch_and_length)}, got {tuple(value.shape)}")
+        form = "[B, T]" if len(batch_and_length) == 2 else "[N]"
+        raise ValueError(f"{name} must have shape {form} = {tuple(batch_and_length)}, got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the loss's inputs are on {device}")
 
@@ -79,13 +88,15 @@ def _checked_batch_arguments(config: LossConfig, batch_and_length, device, old_l
     """Check the per-batch arguments beside the loss's inputs; returns the normalizer as a tensor (or ``None``)."""
     _check_is_weights(is_weights, batch_and_length, device)
     _check_per_token("sampling_logps", sampling_logps, batch_and_length, device)
-    _check_rollout_inputs(config, old_logps, sampling_logps, is_weights)
+    per_answer = None if is_weights is None else is_weights.dim() < len(batch_and_length)   # [B], not [B, T], [N]
+    _check_rollout_inputs(config, old_logps, sampling_logps, per_answer)
     return _normalizer_tensor(normalizer, device)
 
 
-def _check_rollout_inputs(config: LossConfig, old_logps, sampling_logps, is_weights) -> None:
+def _check_rollout_inputs(config: LossConfig, old_logps, sampling_logps, per_answer_weights: bool | None) -> None:
+    """``per_answer_weights``: ``None`` without ``is_weights``, else whether they are one per answer."""
     if config.objective == "vespo":     # its weight w takes the product of the tokens' importance weights
-        if is_weights is not None and is_weights.dim() != 2:
+        if per_answer_weights:
             raise ValueError("objective='vespo' folds per-token importance weights into its sentence weight w: "
                              "pass is_weights as [B, T], not [B]")
         if config.is_mode is not None and not config.is_mode.startswith("token"):
@@ -96,8 +107,24 @@ def _check_rollout_inputs(config: LossConfig, old_logps, sampling_logps, is_weig
     if sampling_logps is None or old_logps is None:
         raise ValueError(f"is_mode={config.is_mode!r} needs sampling_logps and old_logps (its weights are "
                          "exp(old_logps - sampling_logps))")
-    if is_weights is not None:
+    if per_answer_weights is not None:
         raise ValueError("pass either is_weights or is_mode, not both")
+
+
+def _check_sequence_parallel(config: LossConfig, cu_seqlens, sp_group, backend: str) -> None:
+    """What ``sp_group`` needs: packed inputs, a kernel backend, and no option whose statistic spans every token of
+    the sequence."""
+    if sp_group is None:
+        return
+    if backend == "reference":
+        raise ValueError("sp_group: the reference backend needs the whole sequence on one rank; use a kernel "
+                         "backend ('torch', 'triton', 'native' or 'auto')")
+    if cu_seqlens is None:
+        raise ValueError("sp_group splits a packed sequence over ranks: pass the global cu_seqlens and this rank's "
+                         "slice of the packed tokens")
+    if config.top_entropy_quantile < 1.0:
+        raise ValueError("top_entropy_quantile < 1 is not supported with sp_group: its threshold is a quantile of "
+                         "every token's entropy, which needs O(tokens) traffic between ranks, not O(sentences)")
 
 
 def _check_flag(name: str, value) -> None:
@@ -119,12 +146,13 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                        off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0,
                        normalizer=None, is_weights=None, sampling_logps=None,
                        inplace=False, backend="auto",
-                       return_metrics=False, process_group=None, tp_group=None, vocab_start_index=None):
+                       return_metrics=False, process_group=None, tp_group=None, vocab_start_index=None,
+                       cu_seqlens=None, sp_group=None):
     """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
 
     Args:
         logits: ``[B, T, V]`` fp32/bf16/fp16/fp64; ``logits[b, t]`` scores ``completion_ids[b, t]``
-            (already shifted: no prompt positions, no trailing position).
+            (already shifted: no prompt positions, no trailing position). Packed (``cu_seqlens``): ``[N, V]``.
         completion_ids: ``[B, T]`` int, the sampled tokens (any value where ``segment_ids == -1``).
         segment_ids: ``[B, T]`` int, sentence index of each token in its row, ``-1`` = not scored.
             ``arange(T)`` gives token-level GRPO, all zeros output-level GRPO/GSPO.
@@ -157,6 +185,19 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
             (``ops/vocab_parallel.py``). Composes with ``process_group`` (TP × DP). Not with ``"reference"``.
         vocab_start_index: the first global id of this rank's shard (default: the sum of the lower ranks'
             ``V_local``).
+        cu_seqlens: ``None``, or packed (padding-free) inputs: ``[B + 1]`` integer offsets, ``0 = cu[0] <= ... <=
+            cu[B] = N``, answer ``i`` the tokens ``cu[i]:cu[i + 1]`` (may be empty). Then the token axis is flat:
+            logits ``[N, V]``, completion_ids, segment_ids (the sentence index within its answer), old_logps,
+            ref_logps, sampling_logps and is_weights ``[N]``; advantages ``[B, S_max]`` or ``[B]`` as before. Loss,
+            metrics and gradient equal the padded call on the same tokens; no ``[B, T_max]`` tensor is made.
+        sp_group: ``None``, or a process group over which the packed tokens are split into contiguous slices
+            in rank order (sequence parallelism, any split points: sentences and answers may straddle ranks). Each
+            rank passes its slice of every per-token tensor and the global ``cu_seqlens``; where its slice starts
+            is the sum of the lower ranks' token counts (one all-gather of an int per rank). Every rank gets the
+            loss and metrics of the whole sequence and the gradient of its slice (a parameter's gradient is the
+            sum of the ranks' parts). Communication: ``O(sentences)`` per call (per-sentence sums and counts).
+            Refused with ``top_entropy_quantile < 1`` (its threshold spans every token's entropy). Composes with
+            ``process_group`` and ``tp_group``. Not with ``"reference"``.
 
     Returns:
         The scalar loss (float32, or float64 for float64 inputs), or ``(loss, metrics)``.
@@ -165,45 +206,57 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
     return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
                             inplace=inplace, backend=backend, return_metrics=return_metrics,
                             process_group=process_group, normalizer=normalizer, is_weights=is_weights,
-                            sampling_logps=sampling_logps, tp_group=tp_group, vocab_start_index=vocab_start_index)
+                            sampling_logps=sampling_logps, tp_group=tp_group, vocab_start_index=vocab_start_index,
+                            cu_seqlens=cu_seqlens, sp_group=sp_group)
 
 
 def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config: LossConfig, *,
                      inplace: bool, backend: str, return_metrics: bool, process_group, normalizer=None,
-                     is_weights=None, sampling_logps=None, tp_group=None, vocab_start_index=None):
+                     is_weights=None, sampling_logps=None, tp_group=None, vocab_start_index=None, cu_seqlens=None,
+                     sp_group=None):
     """:func:`sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("inplace", inplace)
     _check_flag("return_metrics", return_metrics)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
-                      old_logps, ref_logps, config)
-    normalizer = _checked_batch_arguments(config, logits.shape[:2], logits.device, old_logps, is_weights,
+                      old_logps, ref_logps, config, cu_seqlens=cu_seqlens)
+    normalizer = _checked_batch_arguments(config, logits.shape[:-1], logits.device, old_logps, is_weights,
                                           sampling_logps, normalizer)
     chosen = resolve_backend(backend, logits.device)
+    _check_sequence_parallel(config, cu_seqlens, sp_group, chosen.name)
     op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], logits.device, tp_group, vocab_start_index)
     if chosen.name == "reference":
-        check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
-        return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                            config, return_metrics=return_metrics, process_group=process_group,
-                                            normalizer=normalizer, is_weights=is_weights,
-                                            sampling_logps=sampling_logps)
+        return _reference_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
+                               cu_seqlens, return_metrics=return_metrics, process_group=process_group,
+                               normalizer=normalizer, is_weights=is_weights, sampling_logps=sampling_logps)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     if inplace and logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         check_loss_values(completion_ids, segment_ids, advantages, custom_ops.vocab_size(op_backend, logits.shape[-1]))
+        inputs = custom_ops.row_inputs(cu_seqlens, sp_group, completion_ids, segment_ids, advantages, old_logps,
+                                       ref_logps, is_weights, sampling_logps)
         loss, metrics = sentence_grpo_loss_inplace(custom_ops.passes_for(op_backend, logits.device), logits,
-                                                   completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                                   config,
-                                                   custom_ops.num_slots(segment_ids, advantages),
-                                                   with_metrics=return_metrics, process_group=process_group,
-                                                   normalizer=normalizer, is_weights=is_weights,
-                                                   sampling_logps=sampling_logps)
+                                                   config=config, with_metrics=return_metrics,
+                                                   process_group=process_group, normalizer=normalizer, **inputs)
     else:
         loss, metrics = custom_ops.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps,
                                                       ref_logps, config, op_backend, with_metrics=return_metrics,
                                                       process_group=process_group, normalizer=normalizer,
-                                                      is_weights=is_weights, sampling_logps=sampling_logps)
+                                                      is_weights=is_weights, sampling_logps=sampling_logps,
+                                                      cu_seqlens=cu_seqlens, sp_group=sp_group)
     return (loss, metrics) if return_metrics else loss
+
+
+def _reference_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, cu_seqlens,
+                    **options):
+    """The ``"reference"`` backend: ``reference.sentence_grpo_loss``, or for packed inputs its padded call."""
+    check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
+    if cu_seqlens is None:
+        return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                                            config, **options)
+    check_cu_seqlens_values(cu_seqlens, logits.shape[0])
+    return reference.packed_sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
+                                               cu_seqlens, config, **options)
 
 
 def _vocab_parallel_backend(backend: str, local_vocab: int, device, tp_group, vocab_start_index,
@@ -223,16 +276,18 @@ def _vocab_parallel_backend(backend: str, local_vocab: int, device, tp_group, vo
                                                 sum_hidden_gradient))
 
 
-def _check_linear_inputs(hidden, weight, bias, chunk_size) -> None:
+def _check_linear_inputs(hidden, weight, bias, chunk_size, packed: bool = False) -> None:
+    """hidden ``[B, T, H]`` (``packed``: ``[N, H]``), weight ``[V, H]``, bias ``[V]`` or ``None``, chunk_size."""
     for name, value in (("hidden", hidden), ("weight", weight)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape [B, T, H], got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight must have shape [V, H] with H={hidden.shape[2]}, got {tuple(weight.shape)}")
+    if hidden.dim() != (2 if packed else 3):
+        form = "[N, H] for packed inputs (cu_seqlens given)" if packed else "[B, T, H]"
+        raise ValueError(f"hidden must have shape {form}, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, H] with H={hidden.shape[-1]}, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     if weight.device != hidden.device:
@@ -263,11 +318,13 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0,
                                     normalizer=None, is_weights=None, sampling_logps=None, inplace=False,
                                     backend="auto", return_metrics=False, process_group=None, tp_group=None,
-                                    vocab_start_index=None, tp_reduce_hidden_grad=True):
+                                    vocab_start_index=None, tp_reduce_hidden_grad=True, cu_seqlens=None,
+                                    sp_group=None):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
     Args:
-        hidden: ``[B, T, H]`` hidden states of the completion positions (shifted like ``logits``).
+        hidden: ``[B, T, H]`` hidden states of the completion positions (shifted like ``logits``); packed
+            (``cu_seqlens``): ``[N, H]``.
         weight: ``[V, H]`` output-embedding weight; bias: ``[V]`` or ``None``.
         chunk_size: tokens per chunk of logits for the fused backends (``None``: chosen from the vocabulary
             size and the free memory). Chunks hold whole sentences; a longer sentence is recomputed.
@@ -290,36 +347,36 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                             config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
                             process_group=process_group, normalizer=normalizer, is_weights=is_weights,
                             sampling_logps=sampling_logps, tp_group=tp_group, vocab_start_index=vocab_start_index,
-                            tp_reduce_hidden_grad=tp_reduce_hidden_grad)
+                            tp_reduce_hidden_grad=tp_reduce_hidden_grad, cu_seqlens=cu_seqlens, sp_group=sp_group)
 
 
 def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                      config: LossConfig, *, chunk_size, backend: str, return_metrics: bool, process_group,
                      normalizer=None, is_weights=None, sampling_logps=None, tp_group=None, vocab_start_index=None,
-                     tp_reduce_hidden_grad=True):
+                     tp_reduce_hidden_grad=True, cu_seqlens=None, sp_group=None):
     """:func:`fused_linear_sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("return_metrics", return_metrics)
-    _check_linear_inputs(hidden, weight, bias, chunk_size)
-    logits_shape = (*hidden.shape[:2], weight.shape[0])
+    _check_linear_inputs(hidden, weight, bias, chunk_size, packed=cu_seqlens is not None)
+    logits_shape = (*hidden.shape[:-1], weight.shape[0])
     check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
-                      old_logps, ref_logps, config, logits_name="hidden")
-    normalizer = _checked_batch_arguments(config, hidden.shape[:2], hidden.device, old_logps, is_weights,
+                      old_logps, ref_logps, config, logits_name="hidden", cu_seqlens=cu_seqlens)
+    normalizer = _checked_batch_arguments(config, hidden.shape[:-1], hidden.device, old_logps, is_weights,
                                           sampling_logps, normalizer)
     _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
     chosen = resolve_backend(backend, hidden.device)
+    _check_sequence_parallel(config, cu_seqlens, sp_group, chosen.name)
     op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], hidden.device, tp_group, vocab_start_index,
                                          tp_reduce_hidden_grad)
     if chosen.name == "reference":
-        check_loss_values(completion_ids, segment_ids, advantages, weight.shape[0])
-        return reference.sentence_grpo_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids,
-                                            advantages, old_logps, ref_logps, config, return_metrics=return_metrics,
-                                            process_group=process_group, normalizer=normalizer,
-                                            is_weights=is_weights, sampling_logps=sampling_logps)
+        return _reference_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids, advantages,
+                               old_logps, ref_logps, config, cu_seqlens, return_metrics=return_metrics,
+                               process_group=process_group, normalizer=normalizer, is_weights=is_weights,
+                               sampling_logps=sampling_logps)
     _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     loss, metrics = custom_ops.fused_linear_sentence_grpo_loss(
         hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, op_backend,
         chunk_size, with_metrics=return_metrics, process_group=process_group, normalizer=normalizer,
-        is_weights=is_weights, sampling_logps=sampling_logps)
+        is_weights=is_weights, sampling_logps=sampling_logps, cu_seqlens=cu_seqlens, sp_group=sp_group)
     return (loss, metrics) if return_metrics else loss
 
 
@@ -332,8 +389,19 @@ def _check_logprob_options(ids, temperature, return_entropy):
     _check_flag("return_entropy", return_entropy)
 
 
+def _check_packed_tokens(cu_seqlens, ids) -> None:
+    """Packed log-probs: ``ids`` ``[N]`` and ``cu_seqlens`` ``[B + 1]`` offsets ending at ``N``."""
+    if cu_seqlens is None:
+        return
+    check_cu_seqlens(cu_seqlens)
+    if ids.dim() != 1:
+        raise ValueError(f"ids of packed inputs (cu_seqlens given) must have shape [N], got {tuple(ids.shape)}")
+    if not torch.compiler.is_compiling():
+        check_cu_seqlens_values(cu_seqlens, ids.shape[0])
+
+
 def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backend="auto", tp_group=None,
-                   vocab_start_index=None):
+                   vocab_start_index=None, cu_seqlens=None):
     """Log-probability of each token id under ``softmax(logits / temperature)``, without autograd surprises.
 
     Args:
@@ -341,6 +409,8 @@ def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backen
         tp_group, vocab_start_index: ``logits`` is this rank's ``[..., V_local]`` shard of a vocabulary split
             over ``tp_group`` and ``ids`` are global (as :func:`sentence_grpo_loss`); every rank gets the same
             log-probs and entropies and the gradient of its shard.
+        cu_seqlens: ``None``, or ``[B + 1]`` offsets of packed inputs (logits ``[N, V]``, ids ``[N]``; checked,
+            as :func:`sentence_grpo_loss`): each token's log-prob is its own, so packing changes nothing else.
     Returns:
         logp ``[...]`` float32 (float64 for float64 logits), and entropy ``[...]`` when ``return_entropy``.
         Differentiable with respect to ``logits``.
@@ -355,6 +425,7 @@ def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backen
         raise ValueError(f"ids must have shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(ids.shape)}")
     if ids.device != logits.device:
         raise ValueError(f"ids is on {ids.device} but logits is on {logits.device}")
+    _check_packed_tokens(cu_seqlens, ids)
     chosen = resolve_backend(backend, logits.device)
     op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], logits.device, tp_group, vocab_start_index)
     if chosen.name != "reference":
@@ -374,19 +445,28 @@ def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backen
 
 def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, return_entropy=False,
                                 chunk_size=None, backend="auto", tp_group=None, vocab_start_index=None,
-                                tp_reduce_hidden_grad=True):
+                                tp_reduce_hidden_grad=True, cu_seqlens=None):
     """:func:`token_logprobs` of ``hidden @ weight.T + bias``.
 
     hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``, ids ``[B, T]`` -> logp ``[B, T]`` float32.
     ``tp_group``, ``vocab_start_index``, ``tp_reduce_hidden_grad``: an LM head sharded over the vocabulary, as
-    :func:`fused_linear_sentence_grpo_loss`.
+    :func:`fused_linear_sentence_grpo_loss`. ``cu_seqlens``: packed inputs, hidden ``[N, H]`` and ids ``[N]``
+    -> logp ``[N]`` (as :func:`token_logprobs`).
     """
-    _check_linear_inputs(hidden, weight, bias, chunk_size)
+    _check_linear_inputs(hidden, weight, bias, chunk_size, packed=cu_seqlens is not None)
     _check_logprob_options(ids, temperature, return_entropy)
-    if tuple(ids.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"ids must have shape {tuple(hidden.shape[:2])} (hidden without H), got {tuple(ids.shape)}")
+    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ids must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(ids.shape)}")
     if ids.device != hidden.device:
         raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
+    _check_packed_tokens(cu_seqlens, ids)
+    if cu_seqlens is not None:                   # one row of N tokens
+        hidden, packed_ids = hidden.unsqueeze(0), ids.unsqueeze(0)
+        result = fused_linear_token_logprobs(hidden, weight, packed_ids, bias=bias, temperature=temperature,
+                                             return_entropy=return_entropy, chunk_size=chunk_size, backend=backend,
+                                             tp_group=tp_group, vocab_start_index=vocab_start_index,
+                                             tp_reduce_hidden_grad=tp_reduce_hidden_grad)
+        return tuple(value.view(ids.shape) for value in result) if return_entropy else result.view(ids.shape)
     _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
     chosen = resolve_backend(backend, hidden.device)
     op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], hidden.device, tp_group, vocab_start_index,
@@ -403,9 +483,11 @@ class SentenceGRPOLoss(nn.Module):
     """``nn.Module`` form of the loss; the constructor takes the options of :func:`sentence_grpo_loss`.
 
     ``forward(logits, completion_ids, segment_ids, advantages, old_logps=None, ref_logps=None, *, normalizer=None,
-    is_weights=None, sampling_logps=None)`` or ``forward(hidden=..., weight=..., bias=None, completion_ids=..., ...)``
-    for the fused linear path (the per-batch tensors are arguments of ``forward``). ``tp_group``,
-    ``vocab_start_index``, ``tp_reduce_hidden_grad``: a vocabulary sharded over a tensor-parallel group.
+    is_weights=None, sampling_logps=None, cu_seqlens=None)`` or ``forward(hidden=..., weight=..., bias=None,
+    completion_ids=..., ...)`` for the fused linear path (the per-batch tensors, packed ones' ``cu_seqlens``
+    included, are arguments of ``forward``). ``tp_group``, ``vocab_start_index``, ``tp_reduce_hidden_grad``: a
+    vocabulary sharded over a tensor-parallel group; ``sp_group``: packed tokens split over a sequence-parallel
+    group (as :func:`sentence_grpo_loss`).
     """
 
     def __init__(self, *, eps_low=0.2, eps_high=0.2, beta=0.0, delta=None, temperature=1.0, ratio_level="sum",
@@ -415,7 +497,7 @@ class SentenceGRPOLoss(nn.Module):
                  kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
                  off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0, inplace=False,
                  backend="auto", return_metrics=False, chunk_size=None, process_group=None, tp_group=None,
-                 vocab_start_index=None, tp_reduce_hidden_grad=True):
+                 vocab_start_index=None, tp_reduce_hidden_grad=True, sp_group=None):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
         self.config = config_from(locals())
@@ -424,16 +506,17 @@ class SentenceGRPOLoss(nn.Module):
         _check_flag("return_metrics", return_metrics)
         self.inplace, self.backend, self.return_metrics = inplace, backend, return_metrics
         _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
-        self.chunk_size, self.process_group = chunk_size, process_group
+        self.chunk_size, self.process_group, self.sp_group = chunk_size, process_group, sp_group
         self.tensor_parallel = dict(tp_group=tp_group, vocab_start_index=vocab_start_index)
         self.tp_reduce_hidden_grad = tp_reduce_hidden_grad
 
     def forward(self, logits=None, completion_ids=None, segment_ids=None, advantages=None, old_logps=None,
                 ref_logps=None, *, hidden=None, weight=None, bias=None, normalizer=None, is_weights=None,
-                sampling_logps=None):
+                sampling_logps=None, cu_seqlens=None):
         if (logits is None) == (hidden is None and weight is None):
             raise ValueError("pass either logits or hidden and weight, not both and not neither")
-        batch = dict(normalizer=normalizer, is_weights=is_weights, sampling_logps=sampling_logps)
+        batch = dict(normalizer=normalizer, is_weights=is_weights, sampling_logps=sampling_logps,
+                     cu_seqlens=cu_seqlens, sp_group=self.sp_group)
         if logits is not None:
             return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                                     self.config, inplace=self.inplace, backend=self.backend,

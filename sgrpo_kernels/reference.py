@@ -219,16 +219,17 @@ def _loss_from_scored_logps(logp, entropy_of_scored, segment_ids, advantages, ol
 
 
 def rollout_weights(config: LossConfig, old_logps, sampling_logps, sentence_of_token, total_slots: int,
-                    answer_of_token, answers: int):
+                    answer_of_token, answers: int, sequence_total=None):
     """``is_mode``'s importance weights ``[M]``: ``exp(old − sampling)`` per token, or of its sum over the token's
     sentence or answer (TRL sums over the sequence), truncated to ``[is_clip_min, is_clip_max]`` or set to 0
-    outside it. Tokens whose rollout log-prob is NaN count as ratio 1 (TRL's rule)."""
+    outside it. Tokens whose rollout log-prob is NaN count as ratio 1 (TRL's rule). ``sequence_total`` (or
+    ``None``) sums the per-sentence or per-answer sums over the ranks that hold parts of the sequence."""
     difference = torch.nan_to_num(old_logps - sampling_logps, nan=0.0)
     level = config.is_mode.split("_")[0]
     if level != "token":
         groups, count = ((sentence_of_token, total_slots) if level == "sentence" else (answer_of_token, answers))
         sums = torch.zeros(count, dtype=difference.dtype, device=difference.device).index_add(0, groups, difference)
-        difference = sums[groups]
+        difference = (sums if sequence_total is None else sequence_total(sums))[groups]
     ratio = torch.exp(difference)
     low = -math.inf if config.is_clip_min is None else config.is_clip_min
     high = math.inf if config.is_clip_max is None else config.is_clip_max
@@ -239,7 +240,7 @@ def rollout_weights(config: LossConfig, old_logps, sampling_logps, sentence_of_t
 
 def policy_token_weights(config: LossConfig, logp, entropy_of, sampling_logps, old_logps, token_advantage,
                          sentence_of_token, total_slots: int, is_weights, process_group=None, answer_of_token=None,
-                         answers: int = 0):
+                         answers: int = 0, sequence_total=None):
     """The top-entropy mask (``[M]`` bool, or ``None``), the constant weights ``q_t`` of each scored token's policy
     loss (``[M]``, or ``None`` when all are 1): ``is_weights`` (or ``is_mode``'s weights) × the top-entropy
     mask × the off-policy mask, and ``None``; except for ``vespo``, whose importance weights are not a factor
@@ -250,11 +251,13 @@ def policy_token_weights(config: LossConfig, logp, entropy_of, sampling_logps, o
     ``sampling_logps``/``old_logps`` ``[M]`` or ``None``, ``token_advantage`` ``[M]`` (its sentence's ``Â``),
     ``sentence_of_token`` ``[M]`` slot indices in ``[0, total_slots)``. The entropy quantile is taken over the
     scored tokens of every rank of ``process_group``. ``answer_of_token`` ``[M]`` (its row) for the sequence modes.
+    ``sequence_total`` (``None``: none) sums per-sentence and per-answer sums over the ranks that share a sequence
+    (``sp_group``); the driver passes it, the tests' one-process statement never does.
     """
     weight = is_weights
     if config.is_mode is not None:
         weight = rollout_weights(config, old_logps, sampling_logps, sentence_of_token, total_slots, answer_of_token,
-                                 answers)
+                                 answers, sequence_total)
     log_is = None
     if config.objective == "vespo" and weight is not None:
         log_is = torch.log(weight).clamp(VESPO_MIN_LOG_WEIGHT, config.clamp_log_ratio)
@@ -275,6 +278,8 @@ def policy_token_weights(config: LossConfig, logp, entropy_of, sampling_logps, o
         sums = torch.zeros(total_slots, dtype=logp.dtype, device=logp.device).index_add(0, sentence_of_token, drift)
         counts = torch.zeros(total_slots, dtype=logp.dtype, device=logp.device).index_add(
             0, sentence_of_token, torch.ones_like(drift))
+        if sequence_total is not None:
+            sums, counts = sequence_total(sums), sequence_total(counts)
         mean_drift = (sums / counts.clamp(min=1))[sentence_of_token]
         keep = ((token_advantage >= 0) | (mean_drift <= config.off_policy_mask_threshold)).to(logp.dtype)
         weight = keep if weight is None else weight * keep
@@ -440,3 +445,34 @@ def answer_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_
     mean_reward = torch.where(exists, rewards, 0.0).sum(1) / num_sentences.clamp(min=1).to(rewards.dtype)
     has_sentence = (num_sentences > 0).long()
     return group_sentence_advantages(mean_reward.unsqueeze(1), has_sentence, group_size, eps=eps, scale=scale)[:, 0]
+
+
+def pad_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, fill=0) -> torch.Tensor:
+    """Packed ``[N, ...]`` values (answer ``i`` at rows ``cu_seqlens[i]:cu_seqlens[i + 1]``) as a right-padded
+    ``[B, T_max, ...]`` tensor holding ``fill`` past each answer's end; differentiable in ``values``.
+
+    The statement of the packed layout (``docs/design.md``, "Packed inputs"): a packed call is the padded call on
+    these tensors, segment ids padded with ``-1``. Materialises ``[B, T_max, ...]``: for the tests' oracle and the
+    ``"reference"`` backend only.
+    """
+    cu = cu_seqlens.to(device=values.device, dtype=torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    batch = lengths.numel()
+    longest = int(lengths.max()) if batch else 0
+    answer = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths, output_size=values.shape[0])
+    position = torch.arange(values.shape[0], device=values.device) - cu[:-1][answer]
+    return values.new_full((batch, longest, *values.shape[1:]), fill).index_put((answer, position), values)
+
+
+def packed_sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, cu_seqlens,
+                              config: LossConfig = LossConfig(), return_metrics: bool = False, process_group=None,
+                              normalizer=None, is_weights=None, sampling_logps=None):
+    """:func:`sentence_grpo_loss` on packed inputs: logits ``[N, V]``, the per-token tensors ``[N]``
+    (``is_weights`` too), ``cu_seqlens [B + 1]``, advantages ``[B, S_max]`` or ``[B]``; equal by definition to the
+    padded call on :func:`pad_packed` of each (which it makes)."""
+    def pad(tensor, fill=0):
+        return None if tensor is None else pad_packed(tensor, cu_seqlens, fill)
+
+    return sentence_grpo_loss(pad(logits), pad(completion_ids), pad(segment_ids, -1), advantages, pad(old_logps),
+                              pad(ref_logps), config, return_metrics=return_metrics, process_group=process_group,
+                              normalizer=normalizer, is_weights=pad(is_weights, 1), sampling_logps=pad(sampling_logps))

@@ -17,6 +17,7 @@ import torch
 from .. import distributed
 from ..backends import resolve_backend
 from ..config import LossConfig, check_loss_values, check_token_ids
+from . import packed
 from .driver import run_sentence_grpo_loss, token_logprobs_backward
 from .fused_linear import (
     default_chunk_size,
@@ -104,23 +105,37 @@ def _saved_gradients(ctx) -> tuple:
 
 # ---- the loss from logits -------------------------------------------------------------------------------------
 
+def row_inputs(cu_seqlens, sp_group, completion_ids, segment_ids, advantages, old_logps, ref_logps, is_weights,
+               sampling_logps) -> dict:
+    """The drivers' keywords for the inputs: as given, or packed ones as one row (``ops/packed.py``; ``sp_group``
+    a process group or ``None``)."""
+    if cu_seqlens is not None:
+        return packed.row_inputs(cu_seqlens, sp_group, completion_ids, segment_ids, advantages, old_logps,
+                                 ref_logps, is_weights, sampling_logps)
+    return dict(completion_ids=completion_ids, segment_ids=segment_ids, advantages=advantages, old_logps=old_logps,
+                ref_logps=ref_logps, is_weights=is_weights, sampling_logps=sampling_logps,
+                num_slots=num_slots(segment_ids, advantages))
+
+
 def _loss_implementation(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, *options_and_flags):
-    options, flags = options_and_flags[:-7], options_and_flags[-7:]
-    backend, with_gradient, with_metrics, group, normalizer, is_weights, sampling_logps = flags
+    options, flags = options_and_flags[:-9], options_and_flags[-9:]
+    backend, with_gradient, with_metrics, group, normalizer, is_weights, sampling_logps, cu_seqlens, sp_group = flags
     config = LossConfig(*options)
     check_loss_values(completion_ids, segment_ids, advantages, vocab_size(backend, logits.shape[-1]))
+    inputs = row_inputs(cu_seqlens, distributed.group_from_name(sp_group), completion_ids, segment_ids, advantages,
+                        old_logps, ref_logps, is_weights, sampling_logps)
     gradient = torch.empty_like(logits) if with_gradient else None
     loss, metrics = run_sentence_grpo_loss(
-        passes_for(backend, logits.device), logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-        config, num_slots(segment_ids, advantages), gradient_out=gradient, with_metrics=with_metrics,
-        process_group=distributed.group_from_name(group), normalizer=normalizer, is_weights=is_weights,
-        sampling_logps=sampling_logps)
+        passes_for(backend, logits.device), packed.as_row(logits) if cu_seqlens is not None else logits,
+        config=config, gradient_out=gradient if cu_seqlens is None else packed.as_row(gradient),
+        with_metrics=with_metrics, process_group=distributed.group_from_name(group), normalizer=normalizer,
+        **inputs)
     dtype = accumulator_dtype(logits.dtype)
     return loss.to(dtype), _empty(logits) if gradient is None else gradient, _metric_list(metrics, config, dtype)
 
 
 def _loss_fake(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, *options_and_flags):
-    options, (_, with_gradient, with_metrics, _, _, _, _) = options_and_flags[:-7], options_and_flags[-7:]
+    options, (_, with_gradient, with_metrics, *_) = options_and_flags[:-9], options_and_flags[-9:]
     dtype = accumulator_dtype(logits.dtype)
     gradient = torch.empty_like(logits) if with_gradient else _empty(logits)
     return (logits.new_empty((), dtype=dtype), gradient,
@@ -130,7 +145,7 @@ def _loss_fake(logits, completion_ids, segment_ids, advantages, old_logps, ref_l
 _define("sentence_grpo_loss",
         f"(Tensor logits, Tensor completion_ids, Tensor segment_ids, Tensor advantages, Tensor? old_logps, "
         f"Tensor? ref_logps, {_OPTION_SCHEMA}, str backend, bool with_gradient, bool with_metrics, str? group, "
-        "Tensor? normalizer, Tensor? is_weights, Tensor? sampling_logps) "
+        "Tensor? normalizer, Tensor? is_weights, Tensor? sampling_logps, Tensor? cu_seqlens, str? sp_group) "
         "-> (Tensor, Tensor, Tensor[])", _loss_implementation, _loss_fake)
 
 
@@ -142,7 +157,7 @@ def _loss_setup(ctx, inputs, output):
 def _loss_backward(ctx, grad_loss, grad_gradient, grad_metrics):
     (gradient,) = _saved_gradients(ctx)
     scale_gradients_([gradient], grad_loss)
-    return (gradient,) + (None,) * (5 + len(OPTION_FIELDS) + 7)
+    return (gradient,) + (None,) * (5 + len(OPTION_FIELDS) + 9)
 
 
 torch.library.register_autograd(f"{NAMESPACE}::sentence_grpo_loss", _loss_backward, setup_context=_loss_setup,
@@ -151,13 +166,13 @@ torch.library.register_autograd(f"{NAMESPACE}::sentence_grpo_loss", _loss_backwa
 
 def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config: LossConfig,
                        backend: str, *, with_metrics: bool, process_group=None, normalizer=None, is_weights=None,
-                       sampling_logps=None):
+                       sampling_logps=None, cu_seqlens=None, sp_group=None):
     """The loss from logits through the custom op: ``(loss, metrics dict or None)``; gradient to ``logits``."""
     with_gradient = logits.requires_grad and torch.is_grad_enabled()
     loss, _, metrics = getattr(torch.ops, NAMESPACE).sentence_grpo_loss(
         logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, *dataclasses.astuple(config),
         backend, with_gradient, with_metrics, distributed.group_name(process_group), normalizer, is_weights,
-        sampling_logps)
+        sampling_logps, cu_seqlens, distributed.group_name(sp_group))
     return loss, _named_metrics(metrics, config, with_metrics)
 
 
@@ -165,18 +180,19 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
 
 def _fused_implementation(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                           *options_and_flags):
-    options, flags = options_and_flags[:-10], options_and_flags[-10:]
+    options, flags = options_and_flags[:-12], options_and_flags[-12:]
     (backend, chunk_size, want_hidden, want_weight, want_bias, with_metrics, group, normalizer, is_weights,
-     sampling_logps) = flags
+     sampling_logps, cu_seqlens, sp_group) = flags
     config = LossConfig(*options)
     check_loss_values(completion_ids, segment_ids, advantages, vocab_size(backend, weight.shape[0]))
     wanted = (want_hidden, want_weight, want_bias and bias is not None)
+    inputs = row_inputs(cu_seqlens, distributed.group_from_name(sp_group), completion_ids, segment_ids, advantages,
+                        old_logps, ref_logps, is_weights, sampling_logps)
     loss, gradients, metrics = run_fused_linear_loss(
-        passes_for(backend, hidden.device), hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
-        ref_logps, config, num_slots(segment_ids, advantages),
-        chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device), wanted=wanted,
-        with_metrics=with_metrics, process_group=distributed.group_from_name(group), normalizer=normalizer,
-        is_weights=is_weights, sampling_logps=sampling_logps)
+        passes_for(backend, hidden.device), packed.as_row(hidden) if cu_seqlens is not None else hidden, weight, bias,
+        config=config, chunk_size=chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device),
+        wanted=wanted, with_metrics=with_metrics, process_group=distributed.group_from_name(group),
+        normalizer=normalizer, **inputs)
     dtype = accumulator_dtype(hidden.dtype)
     gradients = [_empty(hidden) if gradient is None else gradient for gradient in gradients]
     return (loss.to(dtype), *gradients, _metric_list(metrics, config, dtype))
@@ -184,10 +200,10 @@ def _fused_implementation(hidden, weight, bias, completion_ids, segment_ids, adv
 
 def _fused_fake(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                 *options_and_flags):
-    options, flags = options_and_flags[:-10], options_and_flags[-10:]
-    _, _, want_hidden, want_weight, want_bias, with_metrics, _, _, _, _ = flags
+    options, flags = options_and_flags[:-12], options_and_flags[-12:]
+    _, _, want_hidden, want_weight, want_bias, with_metrics, *_ = flags
     dtype = accumulator_dtype(hidden.dtype)
-    grad_hidden = hidden.new_empty(hidden.shape[0] * hidden.shape[1], hidden.shape[2]) if want_hidden else None
+    grad_hidden = hidden.new_empty(hidden.shape[:-1].numel(), hidden.shape[-1]) if want_hidden else None
     grad_weight = weight.new_empty(weight.shape, dtype=dtype) if want_weight else None
     grad_bias = weight.new_empty(weight.shape[0], dtype=dtype) if want_bias and bias is not None else None
     gradients = [_empty(hidden) if gradient is None else gradient for gradient in (grad_hidden, grad_weight,
@@ -200,14 +216,15 @@ _define("fused_linear_sentence_grpo_loss",
         f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor completion_ids, Tensor segment_ids, Tensor advantages, "
         f"Tensor? old_logps, Tensor? ref_logps, {_OPTION_SCHEMA}, str backend, int chunk_size, bool want_hidden, "
         "bool want_weight, bool want_bias, bool with_metrics, str? group, Tensor? normalizer, Tensor? is_weights, "
-        "Tensor? sampling_logps) "
+        "Tensor? sampling_logps, Tensor? cu_seqlens, str? sp_group) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor[])", _fused_implementation, _fused_fake)
 
 
 def _fused_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # else autograd hands backward zeros of the [V, H] gradient outputs
     hidden, weight, bias = inputs[:3]
-    want_hidden, want_weight, want_bias = inputs[-8:-5]   # then with_metrics, group, normalizer, weights, sampling
+    want_hidden, want_weight, want_bias = inputs[-10:-7]   # then with_metrics, group, normalizer, weights, sampling,
+    # cu_seqlens, sp_group
     ctx.wanted = (want_hidden, want_weight, want_bias and bias is not None)
     ctx.targets = tuple(None if tensor is None else (tensor.shape, tensor.dtype) for tensor in (hidden, weight, bias))
     ctx.save_for_backward(*output[1:4])
@@ -219,7 +236,7 @@ def _fused_backward(ctx, grad_loss, *unused):
     # the gradients accumulated in fp32 (grad_hidden in the dtype of hidden): rounded once, after scaling
     finished = tuple(None if gradient is None else gradient.view(target[0]).to(target[1])
                      for gradient, target in zip(gradients, ctx.targets))
-    return finished + (None,) * (5 + len(OPTION_FIELDS) + 10)
+    return finished + (None,) * (5 + len(OPTION_FIELDS) + 12)
 
 
 torch.library.register_autograd(f"{NAMESPACE}::fused_linear_sentence_grpo_loss", _fused_backward,
@@ -229,14 +246,15 @@ torch.library.register_autograd(f"{NAMESPACE}::fused_linear_sentence_grpo_loss",
 def fused_linear_sentence_grpo_loss(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
                                     ref_logps, config: LossConfig, backend: str, chunk_size: int | None, *,
                                     with_metrics: bool, process_group=None, normalizer=None, is_weights=None,
-                                    sampling_logps=None):
+                                    sampling_logps=None, cu_seqlens=None, sp_group=None):
     """The loss from ``hidden @ weight.T + bias`` through the custom op: ``(loss, metrics dict or None)``."""
     grad_enabled = torch.is_grad_enabled()
     wanted = [grad_enabled and tensor is not None and tensor.requires_grad for tensor in (hidden, weight, bias)]
     loss, _, _, _, metrics = getattr(torch.ops, NAMESPACE).fused_linear_sentence_grpo_loss(
         hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
         *dataclasses.astuple(config), backend, chunk_size or 0, *wanted, with_metrics,
-        distributed.group_name(process_group), normalizer, is_weights, sampling_logps)
+        distributed.group_name(process_group), normalizer, is_weights, sampling_logps, cu_seqlens,
+        distributed.group_name(sp_group))
     return loss, _named_metrics(metrics, config, with_metrics)
 
 

@@ -50,11 +50,23 @@ def data_parallel_layout(process_group) -> dict:
                 ranks=distributed.world_size(process_group))
 
 
-def entropy_bonus_coefficients(bonus_tokens: torch.Tensor, config, dtype, process_group) -> torch.Tensor:
+def sequence_total(packing):
+    """Sums over the ranks that share a packed sequence (``Packing.total``), or the identity."""
+    return (lambda local: local) if packing is None or not packing.split else packing.total
+
+
+def packing_layout(packing) -> dict:
+    """The keywords of ``layout.sentence_layout`` for a packed row (``ops/packed.py``), none for padded rows."""
+    return {} if packing is None else packing.layout_options()
+
+
+def entropy_bonus_coefficients(bonus_tokens: torch.Tensor, config, dtype, process_group,
+                               packing=None) -> torch.Tensor:
     """``∂loss/∂H_t`` of the entropy bonus, flat ``[B*T]``: ``−entropy_coef · ranks / N`` on the ``bonus_tokens``
     (bool, flat: the scored tokens, entropy-masked), 0 elsewhere; ``N`` counts them on every rank."""
     options = data_parallel_layout(process_group)
-    tokens = options.get("total", lambda local: local)(bonus_tokens.sum()).clamp(min=1)
+    local_tokens = sequence_total(packing)(bonus_tokens.sum())
+    tokens = options.get("total", lambda local: local)(local_tokens).clamp(min=1)
     return torch.where(bonus_tokens, -config.entropy_coef * options.get("ranks", 1) / tokens.to(dtype), 0.0)
 
 
@@ -71,11 +83,11 @@ def masks_needed(config) -> bool:
 
 
 def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages, old_logps, sampling_logps,
-                         is_weights, process_group):
+                         is_weights, process_group, packing=None):
     """Flat ``[B*T]`` weights ``q_t`` of the policy loss (``None``: all 1), the flat bool tokens of the entropy
     bonus, and ``vespo``'s per-sentence sums of log importance weights (fp64 ``[B*S_max]``, else ``None``), from
     ``reference.policy_token_weights`` on the scored tokens (``scores``: pass A of every token; read only
-    where a mask needs it)."""
+    where a mask needs it). ``packing``: the answers of a packed row (``ops/packed.py``), else each row is one."""
     batch, length = segment_ids.shape
     segments = segment_ids.reshape(-1)
     scored = segments >= 0
@@ -88,10 +100,12 @@ def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages
                        else advantages.repeat_interleave(num_slots)).to(scores.logp.dtype)
     flat_weights = flat_token_weights(is_weights, batch, length)
     pick = lambda tensor: None if tensor is None else tensor.reshape(-1)[positions].to(scores.logp.dtype)  # noqa: E731
+    answers = dict(answer_of_token=positions // max(length, 1), answers=batch) if packing is None else dict(
+        answer_of_token=packing.slot_answers[slots], answers=packing.answers,
+        sequence_total=packing.total if packing.split else None)
     entropy_mask, weight, log_is = reference.policy_token_weights(
         config, scores.logp[positions], lambda: scores.entropy[positions], pick(sampling_logps), pick(old_logps),
-        slot_advantages[slots], slots, batch * num_slots, pick(flat_weights), process_group,
-        answer_of_token=positions // max(length, 1), answers=batch)
+        slot_advantages[slots], slots, batch * num_slots, pick(flat_weights), process_group, **answers)
     bonus_tokens = scored.clone()
     if entropy_mask is not None:
         bonus_tokens[positions] = entropy_mask
@@ -99,6 +113,7 @@ def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages
     if log_is is not None:
         sentence_log_is = torch.zeros(batch * num_slots, dtype=torch.float64, device=segment_ids.device)
         sentence_log_is.index_add_(0, slots, log_is.double())
+        sentence_log_is = sequence_total(packing)(sentence_log_is)
     if weight is None:
         return None, bonus_tokens, sentence_log_is
     token_weights = torch.zeros(batch * length, dtype=scores.logp.dtype, device=segment_ids.device)
@@ -106,15 +121,28 @@ def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages
     return token_weights, bonus_tokens, sentence_log_is
 
 
+def total_sentence_sums(sums: SentenceSums, packing) -> None:
+    """Sum pass B's per-slot sums over the ranks that share a packed sequence, in place (``log_is`` is summed
+    where it is made)."""
+    if packing is None or not packing.split:
+        return
+    for name in ("log_ratio", "kl", "logp", "weight", "clipped_log_ratio", "clipped_tokens"):
+        local = getattr(sums, name)
+        if local is not None:
+            local.copy_(packing.total(local))
+
+
 def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
                            config, num_slots: int, *, gradient_out: torch.Tensor | None, with_metrics: bool,
                            process_group=None, normalizer: torch.Tensor | None = None,
-                           is_weights: torch.Tensor | None = None, sampling_logps: torch.Tensor | None = None):
+                           is_weights: torch.Tensor | None = None, sampling_logps: torch.Tensor | None = None,
+                           packing=None):
     """The loss (``reference.sentence_grpo_loss``) with passes A, B and, when ``gradient_out`` is given, C.
 
     Inputs as ``reference.sentence_grpo_loss`` (already validated); ``num_slots`` is ``S_max``. The gradient of
     the loss with respect to ``logits`` is written into ``gradient_out`` (``[B, T, V]``, may be ``logits`` itself):
     it is finished here, in the forward pass, because every ``c_t`` depends only on its own sentence.
+    ``packing``: the inputs are one packed row (or this rank's slice of it, ``ops/packed.py``).
     Returns ``(loss, metrics or None)``; runs without autograd.
     """
     with torch.no_grad():
@@ -122,19 +150,21 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
                                      with_entropy=with_metrics or config.entropy_coef != 0
                                      or config.top_entropy_quantile < 1.0)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, scores.logp.dtype, normalizer=normalizer,
-                                 **data_parallel_layout(process_group))
+                                 **data_parallel_layout(process_group), **packing_layout(packing))
         token_weights, bonus_tokens, log_is = policy_token_weights(
-            config, scores, segment_ids, num_slots, advantages, old_logps, sampling_logps, is_weights, process_group)
+            config, scores, segment_ids, num_slots, advantages, old_logps, sampling_logps, is_weights, process_group,
+            packing)
         sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None, log_is=log_is)
         coef_inputs, sums_inputs = clip_inputs(config, old_logps, advantages)
         passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, sums, config,
                              token_weights=token_weights, **sums_inputs)
+        total_sentence_sums(sums, packing)
         terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
         entropy_coef = None
         if config.entropy_coef != 0:
-            entropy_coef = entropy_bonus_coefficients(bonus_tokens, config, scores.logp.dtype, process_group)
-            loss = loss + torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum()
+            entropy_coef = entropy_bonus_coefficients(bonus_tokens, config, scores.logp.dtype, process_group, packing)
+            loss = loss + sequence_total(packing)(torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum())
         if gradient_out is not None:
             token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms, config,
                                                    token_weights=token_weights, **coef_inputs)
@@ -145,7 +175,8 @@ def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, 
             return loss, None
         arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl,
                                 clipped_tokens=sums.clipped_tokens)
-        return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
+        return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config,
+                                      sequence_total(packing))
 
 
 def token_logprobs_backward(passes: Passes, logits, ids, grad_logp, grad_entropy, lse, entropy,
@@ -164,13 +195,14 @@ def token_logprobs_backward(passes: Passes, logits, ids, grad_logp, grad_entropy
 def sentence_grpo_loss_inplace(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps,
                                ref_logps, config, num_slots: int, *, with_metrics: bool, process_group=None,
                                normalizer: torch.Tensor | None = None, is_weights: torch.Tensor | None = None,
-                               sampling_logps: torch.Tensor | None = None):
+                               sampling_logps: torch.Tensor | None = None, packing=None):
     """:func:`run_sentence_grpo_loss` writing the gradient over ``logits`` (eager mode only: a custom op may not
-    mutate an input it differentiates); returns ``(loss wired to autograd, metrics or None)``."""
-    loss, metrics = run_sentence_grpo_loss(passes, logits.detach(), completion_ids, segment_ids, advantages,
-                                           old_logps, ref_logps, config, num_slots, gradient_out=logits.detach(),
-                                           with_metrics=with_metrics, process_group=process_group,
-                                           normalizer=normalizer, is_weights=is_weights,
-                                           sampling_logps=sampling_logps)
+    mutate an input it differentiates); returns ``(loss wired to autograd, metrics or None)``. With ``packing``
+    the logits are packed ``[N, V]`` and the other inputs their one row (``ops/packed.py``)."""
+    rows = logits.detach() if packing is None else logits.detach().unsqueeze(0)
+    loss, metrics = run_sentence_grpo_loss(passes, rows, completion_ids, segment_ids, advantages, old_logps,
+                                           ref_logps, config, num_slots, gradient_out=rows, with_metrics=with_metrics,
+                                           process_group=process_group, normalizer=normalizer,
+                                           is_weights=is_weights, sampling_logps=sampling_logps, packing=packing)
     torch.autograd.graph.increment_version(logits)   # autograd must refuse any later use of the overwritten logits
     return EagerGradient.apply(loss, (logits.detach(),), logits), metrics

@@ -19,7 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .driver import clip_inputs, data_parallel_layout, entropy_bonus_coefficients, masks_needed, policy_token_weights
+from .driver import (
+    clip_inputs,
+    data_parallel_layout,
+    entropy_bonus_coefficients,
+    masks_needed,
+    packing_layout,
+    policy_token_weights,
+    sequence_total,
+    total_sentence_sums,
+)
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
 from .passes import Passes, accumulator_dtype, new_output
 
@@ -47,19 +56,22 @@ class ChunkPlan:
     long: list[list[torch.Tensor]]
 
 
-def plan_chunks(segment_ids: torch.Tensor, num_slots: int, chunk_size: int) -> ChunkPlan:
-    """Order the scored tokens by sentence and pack whole sentences greedily into chunks of ``chunk_size``."""
+def plan_chunks(segment_ids: torch.Tensor, num_slots: int, chunk_size: int,
+                revisit: torch.Tensor | None = None) -> ChunkPlan:
+    """Order the scored tokens by sentence and pack whole sentences greedily into chunks of ``chunk_size``;
+    a sentence longer than a chunk, or one that ``revisit`` (bool per slot) marks, gets its own pieces."""
     length = segment_ids.shape[1]
     segments = segment_ids.reshape(-1)
     positions = torch.nonzero(segments >= 0).squeeze(1)
     slots = (positions // length) * num_slots + segments[positions].long()
     order = torch.sort(slots, stable=True).indices
     tokens = positions[order]
-    _, sizes = torch.unique_consecutive(slots[order], return_counts=True)
+    sentences, sizes = torch.unique_consecutive(slots[order], return_counts=True)
+    marked = [False] * sentences.numel() if revisit is None else revisit[sentences].tolist()
     whole, long = [], []
     chunk_start = chunk_end = 0
-    for size in sizes.tolist():
-        if size > chunk_size:               # a long sentence: its own pieces, visited twice
+    for size, revisited in zip(sizes.tolist(), marked):
+        if size > chunk_size or revisited:  # a long sentence: its own pieces, visited twice
             if chunk_end > chunk_start:
                 whole.append(tokens[chunk_start:chunk_end])
             long.append(list(tokens[chunk_end:chunk_end + size].split(chunk_size)))
@@ -178,10 +190,13 @@ class _ScoreBuffers:
 def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
                           ref_logps, config, num_slots: int, chunk_size: int | None, *, wanted: tuple,
                           with_metrics: bool, process_group=None, normalizer: torch.Tensor | None = None,
-                          is_weights: torch.Tensor | None = None, sampling_logps: torch.Tensor | None = None):
+                          is_weights: torch.Tensor | None = None, sampling_logps: torch.Tensor | None = None,
+                          packing=None):
     """The loss (``reference.sentence_grpo_loss``) on ``logits = hidden @ weight.T + bias``, a chunk at a time.
 
-    hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``; the rest as ``sentence_grpo_loss``.
+    hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``; the rest as ``sentence_grpo_loss``
+    (``packing``: one packed row, ``ops/packed.py``; a sentence shared with other ranks is visited twice, its
+    gradient finished once its sums are summed over them).
     ``wanted``: which of hidden, weight, bias need a gradient. Returns ``(loss, (grad_hidden [N, H],
     grad_weight [V, H], grad_bias [V]) in the accumulator dtype with ``None`` where not wanted, metrics or None)``.
     """
@@ -196,21 +211,22 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
         head = _LinearHead(hidden, weight, bias, wanted)
         ids = completion_ids.reshape(rows)
         layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, normalizer=normalizer,
-                                 **data_parallel_layout(process_group))
+                                 **data_parallel_layout(process_group), **packing_layout(packing))
         scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics or config.entropy_coef != 0
                                or config.top_entropy_quantile < 1.0)
         logp = scores.logp
-        plan = plan_chunks(segment_ids, num_slots, chunk_size)
+        plan = plan_chunks(segment_ids, num_slots, chunk_size, layout.shared)
         if masks_needed(config):
             # the masks need every token's log-prob (off-policy: the sentence's mean) or entropy (a quantile of
             # the batch) before any sentence is finished: a first visit of every chunk runs pass A only
             for tokens in [*plan.whole, *(piece for pieces in plan.long for piece in pieces)]:
                 scores.score(passes, head, ids, tokens, temperature)
         token_weights, bonus_tokens, log_is = policy_token_weights(
-            config, scores, segment_ids, num_slots, advantages, old_logps, sampling_logps, is_weights, process_group)
+            config, scores, segment_ids, num_slots, advantages, old_logps, sampling_logps, is_weights, process_group,
+            packing)
         sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None, log_is=log_is)
         coef_inputs, sums_inputs = clip_inputs(config, old_logps, advantages)
-        entropy_coef = (entropy_bonus_coefficients(bonus_tokens, config, dtype, process_group)
+        entropy_coef = (entropy_bonus_coefficients(bonus_tokens, config, dtype, process_group, packing)
                         if config.entropy_coef != 0 else None)
 
         def forward(tokens):
@@ -235,21 +251,22 @@ def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, 
             if needs_grad:
                 backward(tokens, chunk_rows, logits)
             del chunk_rows, logits
-        for pieces in plan.long:
-            for tokens in pieces:
-                forward(tokens)
-            if needs_grad:
-                for tokens in pieces:
-                    backward(tokens, *head.logits(tokens))
+        for tokens in (piece for pieces in plan.long for piece in pieces):
+            forward(tokens)
+        total_sentence_sums(sums, packing)         # sentences shared with other ranks are complete from here
+        if needs_grad:
+            for tokens in (piece for pieces in plan.long for piece in pieces):
+                backward(tokens, *head.logits(tokens))
         terms = passes.sentence_terms(layout, sums, advantages, config)
         loss = terms.weighted_loss.sum()
         if entropy_coef is not None:
-            loss = loss + torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum()
+            loss = loss + sequence_total(packing)(torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum())
         if not with_metrics:
             return loss, head.gradients(passes), None
         arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl,
                                 clipped_tokens=sums.clipped_tokens)
-        metrics = sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config)
+        metrics = sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config,
+                                   sequence_total(packing))
         return loss, head.gradients(passes), metrics
 
 

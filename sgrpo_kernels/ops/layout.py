@@ -24,17 +24,22 @@ class SentenceLayout:
     num_slots: int
     count: torch.Tensor      # int32, tokens of each sentence (0: the sentence does not exist)
     weight: torch.Tensor     # accumulator dtype, the reduction weight w(i, s); 0 where the sentence does not exist
+    shared: torch.Tensor | None = None   # bool, sentences with tokens here and on other ranks (slot_total given)
 
 
 def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, dtype: torch.dtype, *,
                     total: Callable[[torch.Tensor], torch.Tensor] = lambda local: local,
-                    ranks: int = 1, normalizer: torch.Tensor | None = None) -> SentenceLayout:
+                    ranks: int = 1, normalizer: torch.Tensor | None = None, answers: int | None = None,
+                    slot_answers: torch.Tensor | None = None,
+                    slot_total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SentenceLayout:
     """Counts and reduction weights from ``segment_ids [B, T]`` (ids in ``[-1, num_slots)``), no host sync.
 
     ``total`` turns this batch's denominator (``B'`` or ``Σ n``, a 0-dim tensor) into the global one and ``ranks``
     multiplies the weights: the driver passes a sum over the data-parallel ranks and their number
     (see ``ops/driver.py``); this module knows nothing of processes. A ``normalizer`` (0-dim tensor) replaces
-    the global denominator (``B'``, ``Σ n`` or 1).
+    the global denominator (``B'``, ``Σ n`` or 1). Each row is an answer unless ``slot_answers`` (int64
+    ``[B * num_slots]``, values in ``[0, answers)``) says which answer each slot belongs to (packed inputs,
+    ``ops/packed.py``); ``slot_total`` sums the per-slot token counts over the ranks that share the sequence.
     """
     batch, length = segment_ids.shape
     segments = segment_ids.reshape(-1).long()
@@ -43,16 +48,26 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
     # a bincount of known length (bincount's length depends on the data: no meta tensors, no torch.compile graph)
     count = torch.zeros(batch * num_slots + 1, dtype=torch.int64, device=segments.device)
     count = count.scatter_add_(0, slots, torch.ones_like(slots))[:batch * num_slots]
+    shared = None
+    if slot_total is not None:
+        local, count = count, slot_total(count)
+        shared = (local > 0) & (local < count)
     exists = count > 0
 
     def denominator(local: torch.Tensor) -> torch.Tensor:
         return total(local).clamp(min=1).to(dtype) if normalizer is None else normalizer.to(dtype)
 
     if reduction.startswith("answer_mean") or reduction == "sentence_mean":   # 1 / (S_i · B'), 1 / B', n / B'
-        sentences_per_row = exists.view(batch, num_slots).sum(1)
+        if slot_answers is None:
+            sentences_per_row = exists.view(batch, num_slots).sum(1)
+            to_slots = lambda per_row: per_row.expand(batch).repeat_interleave(num_slots)  # noqa: E731
+        else:
+            sentences_per_row = torch.zeros(answers, dtype=torch.int64, device=segments.device).index_add_(
+                0, slot_answers, exists.long())
+            to_slots = lambda per_row: per_row.expand(answers)[slot_answers]  # noqa: E731
         rows = denominator((sentences_per_row > 0).sum())
         per_row = sentences_per_row.clamp(min=1).to(dtype) if reduction == "sentence_mean" else 1.0
-        weight = (1.0 / (per_row * rows)).expand(batch).repeat_interleave(num_slots)
+        weight = to_slots(1.0 / (per_row * rows))
         if reduction == "answer_mean_token_sum":
             weight = weight * count.to(dtype)
     elif reduction == "token_mean":      # n(i, s) / Σ n
@@ -62,7 +77,7 @@ def sentence_layout(segment_ids: torch.Tensor, num_slots: int, reduction: str, d
         if normalizer is not None:
             weight = weight / normalizer.to(dtype)
     weight = torch.where(exists, weight * ranks, 0.0)
-    return SentenceLayout(batch, length, num_slots, count.to(torch.int32), weight)
+    return SentenceLayout(batch, length, num_slots, count.to(torch.int32), weight, shared)
 
 
 @dataclass
@@ -122,10 +137,12 @@ class SentenceArrays:
 
 
 def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, scored: torch.Tensor,
-                     entropy: torch.Tensor | None, config) -> dict:
+                     entropy: torch.Tensor | None, config,
+                     total: Callable[[torch.Tensor], torch.Tensor] = lambda local: local) -> dict:
     """The metrics of ``sentence_grpo_loss(return_metrics=True)`` as detached 0-dim tensors (no host sync).
 
-    ``scored``: flat ``[B*T]`` bool; ``entropy``: flat ``[B*T]`` (read only where scored) or ``None``.
+    ``scored``: flat ``[B*T]`` bool; ``entropy``: flat ``[B*T]`` (read only where scored) or ``None``;
+    ``total`` sums the entropies over the ranks that share the sequence (the arrays are already global).
     """
     with torch.no_grad():
         exists = arrays.count > 0
@@ -147,5 +164,5 @@ def sentence_metrics(arrays: SentenceArrays, advantages: torch.Tensor, scored: t
         if arrays.kl_sum is not None:
             metrics["kl_mean"] = (arrays.kl_sum.sum() / num_tokens.clamp(min=1)).to(ratio.dtype)
         if entropy is not None:
-            metrics["entropy_mean"] = torch.where(scored, entropy, 0.0).sum() / num_tokens.clamp(min=1)
+            metrics["entropy_mean"] = total(torch.where(scored, entropy, 0.0).sum()) / num_tokens.clamp(min=1)
         return metrics
