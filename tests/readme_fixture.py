@@ -50,6 +50,7 @@ def build(names: list[str]) -> dict:
         reference_answers=[problem.answer for problem in problems for _ in range(G)])
     lazy = dict(dataset=_dataset, training_options=_training_options, tp_group=_tp_group,
                 logits_shard=lambda: logits.detach().clone().requires_grad_(),
+                logits=lambda: logits.detach().clone().requires_grad_(),
                 hidden=lambda: torch.randn(*completion_ids.shape, 32, requires_grad=True),
                 weight_shard=lambda: model.get_output_embeddings().weight.detach().clone().requires_grad_())
     missing = [name for name in names if name not in values and name not in lazy]

@@ -320,3 +320,96 @@ def test_fused_forward_equals_verl_fused_kernels(registered_as):
     logits = reference_model(input_ids=input_ids).logits.double() / 0.7
     expected = torch.log_softmax(logits, -1).gather(-1, torch.roll(input_ids, -1, -1).unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(results["sgrpo"][0].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def actor_micro_batch(case, temperature):
+    """verl's engine micro-batch for the model forward: nested (jagged) prompt + response ids and positions."""
+    mask = case["mask"]
+    rows = [torch.cat([torch.full((PROMPT,), 7), case["responses"][row, :int(mask[row].sum())]])
+            for row in range(mask.shape[0])]
+    input_ids = torch.nested.nested_tensor(rows, layout=torch.jagged)
+    position_ids = torch.nested.nested_tensor([torch.arange(len(row)) for row in rows], layout=torch.jagged)
+    data = TensorDict(dict(input_ids=input_ids, position_ids=position_ids), batch_size=[mask.shape[0]])
+    tu.assign_non_tensor(data, temperature=temperature, use_remove_padding=True, use_fused_kernels=True,
+                         calculate_entropy=True)
+    return data
+
+
+def actor_forward(model, micro_batch, sp_size):
+    """verl 0.9.1's actor forward with ``use_remove_padding=True`` and ``ulysses_sequence_parallel_size=sp_size``:
+    its own ``FSDPEngineWithLMHead.prepare_model_inputs`` (pack, roll, pad and slice for Ulysses), the model, and
+    its ``prepare_model_outputs`` (gather over the sequence-parallel group, unpad, nest), on an engine stand-in
+    that carries only what those two methods read."""
+    from types import SimpleNamespace
+
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    engine = SimpleNamespace(use_ulysses_sp=sp_size > 1, ulysses_sequence_parallel_size=sp_size, module=model,
+                             pad_to_length=False)
+    engine._get_packed_pad_size = lambda length: 0
+    engine._gather_and_unpad_packed = lambda tensor, pad: FSDPEngineWithLMHead._gather_and_unpad_packed(
+        engine, tensor, pad)
+    inputs, output_args = FSDPEngineWithLMHead.prepare_model_inputs(engine, micro_batch)
+    output = model(**inputs)
+    return FSDPEngineWithLMHead.prepare_model_outputs(engine, output, output_args, micro_batch, None)
+
+
+def position_wise_qwen2(seed=0):
+    """A Qwen2 without decoder layers (embedding, norm, head): every position depends only on its own token, so a
+    sequence split over ranks without Ulysses' attention exchange gives the one-process hidden states exactly."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=53, hidden_size=16, intermediate_size=32, num_hidden_layers=0,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.Qwen2ForCausalLM(config).double()
+
+
+def check_ulysses_actor_path(rank):
+    """Two gloo ranks as one Ulysses group: verl's remove-padding actor forward with the ``sgrpo`` fused forward,
+    then ``ppo_loss`` with the registered sentence loss, equal one process (sp = 1) and verl's own fused torch
+    backend; the parameter gradients averaged over the two ranks (as FSDP does over dp × sp) are the one-process
+    ones."""
+    from verl.models.transformers import monkey_patch
+    from verl.utils.ulysses import set_ulysses_sequence_parallel_group
+
+    transformers = pytest.importorskip("transformers")
+    plain_forward = transformers.Qwen2ForCausalLM.forward
+    case = make_batch("vanilla", seed=3)
+    sentences = torch.where(case["mask"], torch.arange(case["mask"].shape[1]) // 3, -1)
+    undo = sgrpo_verl.register(loss="vanilla", level="sentence")
+    results = {}
+    try:
+        for backend, sp_size in (("sgrpo", 1), ("sgrpo", 2), ("torch", 2)):
+            model = position_wise_qwen2()
+            monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=backend)
+            set_ulysses_sequence_parallel_group(dist.group.WORLD if sp_size > 1 else None)
+            output = actor_forward(model, actor_micro_batch(case, temperature=0.7), sp_size)
+            data = tensordict_batch(case)
+            data[sgrpo_verl.SENTENCE_IDS] = sentences
+            loss, _ = losses.ppo_loss(actor_config(sgrpo_verl.NAME, "seq-mean-token-mean"), output, data)
+            loss.backward()
+            grads = [parameter.grad.clone() for parameter in model.parameters()]
+            if sp_size > 1:
+                for grad in grads:
+                    dist.all_reduce(grad)
+                    grad /= sp_size
+            results[backend, sp_size] = (loss.detach(), output["entropy"].values().detach(), grads)
+            transformers.Qwen2ForCausalLM.forward = plain_forward
+    finally:
+        transformers.Qwen2ForCausalLM.forward = plain_forward
+        set_ulysses_sequence_parallel_group(None)
+        undo()
+    whole = results["sgrpo", 1]
+    assert whole[2][0].abs().sum() > 0
+    # verl's fused torch backend returns fp32 log-probs: its comparison holds to fp32 accuracy
+    for key, rtol in ((("sgrpo", 2), 1e-10), (("torch", 2), 1e-5)):
+        loss, entropy, grads = results[key]
+        torch.testing.assert_close(loss.double(), whole[0], rtol=rtol, atol=rtol * 1e-2)
+        torch.testing.assert_close(entropy.double(), whole[1], rtol=rtol, atol=rtol * 1e-2)
+        for got, want in zip(grads, whole[2], strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=rtol * 10, atol=rtol * 1e-2)
+
+
+def test_remove_padding_and_ulysses_actor_path(tmp_path):
+    from test_distributed import run_on_two_ranks
+    run_on_two_ranks(check_ulysses_actor_path, tmp_path)

@@ -21,6 +21,10 @@ actor update. Sentence rewards are verl's dense ``token_level_rewards``: each se
 
 With ``use_fused_kernels`` and ``fused_kernel_options.impl_backend=sgrpo`` verl's model forward computes the
 log-probs and entropies with :func:`~sgrpo_kernels.fused_linear_token_logprobs` (:func:`use_fused_forward`).
+With ``use_remove_padding=True`` and ``ulysses_sequence_parallel_size > 1`` that forward gets one packed row (a
+rank's slice of it under Ulysses) and the ``shift_labels`` verl rolled over the whole packed sequence; verl gathers
+the ranks' log-probs and pads them per answer before the policy loss, so both work unchanged there
+(``tests/test_verl.py`` drives verl's own remove-padding actor forward on two gloo ranks).
 
 ``loss`` names the verl policy loss that ``level="token"`` (``"output"`` for ``gspo`` and ``geo_mean``)
 reproduces: ``"vanilla"`` (PPO clip with verl's dual clip ``clip_ratio_c``), ``"gspo"`` (the length-normalised
