@@ -50,6 +50,7 @@ if [[ "$PART" == all || "$PART" == bench ]]; then
         python3 -m "benchmarks.$bench" --preset gpu --out "$OUT" 2>&1 | grep -v "^bench_" | tail -n 20
     done
     python3 -m benchmarks.bench_rewards --preset gpu --out "$OUT" 2>&1 | tail -n 30
+    python3 -m benchmarks.bench_long --preset gpu --out "$OUT" 2>&1 | tail -n 8    # packed 32k/128k answers, skew
 fi
 if [[ "$PART" == options ]]; then
     for bench in bench_loss bench_fused_linear; do

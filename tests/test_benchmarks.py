@@ -191,3 +191,22 @@ def test_gpu_summary_does_not_judge_a_failed_floor(tmp_path, capsys):
     harness.write_csv([], str(tmp_path / "bench_fused_linear.csv"))
     gpu_summary.main(str(tmp_path))
     assert "triton: 6.00 ms, floor measurement failed (ratio 0.80 < 1): not judged" in capsys.readouterr().out
+
+
+def test_bench_long_points_measure_packed_below_padded():
+    """bench_long's points at toy sizes, in this process: the long answer's numbers and its slice's gradients
+    accounted for, and the skewed batch packed holding fewer tokens and less memory than padded."""
+    from benchmarks import bench_long
+
+    common = dict(device="cpu", dtype="float32", vocab=2000, hidden=32)
+    long = bench_long.long_point(dict(common, kind="long", length=3000))
+    assert long["tokens"] == 3000 and long["seconds"] > 0
+    assert long["extra_bytes"] - long["beyond_gradients_bytes"] == 3000 * 32 * 4 + 2000 * 32 * 4
+    skew = {layout: bench_long.skew_point(dict(common, kind="skew", layout=layout, answers=8, longest=1000))
+            for layout in ("packed", "padded")}
+    assert skew["packed"]["tokens"] == 1000 + 7 * 100 and skew["padded"]["tokens"] == 8 * 1000
+    assert skew["packed"]["extra_bytes"] * 2 < skew["padded"]["extra_bytes"]
+    assert [point["kind"] for point in bench_long.points(bench_long.PRESETS["cpu"])] == [
+        "long", "long", "sp", "sp", "sp", "skew", "skew"]
+    assert "| one answer of 3000 tokens | 3000 |" in bench_long.markdown([dict(
+        long, point=bench_long.describe(dict(kind="long", length=3000)))])
