@@ -108,8 +108,8 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
         means, has_sentence = _row_means(rewards, exists, count)
         answer_centred = tl.where(has_sentence, means - answer_shift - answer_mean, 0.0)
         answer_squares += tl.sum(answer_centred * answer_centred, 0)
-    count = tl.where(scale_code == 2, tl.maximum(total - 1.0, 1.0), total)     # 2: Bessel's correction
-    scale = tl.where(scale_code != 0, tl.sqrt(squares / count) + as_dtype(eps, zero.dtype), 1.0)
+    divisor = tl.where(scale_code == 2, tl.maximum(total - 1.0, 1.0), total)     # 2: Bessel's correction
+    scale = tl.where(scale_code != 0, tl.sqrt(squares / divisor) + as_dtype(eps, zero.dtype), 1.0)
     answer_count = tl.where(scale_code == 2, tl.maximum(answers - 1.0, 1.0), answers)
     answer_scale = tl.where(scale_code != 0, tl.sqrt(answer_squares / answer_count) + as_dtype(eps, zero.dtype), 1.0)
     mix = as_dtype(answer_mix, zero.dtype)
