@@ -1,18 +1,22 @@
 """Every kernel specialisation the public API can launch compiles with the real Triton compiler for sm_80, sm_90
 and gfx942 (no GPU needed; the interpreter that runs the other tests accepts code the compiler rejects).
 
-The launches come from (1) a dry run of the public API over every option, dtype and a few shapes, (2) every launch
-the rest of this test session made (``conftest.py`` records them; this test runs last), then (3) every launch
-configuration the launchers' own choice functions can pick and 64-bit integer variants (``kernel_builds.expand``).
-They are built in separate processes without ``TRITON_INTERPRET``.
+The launches come from (1) a dry run of the public API over its options, every dtype and a few shapes, (2) every
+launch the rest of this test session made (``conftest.py`` records them, in every pytest-xdist worker), each with
+(3) every launch configuration the launchers' own choice functions can pick and 64-bit integer variants
+(``kernel_builds.expand``). They are built in separate processes without ``TRITON_INTERPRET``: the public API's
+set first (it needs no other test, so a parallel run overlaps it with the rest), then, after every other test, what
+the suite launched beyond it (usually nothing new: Triton's cache holds every binary already built).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from unittest import mock
@@ -20,6 +24,7 @@ from unittest import mock
 import pytest
 import torch
 from cases import KERNEL_DEVICE
+from covering import covering_array
 
 import sgrpo_kernels as sk
 from sgrpo_kernels.ops import library
@@ -31,7 +36,21 @@ pytest.importorskip("triton", reason="building Triton kernels needs triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # (B, T, V): odd sizes, sizes divisible by 16, and sizes equal to 1 (Triton specialises integers on these)
 SHAPES = ((2, 3, 5), (2, 16, 32), (1, 1, 1))
-BUILD_SECONDS = 600
+BUILD_SECONDS = 1800     # a guard against a hung build; a loaded two-core machine needs several minutes
+
+
+def run_builder(arguments, **options) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of a build command in a session of its own: on a timeout its worker processes (a process
+    pool, which outlives a killed parent) are killed with it."""
+    with subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **options) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=BUILD_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(arguments, process.returncode, stdout, stderr)
 
 
 def loss_inputs(batch, length, vocab, dtype, *, per_row_advantages=False, sliced=False, index_dtype=torch.int64):
@@ -53,11 +72,19 @@ def loss_inputs(batch, length, vocab, dtype, *, per_row_advantages=False, sliced
 LOSS_OPTIONS = dict(per_row_advantages=[False, True], beta=[0.0, 0.1], with_old=[False, True], delta=[None, 1.5],
                     ratio_level=["sum", "mean"], kl_reduction=["mean", "sum"], return_metrics=[False, True],
                     requires_grad=[False, True], inplace=[False, True])
+FUSED_OPTIONS = LOSS_OPTIONS | dict(bias=[False, True], chunk_size=[None, 1], inplace=[False])
+# Each kernel's specialisation (what Triton compiles: its source with the constexprs, the argument types and
+# the integers' alignment) is a function of the dtype and at most three of these options (measured over the full
+# product: pass B's sums of beta, with_old and, fused, chunk_size; its coefficients of beta, requires_grad and
+# chunk_size; the rest of one option or none, as their other options are runtime flags). So every dtype crossed
+# with all 4-way combinations of the options (44 calls instead of 1024 for the fused path) launches every
+# specialisation the full product does; the two gave the same set of builds when this was introduced.
+OPTION_STRENGTH = 4
 
 
 def option_grid(options: dict):
-    for values in itertools.product(*options.values()):
-        yield dict(zip(options, values))
+    """Every ``OPTION_STRENGTH``-way combination of the options' values (a covering array, not the product)."""
+    return covering_array(options, OPTION_STRENGTH)
 
 
 def call_loss(inputs, *, fused=False, per_row_advantages, with_old, requires_grad, inplace, bias=False,
@@ -92,6 +119,11 @@ def backward(loss, options):
             (2 * loss).backward()
 
 
+# (return_entropy, requires_grad, entropy_grad): the entropy's gradient only exists with both of the others
+LOGPROB_OPTIONS = [(False, False, False), (False, True, False), (True, False, False), (True, True, False),
+                   (True, True, True)]
+
+
 def call_logprobs(inputs, *, fused, return_entropy, requires_grad, entropy_grad):
     logits, ids = inputs["logits"].detach().clone().requires_grad_(requires_grad), inputs["completion_ids"]
     if fused:
@@ -107,14 +139,14 @@ def call_logprobs(inputs, *, fused, return_entropy, requires_grad, entropy_grad)
         total.backward()
 
 
-def public_api_launches() -> set[Launch]:
+@functools.cache
+def public_api_launches() -> frozenset[Launch]:
     """Dry run (kernels recorded, not run) of every public entry point over its options, dtypes and shapes."""
     with recorded_launches(execute=False) as launches:
         for dtype, options in itertools.product(DTYPES, option_grid(LOSS_OPTIONS)):
             inputs = loss_inputs(2, 3, 5, dtype, per_row_advantages=options["per_row_advantages"])
             call_loss(inputs, **options)
-        fused_options = LOSS_OPTIONS | dict(bias=[False, True], chunk_size=[None, 1], inplace=[False])
-        for dtype, options in itertools.product(DTYPES, option_grid(fused_options)):
+        for dtype, options in itertools.product(DTYPES, option_grid(FUSED_OPTIONS)):
             inputs = loss_inputs(2, 3, 5, dtype, per_row_advantages=options["per_row_advantages"])
             call_loss(inputs, fused=True, **options)
         # objectives and KL estimators are runtime flags; cispo/vespo also sum logp per sentence, geo_mean its
@@ -131,7 +163,9 @@ def public_api_launches() -> set[Launch]:
             inputs = loss_inputs(*shape, dtype, sliced=sliced, index_dtype=index_dtype)
             call_loss(inputs, fused=fused, per_row_advantages=False, with_old=True, requires_grad=True,
                       inplace=False, beta=0.1, return_metrics=True)
-            for return_entropy, requires_grad, entropy_grad in itertools.product([False, True], repeat=3):
+            if index_dtype != torch.int64:
+                continue                   # the log-prob functions take no segment ids: the same calls again
+            for return_entropy, requires_grad, entropy_grad in LOGPROB_OPTIONS:
                 call_logprobs(inputs, fused=fused, return_entropy=return_entropy, requires_grad=requires_grad,
                               entropy_grad=entropy_grad)
         for dtype, (batch, num_slots), weighting, scale, mode in itertools.product(
@@ -140,17 +174,16 @@ def public_api_launches() -> set[Launch]:
             counts = torch.full((batch,), num_slots, dtype=torch.int32, device=KERNEL_DEVICE)
             sk.group_sentence_advantages(rewards, counts, batch // 2 or 1, weighting=weighting, scale=scale, mode=mode,
                                          backend="triton")
-    return launches
+    return frozenset(launches)
 
 
 def build_in_subprocess(launches, tmp_path) -> dict:
     launches_file, results_file = tmp_path / "launches.json", tmp_path / "results.json"
     kernel_builds.save_launches(launches, str(launches_file))
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    completed = subprocess.run(
+    completed = run_builder(
         [sys.executable, "-m", "sgrpo_kernels.ops.triton.kernel_builds", str(launches_file), "--results",
-         str(results_file), "--jobs", str(max(2, os.cpu_count() or 1))],
-        env=environment, capture_output=True, text=True, timeout=BUILD_SECONDS)
+         str(results_file), "--jobs", str(max(2, os.cpu_count() or 1))], env=environment)
     print(completed.stdout[-4000:])
     assert results_file.exists(), f"the build process wrote no results:\n{completed.stdout}\n{completed.stderr}"
     return json.loads(results_file.read_text()) | {"returncode": completed.returncode, "stdout": completed.stdout}
@@ -169,9 +202,7 @@ def test_public_api_launches_cover_every_option():
     assert not one_sided, f"flags the public API dry run sets one way only: {one_sided}"
 
 
-@pytest.mark.build
-def test_every_launch_builds_for_real_targets(suite_launches, tmp_path):
-    launches = expand(public_api_launches() | suite_launches)
+def assert_every_launch_built(launches, tmp_path) -> None:
     outcome = build_in_subprocess(launches, tmp_path)
     failures = [f"{result['target']} {result['label']}: {result['error'][:600]}"
                 for result in outcome["results"] if not result["ok"]]
@@ -180,13 +211,28 @@ def test_every_launch_builds_for_real_targets(suite_launches, tmp_path):
     built = {(result["kernel"], result["target"]) for result in outcome["results"]}
     kernels = {launch.kernel for launch in launches}
     assert built == {(kernel, target) for kernel in kernels for target in kernel_builds.TARGETS}
+    assert {Launch.from_json(item) for result in outcome["results"] for item in result["launches"]} == launches
     assert outcome["returncode"] == 0, outcome["stdout"]
+
+
+@pytest.mark.first
+def test_every_public_api_launch_builds_for_real_targets(tmp_path):
+    """The public API's launches: the long part of the builds, started first (no other test is needed for it)."""
+    assert_every_launch_built(expand(public_api_launches()), tmp_path)
+
+
+@pytest.mark.build
+def test_every_launch_builds_for_real_targets(every_worker_launches, tmp_path):
+    """The public API's launches and every launch of the other tests: what the test above built comes from
+    Triton's cache (keyed by the kernel's source, its specialisation and the target), so this builds only what
+    the other tests launched beyond it."""
+    assert_every_launch_built(expand(public_api_launches() | every_worker_launches), tmp_path)
 
 
 REPORT_TARGETS = {"sm90": {"_logsumexp_kernel": 10.0, "_logits_grad_kernel": 12.0}}   # instructions per logit, bf16
 
 
-@pytest.mark.build           # after the build test: most of its binaries are then in Triton's cache
+@pytest.mark.first
 def test_compile_report_at_the_gpu_presets(tmp_path):
     """The static report builds what the GPU presets launch, reads the binaries, and the kernels hold the limits
     of docs/design.md ("Kernels on GPUs"): no spills, vectorised vocabulary loops (odd V and sliced rows too) without
@@ -202,8 +248,8 @@ def test_compile_report_at_the_gpu_presets(tmp_path):
     assert {dict(launch.arguments)["BLOCK_V"][1] for launch in logits_launches} == {4096}
 
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    completed = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--out", str(tmp_path), "--jobs",
-                                "2"], env=environment, capture_output=True, text=True, timeout=BUILD_SECONDS)
+    completed = run_builder([sys.executable, "-m", "benchmarks.compile_report", "--out", str(tmp_path), "--jobs", "2"],
+                            env=environment)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     with open(tmp_path / "compile_report.csv", newline="") as file:
         rows = list(csv.DictReader(file))

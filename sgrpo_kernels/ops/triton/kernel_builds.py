@@ -109,6 +109,9 @@ def describe(value):
     raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}: {value!r}")
 
 
+_signature = functools.cache(inspect.signature)     # a recorded run launches the same few kernels thousands of times
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: ``kernel`` is ``"module:name"``; ``arguments`` are ``(parameter, description)`` pairs in
@@ -121,7 +124,7 @@ class Launch:
     @classmethod
     def of(cls, kernel: str, fn, args, kwargs) -> Launch:
         options = {name: kwargs.pop(name) for name in list(kwargs) if name in LAUNCH_OPTIONS}
-        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound = _signature(fn).bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = tuple((name, tuple(describe(value))) for name, value in bound.arguments.items())
         return cls(kernel, arguments, tuple(sorted(options.items())))
