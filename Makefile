@@ -54,7 +54,7 @@ demo-loss: $(VENV)/.installed
 	$(BIN)/python examples/demo_loss.py
 
 test: $(VENV)/.peers
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n auto
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m benchmarks.bench_loss --preset quick
