@@ -18,20 +18,19 @@ Variants (each from the same checkpoint, with the same steps, prompts and sample
 - ``token-mu2``: token level with two updates per batch (with one update, on-policy, the token level's gradient
   is exactly the output level's: there is nothing to compare).
 
-A run whose ``metrics.jsonl`` copy in ``--out`` already reaches ``--steps`` is not run again, so the comparison
-can be run in parts (``--variants``, ``--seeds``) and resumed. Learning rates: ``--sweep 1e-4 2e-4 4e-4`` first
-runs every variant at each rate on the first seed and keeps, per variant, the rate that reaches ``--target``
-first (ties: the higher mean held-out accuracy over the run), written to ``lr_sweep.md``; ``--lr-for
-name=value`` sets one variant's rate by hand. Gradient clipping is off by default (``--max-grad-norm``), so that
-the variants' different gradient scales (a sentence-level gradient is ~15× an output-level one) are absorbed by
-AdamW alone. ``--snr-pairs K`` measures, at the starting checkpoint, the cosine between the gradients of two
-independent batches (the same ``K`` pairs of batches for every variant): with ``g = μ + noise``,
-``E[cos] ≈ |μ|² / (|μ|² + E|noise|²)``, a per-batch signal-to-noise ratio ``cos / (1 − cos)``. With
-``--mistaught`` (chain task) each run ends by measuring how often the trained policy recalls the mis-taught and
-the other facts wrongly. Writes ``compare_levels.png`` (held-out greedy accuracy and gradient norm per step,
-mean and range over seeds), ``compare_levels.md`` (steps to ``--target`` accuracy, accuracy at fixed budgets,
-final reward, gradient cosine, fact errors) and every run's ``metrics.jsonl`` into ``--out``; checkpoints go to
-``--work-dir``.
+A run whose ``metrics.jsonl`` copy in ``--out`` already reaches ``--steps`` is not run again, so the comparison can
+be run in parts (``--variants``, ``--seeds``) and resumed. Learning rates: ``--sweep 1e-4 2e-4 4e-4`` first runs
+every variant at each rate on the first seed and keeps, per variant, the rate with the higher mean held-out accuracy
+over the run's evaluations (ties: the one that reaches ``--target`` first), written to ``lr_sweep.md``; ``--lr-for
+name=value`` sets one variant's rate by hand. Gradient clipping is off by default (``--max-grad-norm``), so that the
+variants' different gradient scales (a sentence-level gradient is ~15× an output-level one) are absorbed by AdamW
+alone. ``--snr-pairs K`` measures, at the starting checkpoint, the cosine between the gradients of two independent
+batches (the same ``K`` pairs of batches for every variant): with ``g = μ + noise``, ``E[cos] ≈ |μ|² / (|μ|² +
+E|noise|²)``, a per-batch signal-to-noise ratio ``cos / (1 − cos)``. With ``--mistaught`` (chain task) each run ends
+by measuring how often the trained policy recalls the mis-taught and the other facts wrongly. Writes
+``compare_levels.png`` (held-out greedy accuracy and gradient norm per step, mean and range over seeds),
+``compare_levels.md`` (steps to ``--target`` accuracy, accuracy at fixed budgets, final reward, gradient cosine,
+fact errors) and every run's ``metrics.jsonl`` into ``--out``; checkpoints go to ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -462,6 +461,8 @@ def main(argv=None) -> None:
                         help="pairs of independent batches whose gradient cosine is measured per variant")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--target", type=float, default=0.9, help="held-out accuracy whose first step is reported")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default: 0, torch's choice); 1 lets two runs share two cores")
     parser.add_argument("--chained-correctness", action="store_true",
                         help="arith tasks: the older step-correctness rule (a step after a slip scores 0)")
     args = parser.parse_args(argv)
@@ -473,6 +474,10 @@ def main(argv=None) -> None:
     args.lrs = learning_rates(args.lr_for)
     if args.snr_pairs < 0 or args.steps < 1 or not args.max_grad_norm > 0 or any(lr <= 0 for lr in args.sweep):
         raise SystemExit("--snr-pairs must be >= 0, --steps >= 1, --max-grad-norm and --sweep rates > 0")
+    if args.threads < 0:
+        raise SystemExit("--threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.data_dir is None:
         from sgrpo_kernels_cli import chain_data_name
 
