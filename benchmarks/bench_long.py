@@ -17,7 +17,14 @@ reset before the call, large blocks straight from mmap; CUDA: ``max_memory_alloc
   largest over the ranks: its ``T``-dependent part falls as ``1/sp``, the head and its gradient are every rank's.
 - ``skew``: ``B`` answers, one ``10×`` longer than the others, on the logits path (the logits made from hidden
   states inside the measured call, the gradient written in place), packed (``cu_seqlens``) against padded to the
-  longest answer: memory and time follow the real tokens when packed, ``B · T_max`` when padded.
+  longest answer: memory and time follow the real tokens when packed, ``B · T_max`` when padded. Then the fused
+  linear path at the same answers: this package's packed, and Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (token
+  level, ``beta = 0``, compiled as it ships, warmed up once at the same shape), which takes padded rows only.
+- ``liger``: Liger-Kernel's fused linear GRPO loss on the long answer of ``long`` (one row of ``T`` tokens: it
+  chunks over rows, so its chunk is the whole ``[T, V]`` fp32 logits).
+
+Each child process may use at most ``--memory-limit-gib`` of address space: a point that needs more is reported as
+an error (``can't allocate``) instead of waking the kernel's out-of-memory killer.
 
 Writes ``bench_long.{csv,md}`` into ``--out``.
 """
@@ -122,6 +129,36 @@ def long_point(point: dict) -> dict:
     return dict(result, beyond_gradients_bytes=result["extra_bytes"] - gradients, tokens=hidden.shape[0])
 
 
+def liger_call(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, mask: torch.Tensor, compiled: bool = True):
+    """One forward and backward of Liger's fused linear GRPO loss on padded rows ``hidden`` ``[B, T, H]``, with each
+    answer's advantage the mean of its sentences' (token level: one advantage per row)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    module = LigerFusedLinearGRPOLoss(beta=0.0, compiled=compiled, use_ref_model=False, loss_type="grpo",
+                                      importance_sampling_level="token")
+
+    def call():
+        loss, _ = module(hidden, weight, batch["completion_ids"], mask, batch["advantages"].mean(1),
+                         old_per_token_logps=batch["old_logps"])
+        loss.backward()
+        hidden.grad = weight.grad = None
+    return call
+
+
+def liger_long_point(point: dict) -> dict:
+    """The long answer of ``long_point`` through Liger's fused linear GRPO loss (one row), warmed up once."""
+    device, dtype = torch.device(point["device"]), getattr(torch, point["dtype"])
+    generator = torch.Generator().manual_seed(0)
+    batch = packed_answers([point["length"]], point["vocab"], generator)
+    weight = head(point["vocab"], point["hidden"], dtype, device, generator)
+    hidden = torch.randn(1, point["length"], point["hidden"], generator=generator).to(device, dtype).requires_grad_()
+    batch = {name: value.to(device) if name == "advantages" else value[None].to(device)
+             for name, value in batch.items() if name != "cu_seqlens"}
+    call = liger_call(hidden, weight, batch, torch.ones(1, point["length"], device=device),
+                      point.get("compiled", True))
+    call()                                                                   # torch.compile's first call
+    return dict(measured(call, device), tokens=point["length"])
+
+
 def _rank_main(rank: int, point: dict, results) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{point['rendezvous']}", rank=rank, world_size=point["sp"])
@@ -159,7 +196,7 @@ def skew_point(point: dict) -> dict:
     weight = head(point["vocab"], point["hidden"], dtype, device, generator).detach()
     hidden = torch.randn(int(batch["cu_seqlens"][-1]), point["hidden"], generator=generator).to(device, dtype)
     cu_seqlens = batch.pop("cu_seqlens")
-    if point["layout"] == "padded":
+    if point["layout"] in ("padded", "liger-fused-padded"):
         from sgrpo_kernels.reference import pad_packed
         fills = dict(segment_ids=-1)
         batch = {name: value if name == "advantages" else pad_packed(value, cu_seqlens, fills.get(name, 0))
@@ -167,26 +204,46 @@ def skew_point(point: dict) -> dict:
         hidden, cu_seqlens = pad_packed(hidden, cu_seqlens), None
     batch = {name: value.to(device) for name, value in batch.items()}
     cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(device)
+    tokens = int(hidden.shape[:-1].numel())
+    if point["layout"] == "liger-fused-padded":
+        hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+        call = liger_call(hidden, weight, batch, (batch["segment_ids"] >= 0).to(dtype), point.get("compiled", True))
+        call()                                                               # torch.compile's first call
+        return dict(measured(call, device), tokens=tokens)
+    if point["layout"] == "fused-packed":
+        hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+
+        def fused():
+            loss = sk.fused_linear_sentence_grpo_loss(hidden, weight, *batch.values(), backend=backend, beta=0.0,
+                                                      cu_seqlens=cu_seqlens)
+            loss.backward()
+        return dict(measured(fused, device), tokens=tokens)
 
     def call():
         logits = (hidden @ weight.T).requires_grad_()
         loss = sk.sentence_grpo_loss(logits, *batch.values(), backend=backend, inplace=True, cu_seqlens=cu_seqlens)
         loss.backward()
-    return dict(measured(call, device), tokens=int(hidden.shape[:-1].numel()))
+    return dict(measured(call, device), tokens=tokens)
 
 
-POINTS = {"long": long_point, "sp": sp_point, "skew": skew_point}
+POINTS = {"long": long_point, "sp": sp_point, "skew": skew_point, "liger": liger_long_point}
+SKEW_LAYOUTS = ("packed", "padded", "fused-packed", "liger-fused-padded")
 
 
 def points(preset: dict) -> list[dict]:
     common = {key: preset[key] for key in ("device", "dtype", "vocab", "hidden")}
     listed = [dict(common, kind="long", length=length) for length in preset["long"]]
     listed += [dict(common, kind="sp", length=preset["sp_length"], sp=sp) for sp in preset["sp"]]
-    listed += [dict(common, kind="skew", layout=layout, **preset["skew"]) for layout in ("packed", "padded")]
+    listed += [dict(common, kind="skew", layout=layout, **preset["skew"]) for layout in SKEW_LAYOUTS]
+    listed += [dict(common, kind="liger", length=length) for length in preset["long"]]
     return listed
 
 
 def child_main(point: dict) -> None:
+    if point.get("memory_limit_gib"):
+        import resource
+        limit = int(point["memory_limit_gib"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     print(json.dumps(POINTS[point["kind"]](point)))
 
 
@@ -195,6 +252,8 @@ def describe(point: dict) -> str:
         return f"one answer of {point['length']} tokens"
     if point["kind"] == "sp":
         return f"one answer of {point['length']} tokens over sp={point['sp']} ranks"
+    if point["kind"] == "liger":
+        return f"one answer of {point['length']} tokens, Liger's fused linear GRPO loss"
     return f"{point['answers']} answers, {point['longest']}:{point['longest'] // 10}, {point['layout']}"
 
 
@@ -203,6 +262,8 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--only", nargs="+", choices=sorted(POINTS), help="run these kinds of point only")
+    parser.add_argument("--memory-limit-gib", type=float, default=16.0,
+                        help="address space a point's process may use (0: no limit); beyond it the point fails")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.child:
@@ -213,6 +274,8 @@ def main(argv=None) -> None:
     for point in points(PRESETS[arguments.preset]):
         if arguments.only and point["kind"] not in arguments.only:
             continue
+        if arguments.memory_limit_gib and point["device"] == "cpu":
+            point = dict(point, memory_limit_gib=arguments.memory_limit_gib)
         result = harness.measure_in_fresh_process("benchmarks.bench_long", point, timeout_s=3600)
         rows.append(dict(point=describe(point), **point, **result))
         print(rows[-1], flush=True)

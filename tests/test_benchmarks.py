@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from benchmarks import bench_loss, harness, runner
@@ -193,6 +194,21 @@ def test_gpu_summary_does_not_judge_a_failed_floor(tmp_path, capsys):
     assert "triton: 6.00 ms, floor measurement failed (ratio 0.80 < 1): not judged" in capsys.readouterr().out
 
 
+def test_bench_long_fused_points_and_liger_at_the_same_answers():
+    """The fused linear path on the skewed batch, packed (ours) and padded (Liger's, eager here), and Liger on one
+    long row: each point counts its tokens and measures a positive time and memory."""
+    pytest.importorskip("liger_kernel", reason="Liger-Kernel is a peer installed by the dev extra")
+    from benchmarks import bench_long
+
+    common = dict(device="cpu", dtype="float32", vocab=2000, hidden=32, compiled=False)
+    fused = {layout: bench_long.skew_point(dict(common, kind="skew", layout=layout, answers=4, longest=400))
+             for layout in ("fused-packed", "liger-fused-padded")}
+    assert fused["fused-packed"]["tokens"] == 400 + 3 * 40 and fused["liger-fused-padded"]["tokens"] == 4 * 400
+    assert all(point["seconds"] > 0 and point["extra_bytes"] > 0 for point in fused.values())
+    liger = bench_long.liger_long_point(dict(common, kind="liger", length=1000))
+    assert liger["tokens"] == 1000 and liger["extra_bytes"] > 1000 * 2000 * 4     # it holds [T, V] fp32 logits
+
+
 def test_bench_long_points_measure_packed_below_padded():
     """bench_long's points at toy sizes, in this process: the long answer's numbers and its slice's gradients
     accounted for, and the skewed batch packed holding fewer tokens and less memory than padded."""
@@ -207,6 +223,6 @@ def test_bench_long_points_measure_packed_below_padded():
     assert skew["packed"]["tokens"] == 1000 + 7 * 100 and skew["padded"]["tokens"] == 8 * 1000
     assert skew["packed"]["extra_bytes"] * 2 < skew["padded"]["extra_bytes"]
     assert [point["kind"] for point in bench_long.points(bench_long.PRESETS["cpu"])] == [
-        "long", "long", "sp", "sp", "sp", "skew", "skew"]
+        "long", "long", "sp", "sp", "sp", "skew", "skew", "skew", "skew", "liger", "liger"]
     assert "| one answer of 3000 tokens | 3000 |" in bench_long.markdown([dict(
         long, point=bench_long.describe(dict(kind="long", length=3000)))])
