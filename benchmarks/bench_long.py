@@ -53,7 +53,8 @@ PRESETS = {
     "cpu": dict(device="cpu", dtype="float32", vocab=32000, hidden=512, long=[32768, 131072], sp_length=131072,
                 sp=[1, 2, 4], skew=dict(answers=8, longest=2048)),
     "gpu": dict(device="cuda", dtype="bfloat16", vocab=151936, hidden=4096, long=[32768, 131072],   # one GPU: no sp
-                sp_length=131072, sp=[], skew=dict(answers=8, longest=8192)),
+                sp_length=131072, sp=[], skew=dict(answers=8, longest=8192),
+                liger=[32768]),   # Liger's one row of 128k tokens would hold 80 GB of fp32 logits
 }
 
 
@@ -235,7 +236,7 @@ def points(preset: dict) -> list[dict]:
     listed = [dict(common, kind="long", length=length) for length in preset["long"]]
     listed += [dict(common, kind="sp", length=preset["sp_length"], sp=sp) for sp in preset["sp"]]
     listed += [dict(common, kind="skew", layout=layout, **preset["skew"]) for layout in SKEW_LAYOUTS]
-    listed += [dict(common, kind="liger", length=length) for length in preset["long"]]
+    listed += [dict(common, kind="liger", length=length) for length in preset.get("liger", preset["long"])]
     return listed
 
 
