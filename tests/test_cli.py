@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -27,28 +26,26 @@ HEAVY = ("torch", "transformers", "sgrpo_kernels")
 
 def sgrpo(*arguments, cwd=None):
     """Run the command as a user would; ``(exit status, stdout, stderr lines without the import times, the
-    top-level names of the modules it imported, seconds)``."""
-    start = time.perf_counter()
+    top-level names of the modules it imported)``."""
     done = subprocess.run([sys.executable, "-X", "importtime", "-c", CONSOLE_SCRIPT, *map(str, arguments)],
                           capture_output=True, text=True, cwd=cwd or ROOT, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    seconds = time.perf_counter() - start
     lines = done.stderr.splitlines()
     imported = {line.split("|")[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
     messages = [line for line in lines if not line.startswith("import time:")]
-    return done.returncode, done.stdout, messages, imported, seconds
+    return done.returncode, done.stdout, messages, imported
 
 
 def assert_refused(arguments, fragment, cwd=None):
-    status, out, messages, imported, seconds = sgrpo(*arguments, cwd=cwd)
+    status, out, messages, imported = sgrpo(*arguments, cwd=cwd)
     command = arguments[0] if arguments and arguments[0] in ("sft", "train", "bench") else None
     assert status == 2, (status, messages)
     assert len(messages) == 1, messages                                   # one line, no traceback, no usage
     assert messages[0].startswith(f"sgrpo {command}: error: " if command else "sgrpo: error: "), messages
     assert fragment in messages[0], messages
     assert "Traceback" not in messages[0] and out == ""
-    assert not imported & set(HEAVY), imported & set(HEAVY)               # stopped before loading anything heavy
-    assert seconds < 5, seconds                                            # torch alone takes longer on this CPU
+    # stopped before loading anything heavy (what makes it fast; a wall-clock bound would flake on a busy machine)
+    assert not imported & set(HEAVY), imported & set(HEAVY)
     return messages[0]
 
 
@@ -64,10 +61,9 @@ def model_dir(tmp_path_factory):
 # -- --help --------------------------------------------------------------------------------------------------------
 def test_help_is_fast_imports_nothing_heavy_and_shows_every_default():
     for command in ([], ["sft"], ["train"], ["bench"]):
-        status, out, messages, imported, seconds = sgrpo(*command, "--help")
+        status, out, messages, imported = sgrpo(*command, "--help")
         assert status == 0 and messages == [] and "usage: sgrpo" in out
-        assert not imported & set(HEAVY), imported & set(HEAVY)
-        assert seconds < 2, (command, seconds)
+        assert not imported & set(HEAVY), imported & set(HEAVY)         # fast: nothing heavy is imported
     commands = front.build_parser()._subparsers._group_actions[0].choices
     assert set(commands) == {"sft", "train", "bench"}
     for name, parser in commands.items():
