@@ -20,8 +20,8 @@ reset before the call, large blocks straight from mmap; CUDA: ``max_memory_alloc
   longest answer: memory and time follow the real tokens when packed, ``B · T_max`` when padded. Then the fused
   linear path at the same answers: this package's packed, and Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (token
   level, ``beta = 0``, compiled as it ships, warmed up once at the same shape), which takes padded rows only.
-- ``liger``: Liger-Kernel's fused linear GRPO loss on the long answer of ``long`` (one row of ``T`` tokens: it
-  chunks over rows, so its chunk is the whole ``[T, V]`` fp32 logits).
+- ``liger``: Liger-Kernel's fused linear GRPO loss on the long answer of ``long`` (one row of ``T`` tokens; its
+  log-probabilities stream over tiles of 2048 tokens × 4096 vocabulary entries in 0.8.5).
 
 Each child process may use at most ``--memory-limit-gib`` of address space: a point that needs more is reported as
 an error (``can't allocate``) instead of waking the kernel's out-of-memory killer.
@@ -53,8 +53,7 @@ PRESETS = {
     "cpu": dict(device="cpu", dtype="float32", vocab=32000, hidden=512, long=[32768, 131072], sp_length=131072,
                 sp=[1, 2, 4], skew=dict(answers=8, longest=2048)),
     "gpu": dict(device="cuda", dtype="bfloat16", vocab=151936, hidden=4096, long=[32768, 131072],   # one GPU: no sp
-                sp_length=131072, sp=[], skew=dict(answers=8, longest=8192),
-                liger=[32768]),   # Liger's one row of 128k tokens would hold 80 GB of fp32 logits
+                sp_length=131072, sp=[], skew=dict(answers=8, longest=8192)),
 }
 
 
@@ -236,7 +235,7 @@ def points(preset: dict) -> list[dict]:
     listed = [dict(common, kind="long", length=length) for length in preset["long"]]
     listed += [dict(common, kind="sp", length=preset["sp_length"], sp=sp) for sp in preset["sp"]]
     listed += [dict(common, kind="skew", layout=layout, **preset["skew"]) for layout in SKEW_LAYOUTS]
-    listed += [dict(common, kind="liger", length=length) for length in preset.get("liger", preset["long"])]
+    listed += [dict(common, kind="liger", length=length) for length in preset["long"]]
     return listed
 
 

