@@ -125,7 +125,7 @@ def long_point(point: dict) -> dict:
                                                   cu_seqlens=cu_seqlens, sp_group=group)
         loss.backward()
     result = measured(call, device)
-    gradients = hidden.numel() * hidden.element_size() + weight.numel() * 4
+    gradients = (hidden.numel() + weight.numel()) * hidden.element_size()     # Liger's are in the inputs' dtype
     return dict(result, beyond_gradients_bytes=result["extra_bytes"] - gradients, tokens=hidden.shape[0])
 
 
@@ -156,7 +156,9 @@ def liger_long_point(point: dict) -> dict:
     call = liger_call(hidden, weight, batch, torch.ones(1, point["length"], device=device),
                       point.get("compiled", True))
     call()                                                                   # torch.compile's first call
-    return dict(measured(call, device), tokens=point["length"])
+    result = measured(call, device)
+    gradients = (hidden.numel() + weight.numel()) * hidden.element_size()     # Liger's are in the inputs' dtype
+    return dict(result, beyond_gradients_bytes=result["extra_bytes"] - gradients, tokens=point["length"])
 
 
 def _rank_main(rank: int, point: dict, results) -> None:
