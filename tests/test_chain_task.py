@@ -205,7 +205,7 @@ def test_paired_confidence_interval_and_compute_axis():
     assert compare.paired_table(runs).splitlines()[-1].startswith("| sentence − output | +0.100 [")
 
 
-def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys):
+def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys, request):
     """``examples/compare_levels.py`` on the chain task: the learning-rate sweep on the first seed, every variant ×
     seed once (the sweep's run at the chosen rate reused), the gradient cosine of independent batches; a second call
     reuses everything (no training); ``--runs`` tabulates finished runs; table, sweep table and plot written."""
@@ -215,6 +215,8 @@ def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys
     from pathlib import Path
 
     pytest.importorskip("transformers")
+    import torch
+
     from sgrpo_kernels.cli import main as sgrpo
 
     data = tmp_path / "data"
@@ -229,8 +231,12 @@ def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys
     arguments = ["--model", str(tmp_path / "sft"), *common, "--data-dir", str(data), "--out", str(out),
                  "--work-dir", str(work), "--variants", "sentence", "outcome", "--seeds", "0",
                  "--steps", "2", "--prompts", "4", "--group-size", "4", "--eval-every", "1", "--target", "0.0",
-                 "--lr-for", "outcome=1e-4", "--mistaught", "2", "--sweep", "1e-4", "3e-4", "--snr-pairs", "2"]
+                 "--lr-for", "outcome=1e-4", "--mistaught", "2", "--sweep", "1e-4", "3e-4", "--snr-pairs", "2",
+                 "--threads", "1"]
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))       # --threads sets this process's count
     compare.main(arguments)
+    assert torch.get_num_threads() == 1
     sweep = (out / "lr_sweep.md").read_text()
     chosen = re.search(r"\| sentence \| 0 / [0-9.]+ \| 0 / [0-9.]+ \| (0.000[13]) \|", sweep).group(1)
     assert "outcome" not in sweep                              # its rate was given
@@ -258,6 +264,8 @@ def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys
     assert (out / "compare_levels.md").read_text() == table
     with pytest.raises(SystemExit, match="variant=value"):
         compare.main([*arguments, "--lr-for", "nonsense=1"])
+    with pytest.raises(SystemExit, match="--threads must be >= 0"):
+        compare.main([*arguments, "--threads", "-1"])
     capsys.readouterr()
     compare.main(["--task", "chain", "--out", str(tmp_path / "two"),
                   "--runs", f"first={work / 'outcome-lr0.0001-seed0'}", f"second={work / 'sentence-lr0.0001-seed0'}"])
