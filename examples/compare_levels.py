@@ -281,8 +281,9 @@ def per_fact_table(runs: dict, args) -> str:
         wrong, total = table.get(label, (0, 0))
         return wrong / total if total else 0.0
 
+    facts = chain.facts(chain_config(args, mistaught=0))      # a label outside the table is a format error
     labels = sorted({label for tables in last.values() for table in tables for label in table
-                     if label in mistaught or rate(table, label) > 0.5})
+                     if label in facts and (label in mistaught or rate(table, label) > 0.5)})
     names = list(last)
     lines = ["| fact | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
     stuck = []
