@@ -23,8 +23,8 @@ reset before the call, large blocks straight from mmap; CUDA: ``max_memory_alloc
 - ``liger``: Liger-Kernel's fused linear GRPO loss on the long answer of ``long`` (one row of ``T`` tokens; its
   log-probabilities stream over tiles of 2048 tokens × 4096 vocabulary entries in 0.8.5).
 
-Each child process may use at most ``--memory-limit-gib`` of address space: a point that needs more is reported as
-an error (``can't allocate``) instead of waking the kernel's out-of-memory killer.
+On the CPU each child process may use at most ``--memory-limit-gib`` of address space: a point that needs more is
+reported as an error (``can't allocate``) instead of waking the kernel's out-of-memory killer.
 
 Writes ``bench_long.{csv,md}`` into ``--out``.
 """
@@ -188,8 +188,9 @@ def sp_point(point: dict) -> dict:
 
 
 def skew_point(point: dict) -> dict:
-    """``answers`` answers, one of ``longest`` tokens and the others a tenth of it, on the logits path: the logits
-    made from hidden states inside the call, packed or padded to the longest answer."""
+    """``answers`` answers, one of ``longest`` tokens and the others a tenth of it, in ``point["layout"]``: the
+    logits path (the logits made from hidden states inside the call) packed or padded to the longest answer, this
+    package's fused linear path packed, or Liger's fused linear loss on the padded rows."""
     device, dtype = torch.device(point["device"]), getattr(torch, point["dtype"])
     backend = "native" if device.type == "cpu" else "triton"
     generator = torch.Generator().manual_seed(1)
