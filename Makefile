@@ -47,7 +47,7 @@ demo: $(VENV)/.installed
 	$(BIN)/sgrpo sft --task arith-small --drop-answer-line 0.6 --steps 500 --output-dir $(DEMO)/sft
 	$(BIN)/sgrpo train $(DEMO_GRPO) --level sentence --output-dir $(DEMO)/grpo
 	$(BIN)/sgrpo train $(DEMO_GRPO) --level output --output-dir $(DEMO)/output
-	$(BIN)/python examples/compare_levels.py --task arith-small --out $(DEMO) \
+	$(BIN)/python experiments/credit_assignment/compare_levels.py --task arith-small --out $(DEMO) \
 		--runs sentence=$(DEMO)/grpo output=$(DEMO)/output
 
 demo-loss: $(VENV)/.installed

@@ -184,7 +184,7 @@ def _compare_levels():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "compare_levels.py"
+    path = Path(__file__).resolve().parent.parent / "experiments" / "credit_assignment" / "compare_levels.py"
     spec = importlib.util.spec_from_file_location("compare_levels", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -206,7 +206,7 @@ def test_paired_confidence_interval_and_compute_axis():
 
 
 def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys, request):
-    """``examples/compare_levels.py`` on the chain task: the learning-rate sweep on the first seed, every variant ×
+    """``experiments/credit_assignment/compare_levels.py`` on the chain task: the learning-rate sweep on the first seed, every variant ×
     seed once (the sweep's run at the chosen rate reused), the gradient cosine of independent batches; a second call
     reuses everything (no training); ``--runs`` tabulates finished runs; table, sweep table and plot written."""
     import importlib.util
@@ -223,7 +223,7 @@ def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys
     common = ["--task", "chain", "--chain-length", "3", "--chain-facts", "5"]
     sgrpo(["sft", "--output-dir", str(tmp_path / "sft"), "--steps", "120", "--batch-size", "16", "--eval-size", "8",
            "--mistaught", "2", "--data-dir", str(data), *common])    # 120 steps: some answers right, rewards vary
-    path = Path(__file__).resolve().parent.parent / "examples" / "compare_levels.py"
+    path = Path(__file__).resolve().parent.parent / "experiments" / "credit_assignment" / "compare_levels.py"
     spec = importlib.util.spec_from_file_location("compare_levels", path)
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)

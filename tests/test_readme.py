@@ -74,3 +74,37 @@ def test_paths_names_and_make_targets_in_the_readme_exist():
     assert written == {f"{demo}/sft/", f"{demo}/grpo/", f"{demo}/output/"}, written
     for folder in set(re.findall(rf"`({re.escape(demo)}/\w+/)`", text)):
         assert folder in written, (folder, written)
+
+
+def _markdown_files() -> list[Path]:
+    """Every Markdown file of the repository (not of the environment, the data cache or runs)."""
+    skip = {".venv", ".git", "runs", "data", "build", ".pytest_cache"}
+    return sorted(path for path in ROOT.rglob("*.md") if not skip & set(path.relative_to(ROOT).parts))
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of the headings of ``path``: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+?)\s*$", path.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_every_link_in_the_docs_resolves():
+    """Each relative link (and image) of every Markdown file points at a file or folder that exists, and each
+    ``#anchor`` at a heading of its target: links survive files moving between folders."""
+    files = _markdown_files()
+    assert ROOT / "README.md" in files and ROOT / "experiments" / "README.md" in files
+    checked, broken = 0, []
+    for path in files:
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)       # code blocks hold no links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path
+            checked += 1
+            if not resolved.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+    assert checked > 25

@@ -1,7 +1,7 @@
 """Sentence-level GRPO against its baselines on the same task, same budget, several seeds, resumable.
 
-    python examples/compare_levels.py --model runs/chain-sft --task chain --chain-length 6 --steps 40 --seeds 0 1 2
-    python examples/compare_levels.py --model runs/sft --task arith-small --variants sentence output   # the toy task
+    python experiments/credit_assignment/compare_levels.py --model runs/chain-sft --task chain --chain-length 6 --steps 40 --seeds 0 1 2
+    python experiments/credit_assignment/compare_levels.py --model runs/sft --task arith-small --variants sentence output   # the toy task
 
 Variants (each from the same checkpoint, with the same steps, prompts and samples):
 
@@ -385,7 +385,7 @@ def summarise(runs: dict, args) -> str:
     figure.savefig(os.path.join(args.out, "compare_levels.png"), dpi=100)
     caveat = ("One run per variant (one seed): an illustration, not evidence; runs of the same variant differ by "
               "several points of accuracy, so a difference this size says nothing about the levels. The "
-              "multi-seed paired comparison is examples/results/credit-assignment/.") if seeds == 1 else ""
+              "multi-seed paired comparison is experiments/credit_assignment/.") if seeds == 1 else ""
     table = "\n\n".join(part for part in (caveat, "\n".join(lines), paired_table(runs),
                                              per_fact_table(runs, args) if errors else "") if part)
     with open(os.path.join(args.out, "compare_levels.md"), "w") as handle:
@@ -446,7 +446,7 @@ def main(argv=None) -> None:
                         help="chain task: the facts mis-taught in the SFT checkpoint (as given to `sgrpo sft`), to "
                              "report the error rate on them after each run")
     parser.add_argument("--data-dir", help="train.jsonl / test.jsonl (made by `sgrpo sft`; default: sgrpo's own)")
-    parser.add_argument("--out", default="examples/results/compare_levels", help="plot, table, metrics copies")
+    parser.add_argument("--out", default="runs/compare_levels", help="plot, table, metrics copies")
     parser.add_argument("--work-dir", default="runs/compare_levels", help="per-run checkpoints and logs")
     parser.add_argument("--variants", nargs="+", default=["sentence", "output", "broadcast"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
