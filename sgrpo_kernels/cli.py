@@ -142,8 +142,11 @@ def _train_title(args) -> str:
     mix = f", answer mix {args.answer_mix:g}" if args.answer_mix else ""
     level = {"sentence": f"sentence level (ratio: {args.ratio_level}, advantage: {args.advantage}{mix})",
              "token": "token level", "output": f"output level (ratio: {args.output_ratio_level})"}[args.level]
+    if args.credit or args.ratio:
+        level = f"{level}, credit: {args.credit or 'level'}, ratio: {args.ratio or 'level'}"
     extras = "".join([f", beta={args.beta:g}" if args.beta else "", f", mu={args.mu}" if args.mu > 1 else "",
                       ", outcome reward" if args.outcome_reward else "",
+                      f", step noise {args.step_noise:g}" if args.step_noise else "",
                       "".join(f", {spec.split('=')[0]} term" for spec in args.step_scorer),
                       f", T={args.temperature:g}" if args.temperature != 1 else ""])
     return (f"GRPO, {level}, task={_task_title(args)}\n{args.steps} steps, {args.prompts} prompts x "
@@ -156,15 +159,16 @@ def run_train(args) -> dict:
     from .trainer.tiny import load_pretrained
 
     _threads(args.threads)
-    config = GRPOLoopConfig(level=args.level, ratio_level=args.ratio_level, advantage=args.advantage,
+    config = GRPOLoopConfig(level=args.level, credit=args.credit, ratio=args.ratio, ratio_level=args.ratio_level,
+                            advantage=args.advantage, eval_samples=args.eval_samples,
                             answer_mix=args.answer_mix, output_ratio_level=args.output_ratio_level, steps=args.steps,
                             prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu,
                             beta=args.beta, epsilon=args.epsilon, scale=args.scale, lr=args.lr,
                             temperature=args.temperature, eval_every=args.eval_every, save_every=args.save_every,
                             seed=args.seed, max_new_tokens=_max_new_tokens(args))
     task, _ = _task(args)
-    sentence_reward = (task.reward(_chain_config(args), outcome_only=args.outcome_reward) if args.task == "chain"
-                       else task.reward())
+    sentence_reward = (task.reward(_chain_config(args), outcome_only=args.outcome_reward, step_noise=args.step_noise,
+                                   noise_seed=args.seed) if args.task == "chain" else task.reward())
     if args.step_scorer:
         from .rewards.loading import with_step_scorers
         try:

@@ -32,6 +32,9 @@ LEVELS = ("token", "sentence", "output")
 RATIO_LEVELS = ("sum", "mean")
 DEFAULT_SENTENCE_RATIO_LEVEL = "mean"
 ADVANTAGES = ("sentence", "cumulative", "broadcast")
+CREDITS = ("sentence", "answer")
+RATIOS = ("token", "sentence", "output")
+LEVEL_AXES = {"token": ("answer", "token"), "sentence": ("sentence", "sentence"), "output": ("answer", "output")}
 CHAIN_MAX_LENGTH, CHAIN_MAX_FACTS, CHAIN_MAX_OPERAND = 40, 52, 9
 BENCH_PRESETS = ("quick", "cpu", "gpu", "options")
 TRAIN_SIZE = 20000                       # problems in train.jsonl
@@ -118,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local model folder, e.g. the output of `sgrpo sft` (required)")
     train.add_argument("--level", choices=LEVELS, default="sentence",
                        help="scale of rewards and ratios (default: sentence)")
+    train.add_argument("--credit", choices=CREDITS,
+                       help="what gets an advantage: each sentence its own (sentence) or each answer one, from the "
+                            "mean of its sentence rewards (answer); replaces the credit that --level stands for "
+                            "(default: --level's: sentence for sentence, answer for token and output)")
+    train.add_argument("--ratio", choices=RATIOS,
+                       help="the segment whose importance ratio is clipped: each token, each sentence or the whole "
+                            "output (GSPO); replaces the ratio that --level stands for (default: --level's own)")
     train.add_argument("--ratio-level", choices=RATIO_LEVELS, default=DEFAULT_SENTENCE_RATIO_LEVEL,
                        help="sentence level's ratio: exp of the sum of its token log-ratios or of their mean "
                             f"(default: {DEFAULT_SENTENCE_RATIO_LEVEL}; token level always sums, output level "
@@ -154,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "at a tag after each sentence; keys step_tag, good_token, bad_token, label_ids=BAD:GOOD, "
                             f"batch_size); weight=W in (0, 1] (default {DEFAULT_STEP_SCORER_WEIGHT}) scales the "
                             "task's own terms by 1-W (default: none)")
+    train.add_argument("--step-noise", type=float, default=0.0, metavar="P",
+                       help="chain task: flip each step's score (not the answer line's) with probability P in [0, 1), "
+                            "a noisy step scorer seeded by --seed (default: 0)")
+    train.add_argument("--eval-samples", type=int, default=0, metavar="K",
+                       help="also measure held-out accuracy over K answers per problem sampled at temperature 1 "
+                            "(default: 0, greedy only)")
     train.add_argument("--outcome-reward", action="store_true",
                        help="chain task: every sentence gets the answer's binary outcome instead of its local "
                             "step reward, the one-reward-per-answer baseline (default: off)")
@@ -271,10 +287,23 @@ def _check_train(args) -> None:
     _positive(args, "temperature")
     _require(args.advantage == "sentence" or args.level == "sentence", args,
              f"--advantage {args.advantage} is a sentence-level variant; --level is {args.level}")
+    credit, ratio = LEVEL_AXES[args.level]
+    _require(not (args.advantage == "broadcast" and args.credit == "sentence"), args,
+             "--advantage broadcast gives every sentence its answer's advantage: it is --credit answer")
+    credit = "answer" if args.advantage == "broadcast" else credit
+    credit, ratio = args.credit or credit, args.ratio or ratio
+    _require((credit, ratio) != ("sentence", "output"), args,
+             "--credit sentence needs a ratio segment no longer than a sentence (--ratio token or sentence)")
+    _require(args.advantage != "cumulative" or credit == "sentence", args,
+             "--advantage cumulative sums sentence advantages: it needs --credit sentence")
     _between(args, "answer_mix", 0, 1)
-    _require(not args.answer_mix or (args.level == "sentence" and args.advantage == "sentence"), args,
-             f"--answer-mix applies to --level sentence with --advantage sentence, not --level {args.level} "
+    _require(not args.answer_mix or (credit == "sentence" and args.advantage == "sentence"), args,
+             f"--answer-mix applies to sentence credit with --advantage sentence, not --credit {credit} "
              f"--advantage {args.advantage}")
+    _between(args, "step_noise", 0, 1, open_high=True)
+    _require(not args.step_noise or (args.task == "chain" and not args.outcome_reward), args,
+             "--step-noise flips the chain task's step scores: it needs --task chain without --outcome-reward")
+    _at_least(args, "eval_samples", 0)
     _require(args.output_ratio_level is None or args.level == "output", args,
              f"--output-ratio-level applies to --level output, not {args.level}")
     args.output_ratio_level = args.output_ratio_level or "mean"

@@ -143,6 +143,31 @@ def test_outcome_only_reward_and_composite():
     assert dense.tolist() == [[1.0] * 5] and binary.tolist() == [[0.0] * 5]
 
 
+def test_a_noisy_step_scorer_flips_steps_at_its_rate_and_never_the_answer_line():
+    config = chain.ChainConfig(length=8)
+    problems = chain.make_dataset(400, seed=5, length=8)
+    questions = [problem.question for problem in problems]
+    answers = [problem.solution.replace(". ", ".\n").split("\n") for problem in problems]
+    references = [problem.answer for problem in problems]
+    exact = chain.reward(config)(questions, answers, references)
+    noisy = chain.reward(config, step_noise=0.2, noise_seed=7)(questions, answers, references)
+    assert (exact == 1).all() and (noisy[:, -1] == 1).all()                # the answer line's check stays exact
+    flipped = (noisy[:, :-1] == 0).float().mean().item()
+    assert 0.17 < flipped < 0.23, flipped                                   # 3 200 steps at p = 0.2
+    again = chain.reward(config, step_noise=0.2, noise_seed=7)(questions, answers, references)
+    other = chain.reward(config, step_noise=0.2, noise_seed=8)(questions, answers, references)
+    assert (again == noisy).all() and not (other == noisy).all()            # seeded
+    wrong = [[sentence.replace("=", "=1", 1) if index < 8 else sentence for index, sentence in enumerate(answer)]
+             for answer in answers]                                         # every step's sum wrong: 0 -> 1 flips
+    scores = chain.reward(config, step_noise=0.2, noise_seed=7)(questions, wrong, references)
+    assert 0.17 < scores[:, :-1].mean().item() < 0.23
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="step_noise"):
+            chain.ChainStep(chain.facts(config), step_noise=bad)
+    with pytest.raises(ValueError, match="outcome-only"):
+        chain.reward(config, outcome_only=True, step_noise=0.1)
+
+
 def test_cli_trains_on_the_chain_task(tmp_path, capsys):
     """``sgrpo sft --task chain --mistaught ...`` writes sloppy demonstrations into the warm start and ``sgrpo
     train --task chain --outcome-reward`` runs on the binary outcome; ``--chain-max-operand`` bounds the facts; a
@@ -168,6 +193,22 @@ def test_cli_trains_on_the_chain_task(tmp_path, capsys):
           "--group-size", "2", "--prompts", "2", "--outcome-reward", *common])
     assert re.match(r"held-out greedy accuracy \(4 problems\): [\d.]+ before, [\d.]+ after 1 GRPO steps",
                     capsys.readouterr().out.strip().splitlines()[-1])
+    # process supervision (sentence credit, token ratio) with a noisy step scorer, two updates per batch and the
+    # sampled held-out accuracy
+    main(["train", "--model", str(tmp_path / "sft"), "--output-dir", str(tmp_path / "process"), "--steps", "1",
+          "--group-size", "2", "--prompts", "2", "--credit", "sentence", "--ratio", "token", "--step-noise", "0.2",
+          "--mu", "2", "--eval-samples", "2", *common])
+    config = json.loads((tmp_path / "process" / "grpo_config.json").read_text())
+    assert (config["credit"], config["ratio"], config["mu"], config["eval_samples"]) == ("sentence", "token", 2, 2)
+    records = [json.loads(line) for line in open(tmp_path / "process" / "metrics.jsonl")]
+    assert "eval_sampled_accuracy" in records[0] and "ratio_mean_last" in records[1]
+    capsys.readouterr()
+    for flags, message in ((["--credit", "sentence", "--ratio", "output"], "no longer than a sentence"),
+                           (["--level", "output", "--answer-mix", "0.5"], "--answer-mix applies"),
+                           (["--step-noise", "0.2", "--outcome-reward"], "--step-noise flips"),
+                           (["--step-noise", "1"], r"--step-noise must lie in \[0, 1\)")):
+        with pytest.raises(SystemExit, match=message):
+            main(["train", "--model", str(tmp_path / "sft"), "--output-dir", str(tmp_path / "y"), *flags, *common])
     with pytest.raises(SystemExit, match="mistaught must lie"):
         main(["sft", "--output-dir", str(tmp_path / "x"), "--mistaught", "9", *common])
     # --chain-facts-seed draws another instance: stamped, and an instance with no misconception left is one line

@@ -2,6 +2,7 @@
 GRPO step, checkpoints and resuming, the `sgrpo` command."""
 
 import json
+import math
 import os
 import random
 
@@ -102,13 +103,15 @@ def noise_reward():
 
 
 def trainer(tmp_path, level="sentence", steps=3, resume_from=None, model=None, tokenizer=None, reward=None,
-            **options):
+            eval_extra=None, **options):
     if model is None:
         model, tokenizer = small_model()
+    options = dict(eval_every=100, lr=1e-3) | options
     config = GRPOLoopConfig(level=level, steps=steps, prompts_per_step=2, group_size=3, max_new_tokens=24,
-                            eval_every=100, lr=1e-3, temperature=1.5, **options)
+                            temperature=1.5, **options)
     return GRPOLoop(model, tokenizer, arith.make_dataset(50, seed=0), arith.make_dataset(4, seed=1),
-                    arith.is_correct, reward or arith.reward(), config, str(tmp_path), resume_from=resume_from)
+                    arith.is_correct, reward or arith.reward(), config, str(tmp_path), resume_from=resume_from,
+                    eval_extra=eval_extra)
 
 
 @pytest.mark.parametrize("level", ["token", "sentence", "output"])
@@ -209,7 +212,8 @@ def test_sentence_level_advantage_variants(advantage):
     rewards = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.5, 0.0, 0.0]])
     num_sentences = torch.tensor([3, 2, 2, 1])
     segment_ids = torch.tensor([[0, 0, 1, 2], [0, 1, 1, -1], [0, 1, -1, -1], [0, 0, 0, -1]])
-    loop = SimpleNamespace(config=GRPOLoopConfig(level="sentence", advantage=advantage, group_size=2))
+    loop = SimpleNamespace(config=GRPOLoopConfig(level="sentence", advantage=advantage, group_size=2),
+                           loss_segmenter=None)
     batch = dict(sentences=SimpleNamespace(segment_ids=segment_ids, num_sentences=num_sentences), rewards=rewards)
     ids, advantages = GRPOLoop.advantages(loop, batch)
     assert torch.equal(ids, segment_ids)
@@ -226,3 +230,97 @@ def test_sentence_level_advantage_variants(advantage):
     if advantage != "sentence":
         with pytest.raises(ValueError, match="sentence-level variant"):
             GRPOLoopConfig(level="output", advantage=advantage)
+
+
+def test_credit_and_ratio_are_two_axes_and_level_is_their_shorthand():
+    for level, pair in (("token", ("answer", "token")), ("sentence", ("sentence", "sentence")),
+                        ("output", ("answer", "output"))):
+        config = GRPOLoopConfig(level=level)
+        assert (config.credit, config.ratio) == pair
+    assert GRPOLoopConfig(level="sentence", advantage="broadcast").credit == "answer"
+    process = GRPOLoopConfig(credit="sentence", ratio="token")
+    assert process.loss_ratio_level == "sum" and GRPOLoopConfig(credit="answer", ratio="output").loss_ratio_level == "mean"
+    assert GRPOLoopConfig(credit="answer", ratio="sentence", ratio_level="sum").loss_ratio_level == "sum"
+    for options, message in ((dict(credit="sentence", ratio="output"), "no longer than a sentence"),
+                             (dict(credit="paragraph"), "credit must be one of"),
+                             (dict(ratio="word"), "ratio must be one of"),
+                             (dict(advantage="broadcast", credit="sentence"), "credit='answer'"),
+                             (dict(advantage="cumulative", credit="answer"), "needs credit='sentence'"),
+                             (dict(credit="answer", answer_mix=0.5), "answer_mix mixes"),
+                             (dict(eval_samples=-1), "eval_samples"), (dict(eval_greedy=False), "eval_greedy"),
+                             (dict(steps=5, eval_steps=(6,)), "eval_steps")):
+        with pytest.raises(ValueError, match=message):
+            GRPOLoopConfig(**options)
+
+
+@pytest.mark.parametrize("credit,ratio", [("sentence", "token"), ("sentence", "sentence"), ("answer", "token"),
+                                          ("answer", "sentence"), ("answer", "output")])
+def test_each_cell_gives_the_loss_its_segments_and_advantages(tmp_path, credit, ratio):
+    """The ratio's segments are tokens, sentences or the output; sentence credit gives each segment its
+    sentence's group advantage (each token its sentence's at the token ratio), answer credit one per answer."""
+    from sgrpo_kernels import group_sentence_advantages
+
+    torch.manual_seed(0)
+    run = trainer(tmp_path, credit=credit, ratio=ratio, reward=noise_reward())
+    batch = run.rollout()
+    sentences, mask = batch["sentences"], batch["mask"].bool()
+    segment_ids, advantages = run.advantages(batch)
+    assert torch.equal(segment_ids >= 0, mask)
+    expected_segments = {"token": torch.where(mask, torch.arange(mask.shape[1]).expand_as(mask), -1),
+                         "sentence": sentences.segment_ids, "output": torch.where(mask, 0, -1)}[ratio]
+    assert torch.equal(segment_ids, expected_segments)
+    per_sentence = group_sentence_advantages(batch["rewards"], sentences.num_sentences, 3)
+    if credit == "answer":
+        means = (batch["rewards"].sum(1) / sentences.num_sentences).unsqueeze(1)
+        expected = group_sentence_advantages(means, torch.ones(6, dtype=torch.long), 3)[:, 0]
+        torch.testing.assert_close(advantages, expected)
+    elif ratio == "sentence":
+        torch.testing.assert_close(advantages, per_sentence)
+    else:
+        assert advantages.shape == mask.shape
+        for row, column in zip(*torch.nonzero(mask, as_tuple=True)):
+            assert advantages[row, column] == per_sentence[row, sentences.segment_ids[row, column]]
+        assert (advantages[~mask] == 0).all()
+    record = run.step()
+    assert math.isfinite(record["loss"]) and record["clip_fraction"] == 0.0 and record["ratio_mean"] == 1.0
+
+
+@pytest.mark.parametrize("credit,ratio", [("sentence", "sentence"), ("sentence", "token"), ("answer", "output")])
+def test_several_updates_per_batch_move_the_ratio_and_are_logged(tmp_path, credit, ratio):
+    """With mu = 4 full-batch updates the later updates see the policy moved: their ratios leave 1 and some are
+    clipped; the step's record holds the mean over the updates and the last update's values."""
+    torch.manual_seed(3)
+    run = trainer(tmp_path, credit=credit, ratio=ratio, mu=4, lr=3e-2, reward=noise_reward())
+    record = run.step()
+    assert record["ratio_mean_last"] != 1.0 and record["clip_fraction_last"] > 0
+    assert 0 < record["clip_fraction"] < record["clip_fraction_last"] + 1e-12            # the first update is 0
+    assert math.isfinite(record["grad_norm"]) and math.isfinite(record["loss"])
+
+
+def test_sampled_held_out_accuracy_is_seeded_and_leaves_the_random_state_alone(tmp_path):
+    from sgrpo_kernels.trainer.common import sample_held_out
+
+    model, tokenizer = small_model()
+    problems = arith.make_dataset(3, seed=1)
+    state = torch.get_rng_state()
+    first = sample_held_out(model, tokenizer, problems, arith.is_correct, samples=4, max_new_tokens=12,
+                            batch_size=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = sample_held_out(model, tokenizer, problems, arith.is_correct, samples=4, max_new_tokens=12,
+                             batch_size=8)
+    assert first == second                                      # the same draws for the same policy
+    questions, sentences, accuracy = first
+    assert questions == [problem.question for problem in problems for _ in range(4)] and len(sentences) == 12
+    assert len({"".join(answer) for answer in sentences}) > 1     # sampled, not greedy
+    other = sample_held_out(model, tokenizer, problems, arith.is_correct, samples=4, max_new_tokens=12, seed=1,
+                            batch_size=8)
+    assert other[1] != sentences
+
+    seen = []
+    run = trainer(tmp_path, steps=2, eval_every=100, eval_steps=(1,), eval_samples=2, eval_greedy=False,
+                  eval_extra=lambda questions, texts: seen.append(len(texts)) or {"answers": len(texts)})
+    run.train(progress=False)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [record["step"] for record in records if "eval_sampled_accuracy" in record] == [0, 1, 2]
+    assert all("eval_accuracy" not in record for record in records)
+    assert seen == [8, 8, 8] and records[0]["eval_answers"] == 8          # 4 held-out problems x 2 samples

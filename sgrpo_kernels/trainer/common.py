@@ -88,6 +88,40 @@ def evaluate_accuracy(model, tokenizer, problems, is_correct, *, max_new_tokens:
     return correct / max(len(problems), 1)
 
 
+@torch.no_grad()
+def sample_held_out(model, tokenizer, problems, is_correct, *, samples: int, max_new_tokens: int,
+                    temperature: float = 1.0, seed: int = 0, batch_size: int = 128):
+    """``samples`` answers per held-out problem, sampled at ``temperature`` under a fixed seed: the same draws for
+    the same policy, whatever ran before, and the global random state is left as it was (so evaluating does not
+    change what training samples next).
+
+    Returns:
+        ``(questions, sentences, accuracy)``: the question of each answer (``len(problems) · samples``, problem
+        by problem), each answer's sentence texts, and the share of right answers.
+    """
+    from ..segmentation import Segmenter
+
+    was_training = model.training
+    model.eval()
+    segmenter = Segmenter(tokenizer, "sentence")
+    per_call = max(1, batch_size // samples)
+    questions, sentences, correct = [], [], 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(problems), per_call):
+            chunk = problems[start:start + per_call]
+            _, _, completion_ids, mask = generate(model, tokenizer, [problem.question for problem in chunk],
+                                                  max_new_tokens=max_new_tokens, greedy=False,
+                                                  temperature=temperature, num_return_sequences=samples)
+            texts = decode_completions(tokenizer, completion_ids, mask)
+            answers = [problem.answer for problem in chunk for _ in range(samples)]
+            correct += sum(is_correct(text, answer) for text, answer in zip(texts, answers))
+            questions += [problem.question for problem in chunk for _ in range(samples)]
+            sentences += segmenter(completion_ids, mask).texts
+    model.train(was_training)
+    return questions, sentences, correct / max(len(questions), 1)
+
+
 class MetricsLog:
     """Append one JSON object per step to ``metrics.jsonl``."""
 

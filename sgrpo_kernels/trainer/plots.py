@@ -35,10 +35,12 @@ class Panel:
 GRPO_PANELS = (
     Panel("training reward", "mean sentence reward (0 to 1)", (("reward", "sampled answers"),), unit_interval=True),
     Panel("accuracy", "fraction of answers correct",
-          (("train_accuracy", "train_acc: sampled training answers"), ("eval_accuracy", "held-out, greedy")),
-          unit_interval=True, marked=("eval_accuracy",)),
+          (("train_accuracy", "train_acc: sampled training answers"), ("eval_accuracy", "held-out, greedy"),
+           ("eval_sampled_accuracy", "held-out, sampled")),
+          unit_interval=True, marked=("eval_accuracy", "eval_sampled_accuracy")),
     Panel("KL to the reference", "KL (nats per token, k3)", (("kl_mean", "mean over tokens"),)),
-    Panel("clipped ratios", "fraction of segments clipped", (("clip_fraction", "clip fraction"),), nonzero=True),
+    Panel("clipped ratios", "fraction of segments clipped", (("clip_fraction", "clip fraction, mean over updates"),
+                                                             ("clip_fraction_last", "last update")), nonzero=True),
     Panel("answer length", "tokens per answer", (("completion_tokens", "mean over sampled answers"),)),
 )
 SFT_PANELS = (

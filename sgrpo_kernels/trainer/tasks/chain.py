@@ -16,8 +16,11 @@ for each wrong one) and held-out greedy accuracy was already 1.0; hence one cons
 Rewards (one score per sentence): :class:`ChainStep` scores a step 1 when it is local-correct: its label is the
 question's next label, its left operand is the previous written result (the start value for the first step), its
 right operand is the label's fact and its sum mod 10 holds; the ``Answer:`` sentence scores 1 when it equals the
-true final value; anything else 0. :class:`BinaryOutcome` gives every sentence the answer's outcome (one reward
-per answer: the R1 baseline). :func:`step_errors` reads which steps of a completion recalled their fact wrongly.
+true final value; anything else 0. With ``step_noise = p`` every sentence but the answer line has its score
+flipped (1 - score) with probability ``p``, drawn from a generator seeded once (``noise_seed``): a noisy step
+scorer, as a process reward model or a verifier is, while the final answer's check stays exact.
+:class:`BinaryOutcome` gives every sentence the answer's outcome (one reward per answer: the R1 baseline).
+:func:`step_errors` reads which steps of a completion recalled their fact wrongly.
 """
 
 from __future__ import annotations
@@ -182,22 +185,34 @@ def _walk(question: str, sentences: list[str]):
 class ChainStep(SentenceReward):
     """A step scores 1 when it is right from where it stands (module docstring): the question's next label,
     the previous written result on the left, the label's fact on the right, the sum mod 10. The ``Answer:``
-    sentence scores 1 when it equals the reference (the true final value). Anything else scores 0."""
+    sentence scores 1 when it equals the reference (the true final value). Anything else scores 0.
 
-    def __init__(self, table: dict[str, int]):
-        self.table = dict(table)
+    ``step_noise``: the probability in ``[0, 1)`` that a sentence other than the answer line gets the opposite
+    score (a noisy step scorer); the flips come from ``random.Random(noise_seed)``, one draw per such sentence in
+    the order the answers are scored, so a run that scores the same answers in the same order gets the same flips.
+    """
+
+    def __init__(self, table: dict[str, int], step_noise: float = 0.0, noise_seed: int = 0):
+        if not 0.0 <= step_noise < 1.0:
+            raise ValueError(f"step_noise must lie in [0, 1), got {step_noise}")
+        self.table, self.step_noise = dict(table), step_noise
+        self.noise = random.Random(noise_seed)
 
     def score(self, question: str, sentences: list[str], reference) -> list[float]:
         scores = []
         for kind, *fields in _walk(question, sentences):
             if kind == "answer":
                 scores.append(float(fields[0] == str(reference)))
-            elif kind == "step":
+                continue
+            if kind == "step":
                 _, label_expected, left_expected, (label, left, right, result) = fields
-                scores.append(float(label == label_expected and left == left_expected
-                                    and right == self.table[label] and result == (left + right) % MODULUS))
+                score = float(label == label_expected and left == left_expected
+                              and right == self.table[label] and result == (left + right) % MODULUS)
             else:
-                scores.append(0.0)
+                score = 0.0
+            if self.step_noise and self.noise.random() < self.step_noise:
+                score = 1.0 - score
+            scores.append(score)
         return scores
 
 
@@ -209,12 +224,16 @@ class BinaryOutcome(SentenceReward):
         return [outcome] * len(sentences)
 
 
-def reward(config: ChainConfig | None = None, outcome_only: bool = False) -> CompositeReward:
-    """The task's sentence reward: local step correctness plus the answer's outcome (:class:`ChainStep`), or the
-    binary outcome on every sentence (``outcome_only``)."""
+def reward(config: ChainConfig | None = None, outcome_only: bool = False, step_noise: float = 0.0,
+           noise_seed: int = 0) -> CompositeReward:
+    """The task's sentence reward: local step correctness plus the answer's outcome (:class:`ChainStep`, each
+    step's score flipped with probability ``step_noise``), or the binary outcome on every sentence
+    (``outcome_only``, exact)."""
     if outcome_only:
+        if step_noise:
+            raise ValueError("step_noise flips step scores; the outcome-only reward has none")
         return CompositeReward({"outcome": BinaryOutcome()}, {"outcome": 1.0})
-    return CompositeReward({"step": ChainStep(facts(config or ChainConfig()))}, {"step": 1.0})
+    return CompositeReward({"step": ChainStep(facts(config or ChainConfig()), step_noise, noise_seed)}, {"step": 1.0})
 
 
 def step_errors(question: str, sentences: list[str], config: ChainConfig) -> list[tuple[str, bool]]:
