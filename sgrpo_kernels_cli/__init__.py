@@ -298,8 +298,8 @@ def _check_train(args) -> None:
              "--advantage cumulative sums sentence advantages: it needs --credit sentence")
     _between(args, "answer_mix", 0, 1)
     _require(not args.answer_mix or (credit == "sentence" and args.advantage == "sentence"), args,
-             f"--answer-mix applies to sentence credit with --advantage sentence, not --credit {credit} "
-             f"--advantage {args.advantage}")
+             f"--answer-mix applies to --level sentence (or --credit sentence) with --advantage sentence, not "
+             f"--credit {credit} --advantage {args.advantage}")
     _between(args, "step_noise", 0, 1, open_high=True)
     _require(not args.step_noise or (args.task == "chain" and not args.outcome_reward), args,
              "--step-noise flips the chain task's step scores: it needs --task chain without --outcome-reward")
