@@ -11,14 +11,15 @@ import torch
 
 from . import reference
 from .backends import resolve_backend
-from .config import ADVANTAGE_MODES, ADVANTAGE_SCALES, ADVANTAGE_WEIGHTINGS, _check_choice, _check_real
+from .config import (ADVANTAGE_BASELINES, ADVANTAGE_MODES, ADVANTAGE_SCALES, ADVANTAGE_WEIGHTINGS, _check_choice,
+                     _check_real)
 from .distributed import gather_rows
 
 
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, *,
                               eps: float = 1e-4, weighting: str = "output", scale: str = "std",
-                              mode: str = "sentence", answer_mix: float = 0.0, backend: str = "auto",
-                              process_group=None) -> torch.Tensor:
+                              mode: str = "sentence", answer_mix: float = 0.0, baseline: str = "pooled",
+                              backend: str = "auto", process_group=None) -> torch.Tensor:
     """Normalise sentence rewards within each group of ``group_size`` consecutive outputs.
 
     Args:
@@ -38,6 +39,12 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
             ``Â_sentence`` the advantages the options above give, ``Â_answer`` the answer's mean sentence reward
             normalised over the answers of its group (by ``scale``, every answer weighing 1), given to each of its
             sentences. ``0`` (default): the sentence level; ``1``: every sentence its answer's advantage.
+        baseline: ``"pooled"`` (the seed: one mean and spread over every sentence of the group) or
+            ``"split_final"``: the last sentence of each answer (its answer line, where it stops) is normalised
+            among the group's last sentences and every other sentence among the group's other sentences, each pool
+            with its own mean and spread. Under the pooled baseline a final sentence that is harder to get right
+            than a step (a final answer) has a systematically negative advantage, which on long chains teaches the
+            policy not to stop (``docs/design.md``, "Group advantages"); the split removes that offset.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"torch"`` (``sgrpo_kernels.backends``).
         process_group: a ``torch.distributed`` group whose ranks each hold a contiguous slice of the global
             batch (rank 0 the first rows), so that a group of ``G`` answers may straddle two ranks; the
@@ -71,6 +78,7 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     _check_choice("weighting", weighting, ADVANTAGE_WEIGHTINGS)
     _check_choice("scale", scale, ADVANTAGE_SCALES)
     _check_choice("mode", mode, ADVANTAGE_MODES)
+    _check_choice("baseline", baseline, ADVANTAGE_BASELINES)
     eps = _check_real("eps", eps, low=0.0, low_inclusive=scale == "none")
     answer_mix = _check_real("answer_mix", answer_mix, low=0.0)
     if answer_mix > 1:
@@ -78,14 +86,15 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     chosen = resolve_backend(backend, rewards.device)
     if process_group is not None:      # every rank checked its own rows above; the global batch is checked there
         return _across_ranks(rewards, num_sentences, group_size, process_group, eps=eps, weighting=weighting,
-                             scale=scale, mode=mode, answer_mix=answer_mix, backend=chosen.name)
+                             scale=scale, mode=mode, answer_mix=answer_mix, baseline=baseline, backend=chosen.name)
     if chosen.name != "reference":
         out = chosen.passes().group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode,
-                                               answer_mix)
+                                               answer_mix, baseline)
         if out is not None:
             return out
     return reference.group_sentence_advantages(rewards, num_sentences.long(), group_size, eps=eps,
-                                               weighting=weighting, scale=scale, mode=mode, answer_mix=answer_mix)
+                                               weighting=weighting, scale=scale, mode=mode, answer_mix=answer_mix,
+                                               baseline=baseline)
 
 
 def _across_ranks(rewards, num_sentences, group_size, process_group, **options):

@@ -147,6 +147,7 @@ def _train_title(args) -> str:
     extras = "".join([f", beta={args.beta:g}" if args.beta else "", f", mu={args.mu}" if args.mu > 1 else "",
                       ", outcome reward" if args.outcome_reward else "",
                       f", step noise {args.step_noise:g}" if args.step_noise else "",
+                      f", {args.baseline} baseline" if args.baseline != "pooled" else "",
                       "".join(f", {spec.split('=')[0]} term" for spec in args.step_scorer),
                       f", T={args.temperature:g}" if args.temperature != 1 else ""])
     return (f"GRPO, {level}, task={_task_title(args)}\n{args.steps} steps, {args.prompts} prompts x "
@@ -160,7 +161,7 @@ def run_train(args) -> dict:
 
     _threads(args.threads)
     config = GRPOLoopConfig(level=args.level, credit=args.credit, ratio=args.ratio, ratio_level=args.ratio_level,
-                            advantage=args.advantage, eval_samples=args.eval_samples,
+                            advantage=args.advantage, eval_samples=args.eval_samples, baseline=args.baseline,
                             answer_mix=args.answer_mix, output_ratio_level=args.output_ratio_level, steps=args.steps,
                             prompts_per_step=args.prompts, group_size=args.group_size, mu=args.mu,
                             beta=args.beta, epsilon=args.epsilon, scale=args.scale, lr=args.lr,

@@ -22,6 +22,7 @@ REDUCTIONS = ("sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum", 
 ADVANTAGE_WEIGHTINGS = ("output", "sentence")
 ADVANTAGE_SCALES = ("std", "none", "unbiased_std")
 ADVANTAGE_MODES = ("sentence", "cumulative")
+ADVANTAGE_BASELINES = ("pooled", "split_final")
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -385,28 +385,56 @@ def clipped_sentences(ratio: torch.Tensor, advantage: torch.Tensor, config: Loss
 
 def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int,
                               eps: float = 1e-4, weighting: str = "output", scale: str = "std",
-                              mode: str = "sentence", answer_mix: float = 0.0) -> torch.Tensor:
+                              mode: str = "sentence", answer_mix: float = 0.0,
+                              baseline: str = "pooled") -> torch.Tensor:
     """Group-relative sentence advantages (``docs/design.md``, "Group advantages").
 
     rewards ``[B, S_max]`` float (entries at ``s >= num_sentences[b]`` are ignored, even NaN);
     num_sentences ``[B]`` int; consecutive blocks of ``group_size`` rows form the groups.
+    ``baseline``: ``"pooled"`` (the seed: one mean and spread over all sentences of the group) or
+    ``"split_final"`` (the last sentence of every answer, where its answer stops, is normalised among the group's
+    last sentences, every other sentence among the group's other sentences, each pool with its own mean and spread
+    and ``weighting``'s weights within the pool).
     ``answer_mix = α``: ``Â = (1 − α) · Â_sentence + α · Â_answer`` (the seed's multi-scale fusion), with
-    ``Â_sentence`` the advantages of ``weighting``/``scale``/``mode`` and ``Â_answer`` :func:`answer_advantages`
-    (``α = 0``: the sentence level; ``α = 1``: every sentence its answer's advantage).
+    ``Â_sentence`` the advantages of ``weighting``/``scale``/``mode``/``baseline`` and ``Â_answer``
+    :func:`answer_advantages` (``α = 0``: the sentence level; ``α = 1``: every sentence its answer's advantage).
     Returns ``[B, S_max]`` in the dtype of ``rewards``, 0 where ``s >= num_sentences[b]``.
     """
     batch, num_slots = rewards.shape
-    exists = torch.arange(num_slots, device=rewards.device) < num_sentences.unsqueeze(1)   # [B, S]
+    slot = torch.arange(num_slots, device=rewards.device)
+    exists = slot < num_sentences.unsqueeze(1)                           # [B, S]
     # Shift each group by its largest reward: the statistics are shift-invariant, and a group of
     # equal rewards then centres to exactly 0 instead of to rounding noise divided by eps.
     masked = torch.where(exists, rewards, -torch.inf).reshape(batch // group_size, group_size * num_slots)
     shift = masked.amax(1, keepdim=True) if masked.numel() else masked.sum(1, keepdim=True)
     shift = torch.where(torch.isfinite(shift), shift, 0.0).repeat_interleave(group_size, dim=0)
     values = torch.where(exists, rewards - shift, 0.0)
-    if weighting == "output":       # every output weighs 1, split evenly over its sentences
-        weight = exists / num_sentences.clamp(min=1).unsqueeze(1).to(rewards.dtype)
-    else:                           # every sentence of the group weighs 1
-        weight = exists.to(rewards.dtype)
+    if baseline == "split_final":
+        final = slot == (num_sentences - 1).unsqueeze(1)
+        pools = (exists & ~final, exists & final)
+    else:
+        pools = (exists,)
+    advantages = torch.zeros_like(values)
+    for member in pools:             # disjoint: each sentence is normalised within its own pool
+        advantages = advantages + _normalised_within(values, member, group_size, eps, weighting, scale)
+    if mode == "cumulative":        # sentence s gets the sum of the normalised rewards of s .. S_i - 1
+        advantages = advantages.flip(1).cumsum(1).flip(1)
+        advantages = torch.where(exists, advantages, 0.0)
+    if answer_mix != 0:
+        answer = answer_advantages(rewards, num_sentences, group_size, eps=eps, scale=scale)
+        advantages = torch.where(exists, (1 - answer_mix) * advantages + answer_mix * answer.unsqueeze(1), 0.0)
+    return advantages
+
+
+def _normalised_within(values: torch.Tensor, member: torch.Tensor, group_size: int, eps: float, weighting: str,
+                       scale: str) -> torch.Tensor:
+    """``(v − μ) / (σ + eps)`` (``scale="none"``: ``v − μ``) for the sentences where ``member [B, S]`` holds, with
+    ``μ``, ``σ`` the group's weighted mean and spread over its members; 0 elsewhere."""
+    batch, num_slots = values.shape
+    if weighting == "output":       # every output with a member weighs 1, split evenly over its members
+        weight = member / member.sum(1, keepdim=True).clamp(min=1).to(values.dtype)
+    else:                           # every member sentence of the group weighs 1
+        weight = member.to(values.dtype)
 
     def group_sum(per_slot):                                             # [B, S] -> [B / G, 1]
         return per_slot.reshape(batch // group_size, group_size * num_slots).sum(1, keepdim=True)
@@ -416,23 +444,16 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
 
     total_weight = group_sum(weight).clamp(min=1)                        # G' (or the group's sentence count)
     mean = per_row(group_sum(weight * values) / total_weight)
-    centered = values - mean
+    centered = torch.where(member, values - mean, 0.0)
     if scale in ("std", "unbiased_std"):
         # unbiased_std: Bessel's correction on the group's weight (G' outputs, or its sentence count), as
         # torch.std and verl's grpo estimator compute it at one sentence per output
         count = total_weight if scale == "std" else (total_weight - 1).clamp(min=1)
         std = per_row(group_sum(weight * centered ** 2) / count).sqrt()
-        advantages = centered / (std + eps)
+        normalised = centered / (std + eps)
     else:
-        advantages = centered
-    advantages = torch.where(exists, advantages, 0.0)
-    if mode == "cumulative":        # sentence s gets the sum of the normalised rewards of s .. S_i - 1
-        advantages = advantages.flip(1).cumsum(1).flip(1)
-        advantages = torch.where(exists, advantages, 0.0)
-    if answer_mix != 0:
-        answer = answer_advantages(rewards, num_sentences, group_size, eps=eps, scale=scale)
-        advantages = torch.where(exists, (1 - answer_mix) * advantages + answer_mix * answer.unsqueeze(1), 0.0)
-    return advantages
+        normalised = centered
+    return torch.where(member, normalised, 0.0)
 
 
 def answer_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, eps: float = 1e-4,

@@ -35,6 +35,7 @@ ADVANTAGES = ("sentence", "cumulative", "broadcast")
 CREDITS = ("sentence", "answer")
 RATIOS = ("token", "sentence", "output")
 LEVEL_AXES = {"token": ("answer", "token"), "sentence": ("sentence", "sentence"), "output": ("answer", "output")}
+BASELINES = ("pooled", "split_final")
 CHAIN_MAX_LENGTH, CHAIN_MAX_FACTS, CHAIN_MAX_OPERAND = 40, 52, 9
 BENCH_PRESETS = ("quick", "cpu", "gpu", "options")
 TRAIN_SIZE = 20000                       # problems in train.jsonl
@@ -139,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sentence level, --advantage sentence: weight a in [0, 1] of the answer's normalised "
                             "mean reward fused into each sentence's advantage, (1-a)*sentence + a*answer "
                             "(default: 0, pure sentence credit; 1 is --advantage broadcast)")
+    train.add_argument("--baseline", choices=BASELINES, default="pooled",
+                       help="sentence credit: one baseline over all sentences of the group (pooled, the seed) or the "
+                            "last sentence of each answer normalised among the group's last sentences "
+                            "(split_final: stopping is not systematically penalised) (default: pooled)")
     train.add_argument("--output-ratio-level", choices=RATIO_LEVELS,
                        help="output level's ratio: exp of the mean (GSPO) or of the sum of the answer's token "
                             "log-ratios (default: mean)")
@@ -300,6 +305,9 @@ def _check_train(args) -> None:
     _require(not args.answer_mix or (credit == "sentence" and args.advantage == "sentence"), args,
              f"--answer-mix applies to --level sentence (or --credit sentence) with --advantage sentence, not "
              f"--credit {credit} --advantage {args.advantage}")
+    _require(args.baseline == "pooled" or credit == "sentence", args,
+             f"--baseline {args.baseline} splits the sentence baseline: it needs sentence credit, not --credit "
+             f"{credit}")
     _between(args, "step_noise", 0, 1, open_high=True)
     _require(not args.step_noise or (args.task == "chain" and not args.outcome_reward), args,
              "--step-noise flips the chain task's step scores: it needs --task chain without --outcome-reward")

@@ -88,9 +88,14 @@ def test_group_where_no_output_has_a_sentence(answer_mix):
     assert torch.count_nonzero(advantages[:2]) == 3
 
 
-def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode, answer_mix=0.0):
-    """Independent statement with Python loops over groups, outputs and sentences."""
+def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode, answer_mix=0.0,
+                    baseline="pooled"):
+    """Independent statement with Python loops over groups, pools, outputs and sentences."""
     result = torch.zeros_like(rewards)
+    if baseline == "split_final":        # an answer's last sentence in one pool, its other sentences in the other
+        pools = (lambda n: list(range(n - 1)), lambda n: [n - 1])
+    else:
+        pools = (lambda n: list(range(n)),)
     for start in range(0, rewards.shape[0], group_size):
         outputs = [(b, int(num_sentences[b])) for b in range(start, start + group_size) if num_sentences[b] > 0]
         if not outputs:
@@ -101,24 +106,33 @@ def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, m
         answer_spread = sum((value - answer_mean) ** 2 for value in answer_means.values())
         answer_var = answer_spread / (max(len(outputs) - 1, 1) if scale == "unbiased_std" else len(outputs))
         answer_scale = math.sqrt(answer_var) + eps if scale != "none" else 1.0
-        if weighting == "output":
-            count = len(outputs)
-            mean = sum(sum(rewards[b, :n].tolist()) / n for b, n in outputs) / count
-            spread = sum(sum((r - mean) ** 2 for r in rewards[b, :n].tolist()) / n for b, n in outputs)
-        else:
-            values = [r for b, n in outputs for r in rewards[b, :n].tolist()]
-            count = len(values)
-            mean = sum(values) / count
-            spread = sum((r - mean) ** 2 for r in values)
-        var = spread / (max(count - 1, 1) if scale == "unbiased_std" else count)
+        normalised = {b: [0.0] * n for b, n in outputs}
+        for slots_of in pools:
+            members = [(b, slots_of(n)) for b, n in outputs if slots_of(n)]
+            if not members:
+                continue
+            if weighting == "output":
+                count = len(members)
+                mean = sum(sum(rewards[b, s].item() for s in slots) / len(slots) for b, slots in members) / count
+                spread = sum(sum((rewards[b, s].item() - mean) ** 2 for s in slots) / len(slots)
+                             for b, slots in members)
+            else:
+                values = [rewards[b, s].item() for b, slots in members for s in slots]
+                count = len(values)
+                mean = sum(values) / count
+                spread = sum((r - mean) ** 2 for r in values)
+            var = spread / (max(count - 1, 1) if scale == "unbiased_std" else count)
+            for b, slots in members:
+                for s in slots:
+                    centred = rewards[b, s].item() - mean
+                    normalised[b][s] = centred / (math.sqrt(var) + eps) if scale != "none" else centred
         for b, n in outputs:
-            normalised = [(r - mean) / (math.sqrt(var) + eps) if scale != "none" else r - mean
-                          for r in rewards[b, :n].tolist()]
+            values = normalised[b]
             if mode == "cumulative":
-                normalised = [sum(normalised[s:]) for s in range(n)]
+                values = [sum(values[s:]) for s in range(n)]
             answer = (answer_means[b] - answer_mean) / answer_scale
-            normalised = [(1 - answer_mix) * value + answer_mix * answer for value in normalised]
-            result[b, :n] = torch.tensor(normalised, dtype=rewards.dtype)
+            values = [(1 - answer_mix) * value + answer_mix * answer for value in values]
+            result[b, :n] = torch.tensor(values, dtype=rewards.dtype)
     return result
 
 
@@ -126,15 +140,17 @@ def loop_advantages(rewards, num_sentences, group_size, eps, weighting, scale, m
 @pytest.mark.parametrize("scale", ["std", "none", "unbiased_std"])
 @pytest.mark.parametrize("mode", ["sentence", "cumulative"])
 @pytest.mark.parametrize("answer_mix", [0.0, 0.35])
-def test_random_groups_match_loop_statement(weighting, scale, mode, answer_mix):
+@pytest.mark.parametrize("baseline", ["pooled", "split_final"])
+def test_random_groups_match_loop_statement(weighting, scale, mode, answer_mix, baseline):
     generator = torch.Generator().manual_seed(4)
     rewards = torch.rand(12, 7, generator=generator, dtype=torch.float64)
     num_sentences = torch.randint(0, 8, (12,), generator=generator)
     num_sentences[3:6] = 0                      # a group with no sentence at all
     num_sentences[7] = 0                        # and one output without a sentence in a group with others
+    num_sentences[8] = 1                        # an output whose only sentence is its last
     advantages = compute(rewards, num_sentences, 3, eps=1e-4, weighting=weighting, scale=scale,
-                         mode=mode, answer_mix=answer_mix)
-    expected = loop_advantages(rewards, num_sentences, 3, 1e-4, weighting, scale, mode, answer_mix)
+                         mode=mode, answer_mix=answer_mix, baseline=baseline)
+    expected = loop_advantages(rewards, num_sentences, 3, 1e-4, weighting, scale, mode, answer_mix, baseline)
     torch.testing.assert_close(advantages, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -169,6 +185,25 @@ def test_full_answer_mix_is_the_answer_advantage_broadcast(scale):
     torch.testing.assert_close(mixed, torch.where(exists, answer, 0.0), rtol=1e-12, atol=1e-12)
 
 
+def test_split_final_baseline_by_hand():
+    """Two answers whose steps are all right and whose answer lines are wrong (0) and right (1). Pooled (output
+    weighting): μ = (3/4 + 1) / 2 = 7/8, so the wrong answer line gets a large negative advantage (−0.875 / σ) and
+    every right step or line the same small positive one (0.125 / σ). Split: the answer lines are normalised
+    against each other (±1), the steps against the steps (all equal: 0)."""
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    rewards[1, 2] = 1.0                                                   # answer 1: two steps, then its line
+    num_sentences = torch.tensor([4, 3])
+    split = compute(rewards, num_sentences, 2, eps=1e-12, baseline="split_final")
+    torch.testing.assert_close(split, torch.tensor([[0.0, 0.0, 0.0, -1.0], [0.0, 0.0, 1.0, 0.0]],
+                                                   dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    pooled = compute(rewards, num_sentences, 2, eps=1e-12)
+    assert pooled[0, 3] < -1.5 and 0 < pooled[1, 2] < pooled[0, 0] + 1e-12 and pooled[0, 0] > 0
+    one_sentence = torch.tensor([1, 1, 1, 1])                             # every sentence is a last one: no change
+    rewards = torch.rand(4, 2, dtype=torch.float64)
+    torch.testing.assert_close(compute(rewards, one_sentence, 2, baseline="split_final"),
+                               compute(rewards, one_sentence, 2), rtol=1e-12, atol=1e-12)
+
+
 def test_float32_rewards_stay_float32():
     advantages = compute(torch.rand(4, 3), torch.tensor([1, 2, 3, 3]), 2)
     assert advantages.dtype == torch.float32 and advantages.shape == (4, 3)
@@ -176,14 +211,15 @@ def test_float32_rewards_stay_float32():
 
 @pytest.mark.parametrize("group_size, num_slots", [(70, 5), (20, 40), (3, 1100)],
                          ids=["group-over-two-tiles", "wide-rows-two-tiles", "one-row-per-tile"])
-@pytest.mark.parametrize("mode", ["sentence", "cumulative"])
-def test_groups_larger_than_a_tile(group_size, num_slots, mode):
+@pytest.mark.parametrize("mode,baseline", [("sentence", "pooled"), ("cumulative", "pooled"),
+                                           ("sentence", "split_final")])
+def test_groups_larger_than_a_tile(group_size, num_slots, mode, baseline):
     generator = torch.Generator().manual_seed(group_size)
     batch = 2 * group_size
     rewards = torch.rand(batch, num_slots, generator=generator, dtype=torch.float64)
     num_sentences = torch.randint(0, num_slots + 1, (batch,), generator=generator, dtype=torch.int32)
-    advantages = compute(rewards, num_sentences, group_size, mode=mode, answer_mix=0.6)
-    expected = loop_advantages(rewards, num_sentences, group_size, 1e-4, "output", "std", mode, 0.6)
+    advantages = compute(rewards, num_sentences, group_size, mode=mode, answer_mix=0.6, baseline=baseline)
+    expected = loop_advantages(rewards, num_sentences, group_size, 1e-4, "output", "std", mode, 0.6, baseline)
     torch.testing.assert_close(advantages, expected, rtol=1e-10, atol=1e-10)
 
 

@@ -197,16 +197,18 @@ def test_cli_trains_on_the_chain_task(tmp_path, capsys):
     # sampled held-out accuracy
     main(["train", "--model", str(tmp_path / "sft"), "--output-dir", str(tmp_path / "process"), "--steps", "1",
           "--group-size", "2", "--prompts", "2", "--credit", "sentence", "--ratio", "token", "--step-noise", "0.2",
-          "--mu", "2", "--eval-samples", "2", *common])
+          "--mu", "2", "--eval-samples", "2", "--baseline", "split_final", *common])
     config = json.loads((tmp_path / "process" / "grpo_config.json").read_text())
     assert (config["credit"], config["ratio"], config["mu"], config["eval_samples"]) == ("sentence", "token", 2, 2)
+    assert config["baseline"] == "split_final"
     records = [json.loads(line) for line in open(tmp_path / "process" / "metrics.jsonl")]
     assert "eval_sampled_accuracy" in records[0] and "ratio_mean_last" in records[1]
     capsys.readouterr()
     for flags, message in ((["--credit", "sentence", "--ratio", "output"], "no longer than a sentence"),
                            (["--level", "output", "--answer-mix", "0.5"], "--answer-mix applies"),
                            (["--step-noise", "0.2", "--outcome-reward"], "--step-noise flips"),
-                           (["--step-noise", "1"], r"--step-noise must lie in \[0, 1\)")):
+                           (["--step-noise", "1"], r"--step-noise must lie in \[0, 1\)"),
+                           (["--level", "token", "--baseline", "split_final"], "needs sentence credit")):
         with pytest.raises(SystemExit, match=message):
             main(["train", "--model", str(tmp_path / "sft"), "--output-dir", str(tmp_path / "y"), *flags, *common])
     with pytest.raises(SystemExit, match="mistaught must lie"):

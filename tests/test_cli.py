@@ -96,6 +96,7 @@ def test_the_front_end_repeats_the_trainers_choices_and_bounds():
     assert front.DEFAULT_SENTENCE_RATIO_LEVEL == levels.DEFAULT_SENTENCE_RATIO_LEVEL
     assert front.ADVANTAGES == grpo.ADVANTAGES
     assert (front.CREDITS, front.RATIOS, front.LEVEL_AXES) == (grpo.CREDITS, grpo.RATIOS, grpo.LEVEL_AXES)
+    assert front.BASELINES == config.ADVANTAGE_BASELINES
     assert set(front.TASKS) == set(arith.SIZES) | {"chain"}
     chain.ChainConfig(length=front.CHAIN_MAX_LENGTH, num_facts=front.CHAIN_MAX_FACTS)
     for options in (dict(length=front.CHAIN_MAX_LENGTH + 1), dict(num_facts=front.CHAIN_MAX_FACTS + 1)):

@@ -248,6 +248,8 @@ def test_credit_and_ratio_are_two_axes_and_level_is_their_shorthand():
                              (dict(advantage="cumulative", credit="answer"), "needs credit='sentence'"),
                              (dict(credit="answer", answer_mix=0.5), "answer_mix mixes"),
                              (dict(eval_samples=-1), "eval_samples"), (dict(eval_greedy=False), "eval_greedy"),
+                             (dict(baseline="median"), "baseline must be one of"),
+                             (dict(level="output", baseline="split_final"), "needs credit='sentence'"),
                              (dict(steps=5, eval_steps=(6,)), "eval_steps")):
         with pytest.raises(ValueError, match=message):
             GRPOLoopConfig(**options)
@@ -283,6 +285,19 @@ def test_each_cell_gives_the_loss_its_segments_and_advantages(tmp_path, credit, 
         assert (advantages[~mask] == 0).all()
     record = run.step()
     assert math.isfinite(record["loss"]) and record["clip_fraction"] == 0.0 and record["ratio_mean"] == 1.0
+
+
+def test_the_split_final_baseline_reaches_the_advantages(tmp_path):
+    from sgrpo_kernels import group_sentence_advantages
+
+    torch.manual_seed(0)
+    run = trainer(tmp_path, baseline="split_final", reward=noise_reward())
+    batch = run.rollout()
+    _, advantages = run.advantages(batch)
+    num_sentences = batch["sentences"].num_sentences
+    expected = group_sentence_advantages(batch["rewards"], num_sentences, 3, baseline="split_final")
+    torch.testing.assert_close(advantages, expected)
+    assert not torch.allclose(advantages, group_sentence_advantages(batch["rewards"], num_sentences, 3))
 
 
 @pytest.mark.parametrize("credit,ratio", [("sentence", "sentence"), ("sentence", "token"), ("answer", "output")])

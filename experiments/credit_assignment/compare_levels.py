@@ -13,6 +13,8 @@ Variants (each from the same checkpoint, with the same steps, prompts and sample
   without the token weighting);
 - ``mix``: each sentence ``0.5 · its own advantage + 0.5 · its answer's`` (``answer_mix=0.5``, the seed's
   multi-scale fusion of sentence and answer credit);
+- ``sentence-split``: the sentence level with each answer's last sentence normalised among the group's last
+  sentences (``baseline="split_final"``, the remedy for the stopping bias of round 2 at 16 steps);
 - ``cumulative``: each sentence the reward-to-go of the normalised sentence rewards;
 - ``outcome``: the binary outcome of the answer on every sentence, output level (the R1 baseline; chain task);
 - ``token-mu2``: token level with two updates per batch (with one update, on-policy, the token level's gradient
@@ -56,6 +58,7 @@ VARIANTS = {
     "output-sum": (dict(level="output", output_ratio_level="sum"), {}),
     "broadcast": (dict(level="sentence", advantage="broadcast"), {}),
     "mix": (dict(level="sentence", answer_mix=0.5), {}),
+    "sentence-split": (dict(level="sentence", baseline="split_final"), {}),
     "cumulative": (dict(level="sentence", advantage="cumulative"), {}),
     "outcome": (dict(level="output"), dict(outcome_only=True)),
     "token-mu2": (dict(level="token", mu=2), {}),

@@ -68,7 +68,7 @@ class Passes(Protocol):
         ``logits`` itself. Rows whose coefficients are all 0 get zeros."""
 
     def group_advantages(self, rewards, num_sentences, group_size: int, eps: float, weighting: str, scale: str,
-                         mode: str, answer_mix: float = 0.0) -> torch.Tensor | None:
+                         mode: str, answer_mix: float = 0.0, baseline: str = "pooled") -> torch.Tensor | None:
         """Group-relative sentence advantages ``[B, S_max]`` (``reference.group_sentence_advantages``), or
         ``None`` when this backend cannot take the shape (the caller then uses the reference)."""
 

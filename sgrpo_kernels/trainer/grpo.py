@@ -27,6 +27,7 @@ import torch
 
 from .. import levels
 from ..advantages import group_sentence_advantages
+from ..config import ADVANTAGE_BASELINES
 from ..integrations.hf import completion_hidden_states
 from ..loss import fused_linear_sentence_grpo_loss, fused_linear_token_logprobs
 from ..segmentation import Segmenter
@@ -58,6 +59,9 @@ class GRPOLoopConfig:
     # sentence level, advantage="sentence": weight of the answer-level advantage fused into each sentence's,
     # (1 - a) * A_sentence + a * A_answer (the seed's multi-scale credit; 0 is pure sentence credit, 1 broadcast)
     answer_mix: float = 0.0
+    # sentence credit: "pooled" (one baseline over the group's sentences, the seed) or "split_final" (each answer's
+    # last sentence normalised among the group's last sentences: no systematic negative credit for stopping)
+    baseline: str = "pooled"
     output_ratio_level: str = "mean"  # output level: GSPO's length-normalised ratio, or "sum" (the product)
     steps: int = 60
     prompts_per_step: int = 8
@@ -105,6 +109,11 @@ class GRPOLoopConfig:
             raise ValueError("advantage='cumulative' sums sentence advantages: it needs credit='sentence'")
         if not 0.0 <= self.answer_mix <= 1.0:
             raise ValueError(f"answer_mix must lie in [0, 1], got {self.answer_mix}")
+        if self.baseline not in ADVANTAGE_BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(map(repr, ADVANTAGE_BASELINES))}, "
+                             f"got {self.baseline!r}")
+        if self.baseline != "pooled" and self.credit != "sentence":
+            raise ValueError(f"baseline={self.baseline!r} splits the sentence baseline: it needs credit='sentence'")
         if self.answer_mix and (self.credit != "sentence" or self.advantage != "sentence"):
             raise ValueError(f"answer_mix mixes per-sentence advantages (credit='sentence', advantage='sentence'); "
                              f"got credit={self.credit!r}, advantage={self.advantage!r}")
@@ -188,7 +197,8 @@ class GRPOLoop:
         else:
             mode = "cumulative" if config.advantage == "cumulative" else "sentence"
             advantages = group_sentence_advantages(rewards, sentences.num_sentences, config.group_size,
-                                                   scale=config.scale, mode=mode, answer_mix=config.answer_mix)
+                                                   scale=config.scale, mode=mode, answer_mix=config.answer_mix,
+                                                   baseline=config.baseline)
         if self.loss_segmenter is None:                       # ratio="sentence": the rewarded sentences
             return sentences.segment_ids, advantages
         segment_ids = self.loss_segmenter(batch["completion_ids"], batch["mask"]).segment_ids

@@ -69,10 +69,10 @@ def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: Sent
 
 
 def group_advantages(rewards, num_sentences, group_size: int, eps: float, weighting: str, scale: str,
-                     mode: str, answer_mix: float = 0.0) -> torch.Tensor:
+                     mode: str, answer_mix: float = 0.0, baseline: str = "pooled") -> torch.Tensor:
     """Group-relative sentence advantages in C++ (``csrc/group_advantages.cpp``); the contract of
     ``ops.passes.Passes.group_advantages``."""
     load()
     return torch.ops.sgrpo_native.group_advantages(rewards, num_sentences, group_size, float(eps),
                                                    weighting == "output", SCALE_CODES[scale], mode == "cumulative",
-                                                   float(answer_mix))
+                                                   float(answer_mix), baseline == "split_final")

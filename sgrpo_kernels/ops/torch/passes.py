@@ -260,7 +260,8 @@ def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: Sent
 
 
 def group_advantages(rewards, num_sentences, group_size: int, eps: float, weighting: str, scale: str,
-                     mode: str, answer_mix: float = 0.0) -> torch.Tensor:
+                     mode: str, answer_mix: float = 0.0, baseline: str = "pooled") -> torch.Tensor:
     """Group advantages: the vectorised statement of ``reference.py`` is already one pass of a few ATen ops."""
     return reference.group_sentence_advantages(rewards, num_sentences.long(), group_size, eps=eps,
-                                               weighting=weighting, scale=scale, mode=mode, answer_mix=answer_mix)
+                                               weighting=weighting, scale=scale, mode=mode, answer_mix=answer_mix,
+                                               baseline=baseline)

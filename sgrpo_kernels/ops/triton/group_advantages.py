@@ -3,9 +3,10 @@
 A program walks its group in tiles of ``BLOCK_G`` outputs × ``BLOCK_S`` sentence slots (``BLOCK_S >= S_max``,
 so that a whole row sits in one tile for the cumulative mode) four times: the largest reward (a shift that
 makes equal rewards centre to exactly 0), the weighted mean, the weighted variance, then the output.
-The options (weighting, scale, mode, answer_mix) are runtime arguments: they select a few scalar operations, and
-one compiled kernel per tile shape serves every combination. The answer level of ``answer_mix`` (each member's mean
-reward) rides along in the same walks.
+The options (weighting, scale, mode, answer_mix, baseline) are runtime arguments: they select a few scalar
+operations, and one compiled kernel per tile shape serves every combination. The answer level of ``answer_mix`` (each
+member's mean reward) rides along in the same walks, and so do the statistics of the last sentences' own pool
+(``baseline="split_final"``).
 """
 
 from __future__ import annotations
@@ -51,19 +52,34 @@ def _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots, group_siz
 
 
 @triton.jit
+def _pools(exists, count, split_final, output_weighting, dtype, BLOCK_S: tl.constexpr):
+    """Which existing sentences are an answer's last one in its own pool (``split_final``) and each existing
+    sentence's weight within its pool: 1, or with output weighting 1 over the row's members of that pool."""
+    slots = tl.arange(0, BLOCK_S)
+    final = exists & (slots[None, :] == count[:, None] - 1) & (split_final != 0)
+    body_members = tl.where(split_final != 0, count - 1, count)
+    per_body = tl.where(output_weighting != 0, 1.0 / tl.maximum(body_members, 1).to(dtype), 1.0)
+    weight = tl.where(final, 1.0, tl.where(exists, per_body[:, None], 0.0))
+    return final, weight
+
+
+@triton.jit
 def _row_means(rewards, exists, count):
     """Each member's mean sentence reward ``[BLOCK_G]`` and whether it has a sentence (the answer level)."""
     means = tl.sum(tl.where(exists, rewards, 0.0), 1) / tl.maximum(count, 1).to(rewards.dtype)
     return means, count > 0
 
 
-@triton.jit(do_not_specialize=["num_slots", "group_size", "output_weighting", "scale_code", "cumulative"])
+@triton.jit(do_not_specialize=["num_slots", "group_size", "output_weighting", "scale_code", "cumulative",
+                               "split_final"])
 def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, group_size, eps: tl.float64,
-                            output_weighting, scale_code, cumulative, answer_mix: tl.float64,
+                            output_weighting, scale_code, cumulative, answer_mix: tl.float64, split_final,
                             BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     """rewards, out: flat ``[B * S]`` in the accumulator dtype; num_sentences: ``[B]`` int64; ``BLOCK_S >= S``.
     ``answer_mix`` ``α``: the result is ``(1 − α)·Â_sentence + α·Â_answer`` (``reference.answer_advantages``), whose
-    statistics the same walks gather (each member's mean reward, over the members with a sentence)."""
+    statistics the same walks gather (each member's mean reward, over the members with a sentence).
+    ``split_final``: each answer's last sentence is normalised within the pool of the group's last sentences, the
+    others within theirs (``_final`` statistics beside the others)."""
     first_row = tl.program_id(0).to(tl.int64) * group_size
     zero = tl.zeros([], out_ptr.dtype.element_ty)
     shift = zero - float("inf")
@@ -77,39 +93,50 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
     shift = tl.where(shift == float("-inf"), 0.0, shift)
     answer_shift = tl.where(answer_shift == float("-inf"), 0.0, answer_shift)
 
-    # weight: every output weighs 1, split evenly over its sentences ("output"), or every sentence weighs 1
+    # weight: every output weighs 1, split evenly over its sentences of the pool ("output"), or every sentence 1
     total = zero
     weighted_sum = zero
+    total_final = zero
+    sum_final = zero
     answers = zero
     answer_sum = zero
     for start in range(0, group_size, BLOCK_G):
         _, exists, _, rewards, count = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
                                              group_size, BLOCK_G, BLOCK_S)
-        per_sentence = tl.where(output_weighting != 0, 1.0 / tl.maximum(count, 1).to(zero.dtype), 1.0)
-        weight = tl.where(exists, per_sentence[:, None], 0.0)
-        total += tl.sum(tl.sum(weight, 1), 0)
-        weighted_sum += tl.sum(tl.sum(weight * tl.where(exists, rewards - shift, 0.0), 1), 0)
+        final, weight = _pools(exists, count, split_final, output_weighting, zero.dtype, BLOCK_S)
+        weighted = weight * tl.where(exists, rewards - shift, 0.0)
+        total += tl.sum(tl.sum(tl.where(final, 0.0, weight), 1), 0)
+        weighted_sum += tl.sum(tl.sum(tl.where(final, 0.0, weighted), 1), 0)
+        total_final += tl.sum(tl.sum(tl.where(final, weight, 0.0), 1), 0)
+        sum_final += tl.sum(tl.sum(tl.where(final, weighted, 0.0), 1), 0)
         means, has_sentence = _row_means(rewards, exists, count)
         answers += tl.sum(has_sentence.to(zero.dtype), 0)
         answer_sum += tl.sum(tl.where(has_sentence, means - answer_shift, 0.0), 0)
     total = tl.maximum(total, 1.0)
     mean = weighted_sum / total
+    total_final = tl.maximum(total_final, 1.0)
+    mean_final = sum_final / total_final
     answers = tl.maximum(answers, 1.0)
     answer_mean = answer_sum / answers
 
     squares = zero
+    squares_final = zero
     answer_squares = zero
     for start in range(0, group_size, BLOCK_G):
         _, exists, _, rewards, count = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
                                              group_size, BLOCK_G, BLOCK_S)
-        per_sentence = tl.where(output_weighting != 0, 1.0 / tl.maximum(count, 1).to(zero.dtype), 1.0)
-        centred = tl.where(exists, rewards - shift - mean, 0.0)
-        squares += tl.sum(tl.sum(tl.where(exists, per_sentence[:, None], 0.0) * centred * centred, 1), 0)
+        final, weight = _pools(exists, count, split_final, output_weighting, zero.dtype, BLOCK_S)
+        centred = tl.where(exists, rewards - shift - tl.where(final, mean_final, mean), 0.0)
+        spread = weight * centred * centred
+        squares += tl.sum(tl.sum(tl.where(final, 0.0, spread), 1), 0)
+        squares_final += tl.sum(tl.sum(tl.where(final, spread, 0.0), 1), 0)
         means, has_sentence = _row_means(rewards, exists, count)
         answer_centred = tl.where(has_sentence, means - answer_shift - answer_mean, 0.0)
         answer_squares += tl.sum(answer_centred * answer_centred, 0)
     divisor = tl.where(scale_code == 2, tl.maximum(total - 1.0, 1.0), total)     # 2: Bessel's correction
     scale = tl.where(scale_code != 0, tl.sqrt(squares / divisor) + as_dtype(eps, zero.dtype), 1.0)
+    divisor_final = tl.where(scale_code == 2, tl.maximum(total_final - 1.0, 1.0), total_final)
+    scale_final = tl.where(scale_code != 0, tl.sqrt(squares_final / divisor_final) + as_dtype(eps, zero.dtype), 1.0)
     answer_count = tl.where(scale_code == 2, tl.maximum(answers - 1.0, 1.0), answers)
     answer_scale = tl.where(scale_code != 0, tl.sqrt(answer_squares / answer_count) + as_dtype(eps, zero.dtype), 1.0)
     mix = as_dtype(answer_mix, zero.dtype)
@@ -118,7 +145,9 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
     for start in range(0, group_size, BLOCK_G):
         offsets, exists, in_row, rewards, count = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
                                                         group_size, BLOCK_G, BLOCK_S)
-        advantages = tl.where(exists, (rewards - shift - mean) / scale, 0.0)
+        final, _ = _pools(exists, count, split_final, output_weighting, zero.dtype, BLOCK_S)
+        advantages = tl.where(final, (rewards - shift - mean_final) / scale_final,
+                              tl.where(exists, (rewards - shift - mean) / scale, 0.0))
         # cumulative: sentence s gets the sum of the normalised rewards of s .. S_i - 1
         advantages = tl.where(cumulative != 0, tl.where(exists, tl.cumsum(advantages, 1, reverse=True), 0.0),
                               advantages)
@@ -130,7 +159,8 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
 
 
 def group_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_size: int, eps: float,
-                     weighting: str, scale: str, mode: str, answer_mix: float = 0.0) -> torch.Tensor | None:
+                     weighting: str, scale: str, mode: str, answer_mix: float = 0.0,
+                     baseline: str = "pooled") -> torch.Tensor | None:
     """The kernel on validated inputs: rewards ``[B, S]`` float, num_sentences ``[B]`` int, ``G | B``.
 
     Returns ``[B, S]`` advantages in the dtype of ``rewards``, or ``None`` when ``S`` exceeds ``MAX_SLOTS``.
@@ -144,7 +174,7 @@ def group_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_s
         group_advantages_kernel[(batch // group_size,)](
             float_vector(rewards, dtype), index_vector(num_sentences), out, num_slots, group_size, float(eps),
             int(weighting == "output"), SCALE_CODES[scale], int(mode == "cumulative"), float(answer_mix),
-            **group_launch_config(num_slots))
+            int(baseline == "split_final"), **group_launch_config(num_slots))
     else:
         out.zero_()
     return out.view(batch, num_slots).to(rewards.dtype)
