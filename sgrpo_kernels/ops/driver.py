@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed, reference
+from .. import distributed
+from . import sentence_math
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
 from .library import scale_gradients_
 from .passes import Passes, flat_token_weights, new_output
@@ -86,7 +87,7 @@ def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages
                          is_weights, process_group, packing=None):
     """Flat ``[B*T]`` weights ``q_t`` of the policy loss (``None``: all 1), the flat bool tokens of the entropy
     bonus, and ``vespo``'s per-sentence sums of log importance weights (fp64 ``[B*S_max]``, else ``None``), from
-    ``reference.policy_token_weights`` on the scored tokens (``scores``: pass A of every token; read only
+    ``sentence_math.policy_token_weights`` on the scored tokens (``scores``: pass A of every token; read only
     where a mask needs it). ``packing``: the answers of a packed row (``ops/packed.py``), else each row is one."""
     batch, length = segment_ids.shape
     segments = segment_ids.reshape(-1)
@@ -103,7 +104,7 @@ def policy_token_weights(config, scores, segment_ids, num_slots: int, advantages
     answers = dict(answer_of_token=positions // max(length, 1), answers=batch) if packing is None else dict(
         answer_of_token=packing.slot_answers[slots], answers=packing.answers,
         sequence_total=packing.total if packing.split else None)
-    entropy_mask, weight, log_is = reference.policy_token_weights(
+    entropy_mask, weight, log_is = sentence_math.policy_token_weights(
         config, scores.logp[positions], lambda: scores.entropy[positions], pick(sampling_logps), pick(old_logps),
         slot_advantages[slots], slots, batch * num_slots, pick(flat_weights), process_group, **answers)
     bonus_tokens = scored.clone()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reference import clipped_sentences
+from .sentence_math import clipped_sentences
 
 
 @dataclass

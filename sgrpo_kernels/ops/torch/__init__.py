@@ -1,7 +1,7 @@
 """The PyTorch backend: the passes in chunked PyTorch for CPU (or any) tensors; an ``ops.passes.Passes``."""
 
+from .group_advantages import group_advantages
 from .passes import (
-    group_advantages,
     logits_gradient,
     sentence_sums,
     sentence_terms,

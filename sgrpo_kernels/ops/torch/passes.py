@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ... import reference
 from ...config import LossConfig
 from ..layout import SentenceLayout, SentenceSums, SentenceTerms
 from ..passes import TokenScores, check_row_layout, new_token_scores
+from ..sentence_math import geo_clip, kl_slope, kl_value, policy_surrogate_and_slope, vespo_weight
 
 CHUNK_BYTES = 16 * 2**20
 
@@ -99,16 +99,6 @@ def _slot_advantages(advantages, num_slots: int, slots, dtype):
     return per_slot[slots].to(dtype)
 
 
-def geo_clip(token_delta, advantage, config: LossConfig):
-    """``geo_mean``'s clipped token log-ratio (``min(Δ, eps_high)`` where ``Â > 0``, ``max(Δ, −eps_low)`` where
-    ``Â < 0``, 0 where ``Â = 0``; NaN passes) and where the clip acted."""
-    upper = torch.where(token_delta > config.eps_high, config.eps_high, token_delta)
-    lower = torch.where(token_delta < -config.eps_low, -config.eps_low, token_delta)
-    kept = torch.where(advantage > 0, upper, torch.where(advantage < 0, lower, 0.0))
-    clipped = ((advantage > 0) & (token_delta > config.eps_high)) | ((advantage < 0) & (token_delta < -config.eps_low))
-    return kept, clipped
-
-
 def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, sums: SentenceSums, config,
                   tokens=None, token_weights=None, advantages=None) -> None:
     """Pass B, sums; the contract of ``ops.passes.Passes.sentence_sums``."""
@@ -123,41 +113,12 @@ def sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots: int, sums:
             sums.clipped_tokens.index_add_(0, slots, clipped.double())
     if sums.kl is not None:
         ref_minus_logp = ref_logps.reshape(-1)[positions].to(logp.dtype) - token_logp
-        sums.kl.index_add_(0, slots, reference.kl_estimate(ref_minus_logp, config.kl_estimator).double())
+        sums.kl.index_add_(0, slots, kl_value(ref_minus_logp, config.kl_estimator).double())
     weight = None if token_weights is None else token_weights[positions].to(logp.dtype)
     if sums.logp is not None:
         sums.logp.index_add_(0, slots, (token_logp if weight is None else weight * token_logp).double())
     if sums.weight is not None:
         sums.weight.index_add_(0, slots, weight.double())
-
-
-def policy_surrogate_and_slope(ratio, advantage, config: LossConfig):
-    """``reference.policy_surrogate`` (ppo_clip, sapo) and its derivative with respect to ``log ρ``."""
-    if config.objective == "sapo":
-        # τ in the dtype of Â (a where() of two Python floats would round them to float32)
-        tau = torch.where(advantage > 0, torch.full_like(advantage, config.sapo_tau_pos),
-                          torch.full_like(advantage, config.sapo_tau_neg))
-        gate = torch.sigmoid(tau * (ratio - 1))
-        return gate * 4 / tau * advantage, 4 * gate * (1 - gate) * ratio * advantage
-    # min(ρ_u·Â, clip(ρ)·Â); on a tie both branches share the gradient, as in torch.minimum/maximum
-    unclipped, unclipped_slope = ratio, ratio
-    if config.delta is not None:
-        unclipped = ratio.clamp(max=config.delta)
-        unclipped_slope = torch.where(ratio <= config.delta, ratio, 0.0)
-    low, high = 1 - config.eps_low, 1 + config.eps_high
-    clipped = ratio.clamp(low, high)
-    clipped_slope = torch.where((ratio >= low) & (ratio <= high), ratio, 0.0)
-    unclipped_term, clipped_term = unclipped * advantage, clipped * advantage
-    surrogate = torch.minimum(unclipped_term, clipped_term)
-    slope = torch.where(unclipped_term < clipped_term, unclipped_slope,
-                        torch.where(unclipped_term > clipped_term, clipped_slope,
-                                    0.5 * (unclipped_slope + clipped_slope))) * advantage
-    if config.clip_ratio_c is not None:         # dual clip: where Â < 0, max(surrogate, c·Â)
-        floor = config.clip_ratio_c * advantage
-        dual_slope = torch.where(surrogate > floor, slope, torch.where(surrogate < floor, 0.0, 0.5 * slope))
-        slope = torch.where(advantage < 0, dual_slope, slope)
-        surrogate = torch.where(advantage < 0, torch.maximum(surrogate, floor), surrogate)
-    return surrogate, slope
 
 
 def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, config: LossConfig) -> SentenceTerms:
@@ -187,7 +148,7 @@ def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, confi
             weight = ratio.clamp(max=config.eps_high)
         else:
             log_is = None if sums.log_is is None else sums.log_is.to(dtype)
-            weight = reference.vespo_weight(sums.log_ratio.to(dtype), log_is, advantage, config)
+            weight = vespo_weight(sums.log_ratio.to(dtype), log_is, advantage, config)
         loss = -weight * advantage * sums.logp.to(dtype) / divisor
         weight_coef = torch.where(exists, layout.weight * -weight * advantage / divisor, 0.0)
         shared = torch.zeros_like(loss)
@@ -222,19 +183,6 @@ def sentence_terms(layout: SentenceLayout, sums: SentenceSums, advantages, confi
                          weight_coef=weight_coef, clip_coef=clip_coef)
 
 
-def kl_slope(ref_minus_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """``∂kl_t/∂logp_t`` of ``reference.kl_estimate`` at ``x = ref − logp`` (k3's ``1 − e^x`` as ``−expm1(x)``:
-    ``1 − exp(x)`` cancels near 0, 6 % off at |x| = 1e-6 in fp32)."""
-    x = ref_minus_logp
-    if estimator == "k1":
-        return torch.ones_like(x)
-    if estimator == "k2":
-        return -x
-    if estimator == "abs":
-        return -torch.sign(x)
-    return -torch.expm1(x)
-
-
 def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: SentenceTerms, config,
                        tokens=None, token_weights=None, old_logps=None, advantages=None):
     """Pass B, per-token coefficient; the contract of ``ops.passes.Passes.token_coefficients``."""
@@ -257,11 +205,3 @@ def token_coefficients(logp, ref_logps, segment_ids, num_slots: int, terms: Sent
         values = values + terms.kl_coef[slots] * kl_slope(ref - logp[positions], config.kl_estimator)
     coef[list_positions] = values
     return coef
-
-
-def group_advantages(rewards, num_sentences, group_size: int, eps: float, weighting: str, scale: str,
-                     mode: str, answer_mix: float = 0.0, baseline: str = "pooled") -> torch.Tensor:
-    """Group advantages: the vectorised statement of ``reference.py`` is already one pass of a few ATen ops."""
-    return reference.group_sentence_advantages(rewards, num_sentences.long(), group_size, eps=eps,
-                                               weighting=weighting, scale=scale, mode=mode, answer_mix=answer_mix,
-                                               baseline=baseline)

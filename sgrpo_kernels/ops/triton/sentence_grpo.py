@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ...config import LossConfig
-from ...reference import VESPO_MIN_LOG_WEIGHT
+from ..sentence_math import VESPO_MIN_LOG_WEIGHT
 from ..layout import SentenceLayout, SentenceSums, SentenceTerms
 from ..passes import KL_ESTIMATOR_CODES, OBJECTIVE_CODES, float_vector, index_vector, new_output
 from .common import COMPILE_OPTIONS, as_dtype
@@ -205,7 +205,7 @@ def _sentence_terms_kernel(count_ptr, weight_ptr, log_ratio_sum_ptr, kl_sum_ptr,
     tl.store(clip_coef_ptr + index, tl.where(exists, weight * -advantage * geo_ratio * mean_weight * geo_slope, 0.0),
              mask=tl.where(geo, in_range, False))
     # cispo: L = −sg(min(ρ, eps_high)) · Â · mean_t q_t logp_t; ∂/∂logp_t = q_t · (−sg(·) · Â / n)
-    # vespo: the same with the gamma weight φ(w) (reference.vespo_weight) in place of min(ρ, eps_high), w from
+    # vespo: the same with the gamma weight φ(w) (sentence_math.vespo_weight) in place of min(ρ, eps_high), w from
     # the sentence's summed log-ratio and log importance weights
     cispo = objective == 1
     vespo = objective == 4
