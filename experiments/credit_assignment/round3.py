@@ -7,10 +7,15 @@ sizes at an equal rollout budget, a noisy step scorer, and long chains with a st
     python experiments/credit_assignment/round3.py summarise         # tables and plots of what is finished
 
 The protocol (round3/protocol.md) fixes everything below before any run. A run's record (every step's
-``metrics.jsonl`` line) lands in ``round3/<regime>/<run>.metrics.jsonl`` when it finishes and is never run again;
-a run interrupted half-way starts over. Lanes take the first run of the queue that is neither finished nor claimed
-by a live process (claims live under ``--work-dir``; a claim of another boot or of a dead process is void), and a
-seed run only once its cell's learning-rate sweep has finished.
+``metrics.jsonl`` line, then a last line with the commit of the code that ran it) lands in
+``<records>/<regime>/<run>.metrics.jsonl`` when it finishes and is never run again; a run interrupted half-way
+starts over. Lanes take the first run of the queue that is neither finished nor claimed by a live process (claims
+live under ``--work-dir``; a claim of another boot or of a dead process is void), and a seed run only once its
+cell's learning-rate sweep has finished.
+
+Every run of a round must come from the same code, while the package goes on changing: ``lanes`` runs the code of
+a git worktree at a fixed commit (``--code``, made with ``git worktree add``), and its records land in this
+checkout's ``round3/`` (``--records``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)                       # compare_levels.py, round 2's harness, beside this file
 ROOT = os.path.dirname(os.path.dirname(HERE))
-OUT = os.path.join(HERE, "round3")
+OUT = os.environ.get("SGRPO_ROUND3_RECORDS", os.path.join(HERE, "round3"))
+NOTHING_LEFT, WAITING = 10, 11           # exit codes of `work` besides 0 (a run done) and 1 (an error)
 WARM_STARTS = os.path.join(HERE, "warm-starts")
 
 # (credit, ratio, the sentence ratio's level) of each method: the seed's (its sentence ratio length-normalised, the
@@ -186,8 +192,8 @@ def try_claim(path: str) -> bool:
 
 
 def work(args) -> int:
-    """Run the first runnable run: 0 after a run, 3 when the rest waits on a sweep another lane is running, 1 when
-    nothing is left."""
+    """Run the first runnable run: 0 after a run, :data:`WAITING` when the rest waits on a sweep another lane is
+    running, :data:`NOTHING_LEFT` when nothing is left (an error exits with 1, as Python does)."""
     waiting = False
     for regime, method, lr, seed in queue():
         if lr is None:
@@ -204,7 +210,7 @@ def work(args) -> int:
         finally:
             os.remove(claim)
         return 0
-    return 3 if waiting else 1
+    return WAITING if waiting else NOTHING_LEFT
 
 
 # -- one run ---------------------------------------------------------------------------------------------------
@@ -260,9 +266,24 @@ def run(regime: str, method: str, lr: float, seed: int, args) -> None:
     shutil.rmtree(output_dir, ignore_errors=True)                 # an interrupted run starts over
     loop = make_loop(regime, method, lr, seed, output_dir)
     loop.train(progress=args.progress)
-    target = record_path(regime, method, lr, seed)
+    publish(os.path.join(output_dir, "metrics.jsonl"), record_path(regime, method, lr, seed), regime)
+
+
+def code_commit() -> str:
+    """The commit of the code that runs (``HEAD`` of this file's checkout, ``+changes`` when it has any)."""
+    def git(*arguments):
+        return subprocess.run(["git", *arguments], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def publish(metrics: str, target: str, regime: str) -> None:
+    """Copy a finished run's ``metrics.jsonl`` to its record, with a last line naming the code's commit."""
+    steps = 50 if regime == L16 else REGIMES[regime].steps
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copy(os.path.join(output_dir, "metrics.jsonl"), target + ".partial")
+    shutil.copy(metrics, target + ".partial")
+    with open(target + ".partial", "a") as handle:
+        handle.write(json.dumps({"step": steps, "code": code_commit()}) + "\n")
     os.replace(target + ".partial", target)
 
 
@@ -306,23 +327,35 @@ def run_l16(variant: str, lr: float, seed: int, args) -> None:
         train, held_out = problems(length=16)
         chain.write_jsonl(train, os.path.join(options.data_dir, "train.jsonl"))
         chain.write_jsonl(held_out, os.path.join(options.data_dir, "test.jsonl"))
+    options.out = os.path.join(args.work_dir, L16, "copies")          # compare_levels' own copy of the record
     os.makedirs(options.out, exist_ok=True)
     compare_levels.run_variant(variant, seed, lr, options)
+    publish(os.path.join(options.out, f"{run_name(variant, lr, seed)}.metrics.jsonl"),
+            record_path(L16, variant, lr, seed), L16)
 
 
 # -- lanes and status ------------------------------------------------------------------------------------------
 def lanes(args) -> None:
-    """Start ``count`` background lanes (``nohup``; each repeats ``work`` until the queue is empty), logging to
-    ``--work-dir``/lane<k>.log."""
+    """Start ``count`` background lanes (``nohup``; each repeats ``work`` of the code at ``--code`` until the queue
+    is empty, waits a minute when the rest waits on a sweep, and stops after three errors in a row), logging to
+    ``--work-dir``/lane<k>.log; records go to ``--records``."""
+    code = os.path.abspath(args.code)
+    script_path = os.path.join(code, "experiments", "credit_assignment", "round3.py")
+    if not os.path.exists(script_path):
+        raise SystemExit(f"--code {code}: no experiments/credit_assignment/round3.py (make it with git worktree add)")
     os.makedirs(args.work_dir, exist_ok=True)
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": code,
+                                "SGRPO_ROUND3_RECORDS": os.path.abspath(args.records)}
     for lane in range(args.count):
         log = os.path.join(args.work_dir, f"lane{lane}.log")
-        script = (f"while true; do {sys.executable} {os.path.abspath(__file__)} work --lane {lane} "
-                  f"--work-dir {args.work_dir}; status=$?; [ $status -eq 1 ] && break; "
-                  "[ $status -eq 3 ] && sleep 60; [ $status -ne 0 ] && [ $status -ne 3 ] && sleep 5; done")
+        script = (f"errors=0; while [ $errors -lt 3 ]; do {sys.executable} {script_path} work --lane {lane} "
+                  f"--work-dir {os.path.abspath(args.work_dir)}; status=$?; "
+                  f"[ $status -eq {NOTHING_LEFT} ] && break; [ $status -eq {WAITING} ] && sleep 60; "
+                  "[ $status -eq 0 ] && errors=0; "
+                  f"[ $status -ne 0 ] && [ $status -ne {WAITING} ] && errors=$((errors + 1)) && sleep 5; done")
         subprocess.Popen(["nohup", "bash", "-c", script], stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                         cwd=ROOT, start_new_session=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-        print(f"lane {lane}: log {log}")
+                         cwd=code, start_new_session=True, env=environment)
+        print(f"lane {lane}: code {code}, log {log}")
 
 
 def status(args) -> None:
@@ -348,6 +381,8 @@ def main(argv=None) -> int:
     one.add_argument("--progress", action="store_true", help="show the run's progress bar")
     many = commands.add_parser("lanes", help="start background lanes")
     many.add_argument("count", type=int)
+    many.add_argument("--code", required=True, help="a git worktree of this repository at the round's commit")
+    many.add_argument("--records", default=OUT, help="where the records land (default: round3/ beside this file)")
     commands.add_parser("status")
     commands.add_parser("summarise")
     for command in commands.choices.values():
