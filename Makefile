@@ -60,6 +60,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m benchmarks.bench_loss --preset quick
 	$(BIN)/python -m benchmarks.bench_fused_linear --preset quick
 	$(BIN)/python -m benchmarks.bench_rewards --preset quick
+	$(BIN)/python -m benchmarks.bench_trainers --preset quick
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check sgrpo_kernels tests examples benchmarks

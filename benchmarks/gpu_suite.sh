@@ -51,6 +51,7 @@ if [[ "$PART" == all || "$PART" == bench ]]; then
     done
     python3 -m benchmarks.bench_rewards --preset gpu --out "$OUT" 2>&1 | tail -n 30
     python3 -m benchmarks.bench_long --preset gpu --out "$OUT" 2>&1 | tail -n 8    # packed 32k/128k answers, skew
+    timeout 120 python3 -m benchmarks.bench_trainers --preset gpu --out "$OUT" 2>&1 | tail -n 40   # TRL vs drop-in train()
 fi
 if [[ "$PART" == options ]]; then
     for bench in bench_loss bench_fused_linear; do

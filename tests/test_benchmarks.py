@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -226,3 +227,45 @@ def test_bench_long_points_measure_packed_below_padded():
         "long", "long", "sp", "sp", "sp", "skew", "skew", "skew", "skew", "liger", "liger"]
     assert "| one answer of 3000 tokens | 3000 |" in bench_long.markdown([dict(
         long, point=bench_long.describe(dict(kind="long", length=3000)))])
+
+
+def test_bench_trainers_trains_every_trainer_on_the_same_fixed_completions(tmp_path, monkeypatch):
+    """bench_trainers end to end at a tiny shape, in this process: real ``train()`` steps of stock TRL and of the
+    drop-in at its three levels (Liger skipped on the CPU, with its reason), the one fixed batch of completions (with
+    several sentences each) handed to every trainer's loss at every step, and the four files with every point."""
+    pytest.importorskip("trl", reason="the trainers are TRL's (the trl extra)")
+    pytest.importorskip("datasets", reason="TRL trains on a datasets.Dataset")
+    from benchmarks import bench_trainers
+    from sgrpo_kernels.segmentation import Segmenter
+
+    preset = dict(device="cpu", threads=1, hidden=32, layers=1, heads=2, batch=4, prompt=8, sentence=8, warmup=1,
+                  steps=1, shapes=[(1000, 32)], isolate="none")
+    monkeypatch.setitem(bench_trainers.PRESETS, "tiny", preset)
+    results = bench_trainers.main(["--preset", "tiny", "--out", str(tmp_path)])
+    ran = {result["point"]["trainer"]: result for result in results if "step_s" in result}
+    assert set(ran) == {"trl", "token", "output", "sentence"}
+    assert [(result["point"]["trainer"], bool(result["skipped"])) for result in results if "skipped" in result] == [
+        ("trl-liger", True)]
+    fixed = {result["completions_checksum"] for result in ran.values()}
+    assert len(fixed) == 1 and all(result["loss_checksums"] == list(fixed) for result in ran.values())
+    for result in ran.values():
+        assert result["rollout_calls"] == 2 and math.isfinite(result["training_loss"])
+        assert result["step_s"] >= result["loss_backward_s"] > result["forward_loss_s"] > 0
+        assert result["train_added_mib"] > 0 and result["peak_mib"] > result["train_added_mib"]
+    point = bench_trainers.Point(**ran["sentence"]["point"])
+    _, completions = bench_trainers.fixed_completions(point)
+    assert Segmenter(bench_trainers.word_tokenizer(1000))(completions).num_sentences.min() >= 2
+
+    record = json.loads((tmp_path / "bench_trainers.json").read_text())
+    assert record["same_completions"] == {"B=4 T=32 V=1000 H=32": True}
+    assert "rollout_func" in record["generation"] and len(record["targets"]) == 4
+    assert all(line.split(":")[0] in ("PASS", "FAIL") for line in record["targets"])
+    with open(tmp_path / "bench_trainers.csv") as handle:
+        records = list(csv.DictReader(handle))
+    assert len(records) == 5 * len(bench_trainers.METRICS)
+    ratios = {record["provider"]: record["ratio_to_reference"] for record in records
+              if record["metric"] == "loss_backward_s"}
+    assert ratios["trl"] == "1" and ratios["trl-liger"] == "" and float(ratios["sentence"]) > 0
+    table = (tmp_path / "bench_trainers.md").read_text()
+    assert table.count("| B=4 T=32 V=1000 H=32 |") == 5 and "| trl-liger | skipped: " in table
+    assert (tmp_path / "bench_trainers.png").stat().st_size > 10_000
