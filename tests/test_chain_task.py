@@ -168,6 +168,24 @@ def test_a_noisy_step_scorer_flips_steps_at_its_rate_and_never_the_answer_line()
         chain.reward(config, outcome_only=True, step_noise=0.1)
 
 
+def test_the_final_outcome_scores_an_answers_last_sentence_as_its_outcome():
+    config = chain.ChainConfig(length=4)
+    problem = chain.make_dataset(1, seed=9, length=4)[0]
+    sentences = problem.solution.replace(". ", ".\n").split("\n")
+    outcome = chain.reward(config, final_outcome=True)
+    assert outcome([problem.question], [sentences], [problem.answer]).tolist() == [[1.0] * 5]
+    stopped = sentences[:2]                                            # two right steps, no answer line
+    assert chain.reward(config)([problem.question], [stopped], [problem.answer]).tolist() == [[1.0, 1.0]]
+    assert outcome([problem.question], [stopped], [problem.answer]).tolist() == [[1.0, 0.0]]
+    wrong = sentences[:-1] + ["Answer: 99"]
+    assert outcome([problem.question], [wrong], [problem.answer]).tolist() == [[1.0, 1.0, 1.0, 1.0, 0.0]]
+    noisy = chain.reward(config, final_outcome=True, step_noise=0.9, noise_seed=1)
+    assert all(scores[-1] == 0.0 for scores in noisy([problem.question] * 50, [stopped] * 50,
+                                                      [problem.answer] * 50).tolist())     # the outcome is exact
+    with pytest.raises(ValueError, match="final_outcome"):
+        chain.reward(config, outcome_only=True, final_outcome=True)
+
+
 def test_cli_trains_on_the_chain_task(tmp_path, capsys):
     """``sgrpo sft --task chain --mistaught ...`` writes sloppy demonstrations into the warm start and ``sgrpo
     train --task chain --outcome-reward`` runs on the binary outcome; ``--chain-max-operand`` bounds the facts; a

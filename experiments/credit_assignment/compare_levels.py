@@ -15,6 +15,8 @@ Variants (each from the same checkpoint, with the same steps, prompts and sample
   multi-scale fusion of sentence and answer credit);
 - ``sentence-split``: the sentence level with each answer's last sentence normalised among the group's last
   sentences (``baseline="split_final"``, the remedy for the stopping bias of round 2 at 16 steps);
+- ``sentence-split-outcome``: the same with each answer's last sentence scored as the answer's outcome
+  (``chain.reward(final_outcome=True)``: a step or a cut sentence at the end states no answer and scores 0);
 - ``cumulative``: each sentence the reward-to-go of the normalised sentence rewards;
 - ``outcome``: the binary outcome of the answer on every sentence, output level (the R1 baseline; chain task);
 - ``token-mu2``: token level with two updates per batch (with one update, on-policy, the token level's gradient
@@ -59,6 +61,7 @@ VARIANTS = {
     "broadcast": (dict(level="sentence", advantage="broadcast"), {}),
     "mix": (dict(level="sentence", answer_mix=0.5), {}),
     "sentence-split": (dict(level="sentence", baseline="split_final"), {}),
+    "sentence-split-outcome": (dict(level="sentence", baseline="split_final"), dict(final_outcome=True)),
     "cumulative": (dict(level="sentence", advantage="cumulative"), {}),
     "outcome": (dict(level="output"), dict(outcome_only=True)),
     "token-mu2": (dict(level="token", mu=2), {}),

@@ -82,7 +82,10 @@ METHODS_OF = {name: MAIN_METHODS + (("seed-sum",) if regime.mu > 1 and not regim
 # 8 answers, mu = 1, greedy accuracy on 300 held-out problems every 5 steps), paired with round 2's records of the
 # same seeds; "sentence" seed 4 is round 2's run again, for its checkpoint's samples (stopping_bias.py)
 L16 = "L16"
-L16_VARIANT, L16_RATES, L16_SEEDS = "sentence-split", (3e-4, 6e-4), (0, 1, 2, 3, 4)
+# the remedies, in the order they were added (protocol.md, "Changes after the first run"): the split final baseline,
+# then the same with each answer's last sentence scored as the answer's outcome
+L16_VARIANTS, L16_RATES, L16_SEEDS = ("sentence-split", "sentence-split-outcome"), (3e-4, 6e-4), (0, 1, 2, 3, 4)
+L16_VARIANT = L16_VARIANTS[0]
 L16_RERUN = ("sentence", 3e-4, 4)
 
 
@@ -125,7 +128,7 @@ def primary(records: list[dict], regime: Regime) -> float:
 def chosen_lr(regime_name: str, method: str) -> float | None:
     """The sweep's rate with the higher primary measure on the sweep seed (ties: the lower), once both ran."""
     if regime_name == L16:
-        return l16_chosen_lr()
+        return l16_chosen_lr(method)
     regime = REGIMES[regime_name]
     scores = {}
     for lr in LR_GRID[regime.mu]:
@@ -139,9 +142,12 @@ def chosen_lr(regime_name: str, method: str) -> float | None:
 def queue() -> list[tuple[str, str, float | None, int]]:
     """Every run in the protocol's order: per regime, the sweep runs of every method, then the seeds (their rate is
     ``None`` until the sweep has chosen it)."""
-    runs = [(L16, L16_VARIANT, lr, L16_SEEDS[0]) for lr in L16_RATES]
-    runs += [(L16, L16_VARIANT, l16_chosen_lr(), seed) for seed in L16_SEEDS[1:]]
-    runs.append((L16, L16_RERUN[0], L16_RERUN[1], L16_RERUN[2]))
+    runs = []
+    for variant in L16_VARIANTS:
+        runs += [(L16, variant, lr, L16_SEEDS[0]) for lr in L16_RATES]
+        runs += [(L16, variant, l16_chosen_lr(variant), seed) for seed in L16_SEEDS[1:]]
+        if variant == L16_VARIANTS[0]:
+            runs.append((L16, L16_RERUN[0], L16_RERUN[1], L16_RERUN[2]))
     for regime_name, regime in REGIMES.items():
         methods = METHODS_OF[regime_name]
         runs += [(regime_name, method, lr, SWEEP_SEED) for method in methods for lr in LR_GRID[regime.mu]]
@@ -300,12 +306,12 @@ def l16_arguments(work_dir: str) -> argparse.Namespace:
     return args
 
 
-def l16_chosen_lr() -> float | None:
+def l16_chosen_lr(variant: str) -> float | None:
     """Round 2's rule: the rate with the higher mean held-out greedy accuracy over steps 5-50 on seed 0 (ties: the
     one that reaches 0.9 first, then the lower)."""
     import compare_levels
 
-    records = {lr: read_records(os.path.join(OUT, L16, f"{run_name(L16_VARIANT, lr, L16_SEEDS[0])}.metrics.jsonl"))
+    records = {lr: read_records(os.path.join(OUT, L16, f"{run_name(variant, lr, L16_SEEDS[0])}.metrics.jsonl"))
                for lr in L16_RATES}
     if any(value is None for value in records.values()):
         return None
@@ -401,7 +407,7 @@ def main(argv=None) -> int:
     else:
         from round3_summary import summarise
 
-        summarise()
+        print(summarise())
     return 0
 
 

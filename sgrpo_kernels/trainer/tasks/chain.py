@@ -190,17 +190,26 @@ class ChainStep(SentenceReward):
     ``step_noise``: the probability in ``[0, 1)`` that a sentence other than the answer line gets the opposite
     score (a noisy step scorer); the flips come from ``random.Random(noise_seed)``, one draw per such sentence in
     the order the answers are scored, so a run that scores the same answers in the same order gets the same flips.
+
+    ``final_outcome``: the last sentence of an answer scores the answer's outcome whatever it is: 1 when it states
+    the right final value, 0 otherwise (a step, or a sentence cut by the length limit, states no answer). With the
+    answers' last sentences normalised apart (``group_sentence_advantages(baseline="split_final")``) their pool
+    then compares outcomes only, so stopping after a right step is not scored as a right answer.
     """
 
-    def __init__(self, table: dict[str, int], step_noise: float = 0.0, noise_seed: int = 0):
+    def __init__(self, table: dict[str, int], step_noise: float = 0.0, noise_seed: int = 0,
+                 final_outcome: bool = False):
         if not 0.0 <= step_noise < 1.0:
             raise ValueError(f"step_noise must lie in [0, 1), got {step_noise}")
-        self.table, self.step_noise = dict(table), step_noise
+        self.table, self.step_noise, self.final_outcome = dict(table), step_noise, final_outcome
         self.noise = random.Random(noise_seed)
 
     def score(self, question: str, sentences: list[str], reference) -> list[float]:
         scores = []
-        for kind, *fields in _walk(question, sentences):
+        for index, (kind, *fields) in enumerate(_walk(question, sentences)):
+            if self.final_outcome and index == len(sentences) - 1:
+                scores.append(float(kind == "answer" and fields[0] == str(reference)))
+                continue
             if kind == "answer":
                 scores.append(float(fields[0] == str(reference)))
                 continue
@@ -225,15 +234,16 @@ class BinaryOutcome(SentenceReward):
 
 
 def reward(config: ChainConfig | None = None, outcome_only: bool = False, step_noise: float = 0.0,
-           noise_seed: int = 0) -> CompositeReward:
+           noise_seed: int = 0, final_outcome: bool = False) -> CompositeReward:
     """The task's sentence reward: local step correctness plus the answer's outcome (:class:`ChainStep`, each
-    step's score flipped with probability ``step_noise``), or the binary outcome on every sentence
-    (``outcome_only``, exact)."""
+    step's score flipped with probability ``step_noise``, the last sentence scored as the outcome with
+    ``final_outcome``), or the binary outcome on every sentence (``outcome_only``, exact)."""
     if outcome_only:
-        if step_noise:
-            raise ValueError("step_noise flips step scores; the outcome-only reward has none")
+        if step_noise or final_outcome:
+            raise ValueError("step_noise and final_outcome shape the step reward; the outcome-only reward has none")
         return CompositeReward({"outcome": BinaryOutcome()}, {"outcome": 1.0})
-    return CompositeReward({"step": ChainStep(facts(config or ChainConfig()), step_noise, noise_seed)}, {"step": 1.0})
+    step = ChainStep(facts(config or ChainConfig()), step_noise, noise_seed, final_outcome)
+    return CompositeReward({"step": step}, {"step": 1.0})
 
 
 def step_errors(question: str, sentences: list[str], config: ChainConfig) -> list[tuple[str, bool]]:
