@@ -1,5 +1,6 @@
 """Model-based step scorers on tiny models built from configs: the generative verifier's three modes agree (fp32,
-answers of 0, 1 and many steps) and one_pass runs one forward per batch; the process reward model (causal-LM and
+answers of 0, 1 and many steps, left padding, several batches) and one_pass runs one forward per batch through its
+segment attention, which computes exactly the keys each query sees; the process reward model (causal-LM and
 token-classification heads) equals scoring each prefix on its own; bad options fail before any forward; min-form
 credit; a composite with a model term as a TRL trainer's sentence reward."""
 
@@ -18,12 +19,13 @@ from sgrpo_kernels.rewards import (
     ProcessRewardModel,
     model_scoring,
 )
+from sgrpo_kernels.rewards.logic import _one_pass_batch
 
 transformers = pytest.importorskip("transformers", reason="the step scorers run transformers models")
 
-# answers of many, one and no steps, in several batches
-QUESTIONS = [QUESTION, QUESTION, QUESTION_ZH, QUESTION, QUESTION_ZH]
-ANSWERS = [GOOD, BAD[:1], GOOD_ZH, [], BAD]
+# answers of many (up to 12), one and no steps, of odd and even lengths, in several batches
+QUESTIONS = [QUESTION, QUESTION, QUESTION_ZH, QUESTION, QUESTION_ZH, QUESTION]
+ANSWERS = [GOOD, BAD[:1], GOOD_ZH, [], BAD, GOOD + BAD + GOOD]
 CORPUS = [QUESTION, "".join(GOOD), "".join(BAD), QUESTION_ZH, "".join(GOOD_ZH),
           "Question: Solution steps: Is the last step above correct and logically valid? Answer Yes or No: Yes No"]
 TAG = "<step>"
@@ -47,12 +49,21 @@ def causal_lm(tokenizer, **overrides):
     return transformers.Qwen2ForCausalLM(config(tokenizer, **overrides)).eval()
 
 
-def count_forwards(model) -> list:
-    """Appends the input shape of every forward of the model's decoder (every mode runs it once per forward)."""
-    calls = []
+def count_forwards(model, calls: list | None = None) -> list:
+    """Appends the input shape of every forward of the model's decoder (every mode runs it once per forward) to
+    ``calls`` (a new list by default), and returns it."""
+    calls = [] if calls is None else calls
     model.base_model.register_forward_hook(lambda module, args, kwargs, output: calls.append(
         tuple(kwargs.get("input_ids", args[0] if args else None).shape)), with_kwargs=True)
     return calls
+
+
+def record_attention(model) -> list:
+    """Appends the attention implementation the model's layers dispatch to at every forward of its decoder."""
+    seen = []
+    model.base_model.register_forward_pre_hook(
+        lambda module, args: seen.append(model.config._attn_implementation))
+    return seen
 
 
 def assert_scores_close(actual, expected, tolerance=1e-5):
@@ -64,18 +75,95 @@ def assert_scores_close(actual, expected, tolerance=1e-5):
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_verifier_modes_agree_and_one_pass_runs_one_forward_per_batch(tokenizer, attention):
     model = causal_lm(tokenizer, attn_implementation=attention)
-    calls = count_forwards(model)
+    calls, dispatched = count_forwards(model), record_attention(model)
     scores = {}
     for mode in ("one_pass", "cache", "batched"):
         calls.clear()
         scores[mode] = GenerativeVerifier(model, tokenizer, mode=mode, batch_size=2)(QUESTIONS, ANSWERS)
         scores[mode + " calls"] = len(calls)
-    assert [len(row) for row in scores["one_pass"]] == [4, 1, 4, 0, 4]
+    assert [len(row) for row in scores["one_pass"]] == [4, 1, 4, 0, 4, 12]
     assert_scores_close(scores["one_pass"], scores["cache"])
     assert_scores_close(scores["batched"], scores["cache"])
     assert len({round(score, 6) for row in scores["cache"] for score in row}) > 5       # the steps are told apart
-    # one_pass: ceil(4 answers with steps / 2); cache: S + 1 per answer; batched: ceil(13 prompts / 2)
-    assert (scores["one_pass calls"], scores["cache calls"], scores["batched calls"]) == (2, 3 * 5 + 2, 7)
+    # one_pass: ceil(5 answers with steps / 2); cache: S + 1 per answer; batched: ceil(25 prompts / 2)
+    assert (scores["one_pass calls"], scores["cache calls"], scores["batched calls"]) == (3, 25 + 5, 13)
+    # one_pass's forwards run through its segment attention, the other modes' through the model's own
+    assert dispatched == [model_scoring.ONE_PASS_ATTENTION] * 3 + [attention] * 43
+    assert model.config._attn_implementation == attention
+
+
+def test_one_pass_serves_a_model_loaded_with_flash_attention(tokenizer):
+    """one_pass does not use the model's attention implementation, so flash attention (absent here: the other
+    modes cannot run it on this machine) gives the scores of sdpa."""
+    model = causal_lm(tokenizer)
+    expected = GenerativeVerifier(model, tokenizer, mode="cache")(QUESTIONS, ANSWERS)
+    model.config._attn_implementation = "flash_attention_2"
+    assert_scores_close(GenerativeVerifier(model, tokenizer, batch_size=4)(QUESTIONS, ANSWERS), expected)
+    assert model.config._attn_implementation == "flash_attention_2"
+
+
+def dense_mask(segments, batch: int, width: int) -> torch.Tensor:
+    """``[B, W, W]`` bool: the keys each query of ``segments`` sees, as one mask."""
+    mask = torch.zeros(batch, width, width, dtype=torch.bool)
+    for row, queries, prefix, _ in segments:
+        if prefix is not None:
+            mask[row, queries, prefix] = True
+        mask[row, queries, queries] = torch.ones(queries.stop - queries.start, queries.stop - queries.start,
+                                                 dtype=torch.bool).tril()
+    return mask
+
+
+def test_one_pass_layout_sees_each_steps_prefix_and_copy(tokenizer):
+    """The segments of a left-padded batch give copy ``s`` the answer tokens before the end of step ``s`` (by
+    position id) and itself causally, the answer itself causally, and padding to no query."""
+    verifier = GenerativeVerifier(causal_lm(tokenizer), tokenizer)
+    pieces = [verifier._pieces(question, answer) for question, answer in zip(QUESTIONS[:3], ANSWERS[:3])]
+    ids, positions, segments, (rows, columns) = _one_pass_batch(pieces, verifier.pad_id, torch.device("cpu"))
+    batch, width = ids.shape
+    judge, firsts = len(pieces[0][2]), []
+    for row, (context, steps, _) in enumerate(pieces):
+        length = len(context) + sum(map(len, steps))
+        first = width - length - judge * len(steps)
+        firsts.append(first)
+        assert (ids[row, :first] == verifier.pad_id).all() and not positions[row, :first].any()
+        copy = torch.full((width,), -2)                          # -2 padding, -1 answer, s judge copy of step s
+        copy[first:first + length] = -1
+        copy[first + length:] = torch.arange(len(steps)).repeat_interleave(judge)
+        ends = torch.tensor([len(context) + sum(map(len, steps[:step + 1])) for step in range(len(steps))])
+        assert positions[row, first:first + length].tolist() == list(range(length))
+        assert positions[row, first + length:].tolist() == (ends[:, None] + torch.arange(judge)).reshape(-1).tolist()
+        prefix_end = torch.where(copy >= 0, ends[copy.clamp(min=0)], length)
+        causal = positions[row, None, :] <= positions[row, :, None]
+        answer_key = (copy[None, :] == -1) & (positions[row, None, :] < prefix_end[:, None])
+        same_copy = (copy[None, :] == copy[:, None]) & (copy[None, :] >= 0)
+        expected = causal & (answer_key | same_copy) & (copy[:, None] != -2)
+        assert torch.equal(dense_mask(segments, batch, width)[row], expected), row
+        assert columns[rows == row].tolist() == (first + length + judge * torch.arange(1, len(steps) + 1) - 1).tolist()
+    assert min(firsts) == 0 < max(firsts)                                     # rows of different widths
+
+
+def test_segment_attention_equals_masked_sdpa_on_the_keys_seen():
+    """Tensor level, float64, grouped-query heads: each segment's queries get the scaled dot-product attention of
+    the dense mask; a column in no segment gets zeros."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, width, dim = 2, 4, 11, 8
+    query = torch.randn(batch, heads, width, dim, dtype=torch.float64, generator=generator)
+    key, value = (torch.randn(batch, 2, width, dim, dtype=torch.float64, generator=generator) for _ in range(2))
+    layout = [(0, (0, 5), None), (0, (5, 8), (0, 2)), (0, (8, 11), (0, 5)), (1, (3, 9), None), (1, (9, 11), (3, 4))]
+    segments = [model_scoring.segment(row, slice(*queries), prefix and slice(*prefix), torch.device("cpu"))
+                for row, queries, prefix in layout]
+    output, weights = model_scoring.segment_attention(None, query, key, value, None, scaling=0.3, segments=segments)
+    mask = dense_mask(segments, batch, width)
+    seen = mask.any(-1)
+    mask[~seen] = True                                           # queries of no segment: anything finite
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask[:, None], scale=0.3)
+    expected = expected.transpose(1, 2)
+    assert weights is None and output.shape == (batch, width, heads, dim)
+    torch.testing.assert_close(output[seen], expected[seen], rtol=1e-12, atol=1e-12)
+    assert not output[~seen].any() and (~seen).sum() == 3
+    with pytest.raises(ValueError, match="needs segments="):
+        model_scoring.segment_attention(None, query, key, value, None)
 
 
 def test_verifier_one_pass_equals_each_prompt_alone(tokenizer):
@@ -109,22 +197,30 @@ def test_verifier_uses_no_deprecated_transformers_api(tokenizer, monkeypatch):
 
 
 def test_verifier_refuses_before_any_forward(tokenizer):
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4)).eval()
+    calls = count_forwards(falcon)
+    with pytest.raises(ValueError, match="attention interface, which FalconForCausalLM does not take.*mode='cache'"):
+        GenerativeVerifier(falcon, tokenizer)
+    GenerativeVerifier(falcon, tokenizer, mode="cache")      # the fallback takes any attention implementation
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8)).eval()
+    count_forwards(gemma, calls)
+    with pytest.raises(ValueError, match="soft-cap.*attn_logit_softcapping=50.0.*mode='cache'"):
+        GenerativeVerifier(gemma, tokenizer)
     model = causal_lm(tokenizer)
-    model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="4-D attention mask.*flash_attention_2.*mode='cache'"):
-        GenerativeVerifier(model, tokenizer)
-    model.config._attn_implementation = "sdpa"
     verifier = GenerativeVerifier(model, tokenizer)
-    calls = count_forwards(model)
-    model.config._attn_implementation = "flash_attention_2"               # changed after construction
+    count_forwards(model, calls)
+    model._supports_attention_backend = False                             # changed after construction
     with pytest.raises(ValueError, match="mode='cache'"):
         verifier(QUESTIONS, ANSWERS)
-    GenerativeVerifier(model, tokenizer, mode="cache")       # the fallback takes any attention implementation
     short = causal_lm(tokenizer, max_position_embeddings=64)
-    calls = count_forwards(short)
+    count_forwards(short, calls)
     with pytest.raises(ValueError, match="answer 2 needs .* tokens .*max_position_embeddings=64"):
         GenerativeVerifier(short, tokenizer, mode="cache")([QUESTION, QUESTION, QUESTION], [[], GOOD[:1], GOOD * 3])
     windowed = causal_lm(tokenizer, use_sliding_window=True, sliding_window=32, max_window_layers=0)
+    count_forwards(windowed, calls)
     with pytest.raises(ValueError, match="sliding-window.*mode='cache'"):
         GenerativeVerifier(windowed, tokenizer)([QUESTION], [GOOD])
     for options, match in [(dict(mode="fast"), "mode must be one of"), (dict(batch_size=0), "batch_size"),
@@ -163,7 +259,7 @@ def test_prm_causal_lm_head_equals_each_prefix_alone(tokenizer):
     prm = ProcessRewardModel(model, tokenizer, step_tag=TAG, good_token="+", bad_token="-", batch_size=2)
     calls = count_forwards(model)
     scores = prm(QUESTIONS, ANSWERS)
-    assert len(calls) == 2                                         # ceil(4 answers with steps / 2)
+    assert len(calls) == 3                                         # ceil(5 answers with steps / 2)
     expected = [prm_prefix_scores(model, prm, question, sentences)
                 for question, sentences in zip(QUESTIONS, ANSWERS)]
     assert_scores_close(scores, expected)
@@ -178,7 +274,7 @@ def test_prm_classification_head_equals_each_prefix_alone(tokenizer):
     prm = ProcessRewardModel(model, tokenizer, step_tag=TAG, label_ids=(0, 1), batch_size=3)
     calls = count_forwards(model)
     scores = prm(QUESTIONS, ANSWERS)
-    assert len(calls) == 2
+    assert len(calls) == 2                                         # ceil(5 answers with steps / 3)
     expected = [prm_prefix_scores(model, prm, question, sentences)
                 for question, sentences in zip(QUESTIONS, ANSWERS)]
     assert_scores_close(scores, expected)

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import torch
 
 from .base import SentenceReward
 from .model_scoring import (
-    additive_mask,
     bos,
     cache_keyword,
     check_lengths,
-    check_maskable,
+    check_one_pass,
     device_of,
     encode,
     first_of_pair,
     in_batches,
     left_pad,
+    one_pass_attention,
     pad_id,
     positive_int,
     returned_cache,
+    segment,
     sentence_lists,
     token_logits,
 )
@@ -40,16 +42,19 @@ class GenerativeVerifier(SentenceReward):
     ``s + 1`` extends the context of step ``s`` token for token. Three ways to run it, with the same scores:
 
     - ``mode="one_pass"`` (default): each answer's tokens once, followed by one copy of the judge suffix per step;
-      copy ``s`` sees only the prefix that ends at step ``s`` and itself (a ``[B, 1, Q, K]`` attention mask and
-      position ids that continue from the end of step ``s``). ``batch_size`` answers, left-padded, per forward.
-      Needs an attention implementation that takes a 4-D mask (eager, sdpa, flex attention; not flash attention).
+      copy ``s`` sees only the prefix that ends at step ``s`` and itself (position ids that continue from the end
+      of step ``s``). ``batch_size`` answers, left-padded, per forward, whose attention layers run
+      ``model_scoring.segment_attention`` instead of the model's own implementation: the answer attends itself
+      causally and each copy its prefix and itself, so no masked-out key is ever computed. Needs a model whose
+      attention goes through transformers' attention interface (``_supports_attention_backend``), without
+      soft-capped attention scores.
     - ``mode="cache"``: per answer, one forward over the answer, then one batch-1 forward of the judge suffix per
       step on the KV cache cropped to the end of that step (``S + 1`` forwards; any attention implementation).
     - ``mode="batched"``: every step's whole prompt on its own, ``batch_size`` prompts per forward (left padding).
 
     Only the ``yes``/``no`` rows of the LM head are applied, to the hidden states that end each judge suffix.
-    ``one_pass``'s attention is dense over the answer and its ``S`` judge copies (``W = T + S·m`` keys per row): on an
-    attention-bound model it beats ``cache`` at short answers and loses at long ones (README, "Step scorers").
+    ``one_pass`` and ``cache`` compute the same attention; ``one_pass`` runs it in one forward instead of
+    ``S + 1`` per answer (README, "Step scorers").
 
     Args:
         model: a Hugging Face causal LM (in eval mode); tokenizer: its tokenizer.
@@ -59,7 +64,7 @@ class GenerativeVerifier(SentenceReward):
 
     Calling it with ``B`` questions and ``B`` answers (lists of sentences) returns ``B`` lists of float scores in
     ``(0, 1)``, one per sentence. An answer whose longest prompt exceeds the model's ``max_position_embeddings``,
-    or ``mode="one_pass"`` on a model that cannot take a 4-D mask, raises ``ValueError`` before any forward.
+    or ``mode="one_pass"`` on a model it cannot run, raises ``ValueError`` before any forward.
     """
 
     def __init__(self, model, tokenizer, *, mode: str = "one_pass", batch_size: int = 16,
@@ -78,7 +83,7 @@ class GenerativeVerifier(SentenceReward):
             raise ValueError("judge_template encodes to no token")
         self.pad_id = pad_id(tokenizer)
         if mode == "one_pass":
-            check_maskable(model, 0, fallback="cache")
+            check_one_pass(model, 0, fallback="cache")
 
     def _first_token(self, word: str) -> int:
         ids = encode(self.tokenizer, word)
@@ -105,7 +110,7 @@ class GenerativeVerifier(SentenceReward):
         check_lengths(self.model, lengths, "context, steps and judge suffix")
         num_steps = lambda item: len(item[1])
         if self.mode == "one_pass":
-            check_maskable(self.model, max(lengths, default=0), fallback="cache")
+            check_one_pass(self.model, max(lengths, default=0), fallback="cache")
             return in_batches(pieces, num_steps, self.batch_size, self._score_one_pass)
         if self.mode == "cache":
             return in_batches(pieces, num_steps, 1, lambda chunk: [self._score_with_cache(*chunk[0])])
@@ -129,43 +134,12 @@ class GenerativeVerifier(SentenceReward):
         return scores
 
     def _score_one_pass(self, pieces) -> list[list[float]]:
-        """One forward for a batch of answers, each ``context + steps + judge × S``, left-padded to width ``W``.
-
-        Per token: its position id, its copy (``-1`` for the answer, ``s`` for step ``s``'s judge suffix, ``-2`` for
-        padding) and the end of the prefix it may see (``e_s``, the position after step ``s``, for copy ``s``).
-        Query ``q`` attends key ``k`` when ``pos_k <= pos_q`` and either ``k`` is an answer token before the
-        query's prefix end or both are in the same judge copy; padding queries attend themselves only.
-        """
-        device = device_of(self.model)
-        rows, copies, positions, prefix_ends, reads = [], [], [], [], []
-        for context, steps, judge in pieces:
-            ends = torch.tensor([len(context) + sum(map(len, steps[:step + 1])) for step in range(len(steps))])
-            length, count, width = int(ends[-1]), len(steps), len(judge)
-            rows.append(context + [token for piece in steps for token in piece] + judge * count)
-            copies.append(torch.cat([torch.full((length,), -1), torch.arange(count).repeat_interleave(width)]))
-            positions.append(torch.cat([torch.arange(length), (ends[:, None] + torch.arange(width)).reshape(-1)]))
-            prefix_ends.append(torch.cat([torch.full((length,), length), ends.repeat_interleave(width)]))
-            reads.append(length + width * torch.arange(1, count + 1) - 1)
-        ids, _, _ = left_pad(rows, self.pad_id)
-        batch, total = ids.shape
-        copy = torch.full((batch, total), -2)
-        position = torch.zeros(batch, total, dtype=torch.long)
-        prefix_end = torch.zeros(batch, total, dtype=torch.long)
-        for row, tokens in enumerate(rows):
-            start = total - len(tokens)
-            copy[row, start:], position[row, start:], prefix_end[row, start:] = \
-                copies[row], positions[row], prefix_ends[row]
-        copy, position, prefix_end = copy.to(device), position.to(device), prefix_end.to(device)
-        causal = position[:, None, :] <= position[:, :, None]                        # [B, Q, K]
-        answer_key = (copy[:, None, :] == -1) & (position[:, None, :] < prefix_end[:, :, None])
-        same_copy = (copy[:, None, :] == copy[:, :, None]) & (copy[:, None, :] >= 0)
-        allowed = causal & (answer_key | same_copy) | torch.eye(total, dtype=torch.bool, device=device)
-        row_index = torch.cat([torch.full((len(read),), row) for row, read in enumerate(reads)]).to(device)
-        column_index = torch.cat([total - len(tokens) + read for tokens, read in zip(rows, reads)]).to(device)
-        scores, _ = self._read(row_index, column_index, input_ids=ids.to(device),
-                               attention_mask=additive_mask(allowed, self.model), position_ids=position)
-        bounds = torch.tensor([0] + [len(read) for read in reads]).cumsum(0).tolist()
-        return [scores[bounds[row]:bounds[row + 1]] for row in range(len(rows))]
+        """One forward for a batch of answers (``_one_pass_batch``) through ``segment_attention``."""
+        ids, positions, segments, (rows, columns) = _one_pass_batch(pieces, self.pad_id, device_of(self.model))
+        with one_pass_attention(self.model):
+            scores, _ = self._read(rows, columns, input_ids=ids, position_ids=positions, segments=segments)
+        bounds = [0, *itertools.accumulate(len(steps) for _, steps, _ in pieces)]
+        return [scores[bounds[row]:bounds[row + 1]] for row in range(len(pieces))]
 
     def _score_with_cache(self, context, steps, judge) -> list[float]:
         """One pass over the whole answer, then each step's judgement on the cache cropped to that step."""
@@ -188,6 +162,35 @@ class GenerativeVerifier(SentenceReward):
                 cache.crop(-surplus)                          # negative: drop that many trailing positions
             (scores[step],), _ = self._read(last, column, input_ids=judge_ids, use_cache=True, **{keyword: cache})
         return scores
+
+
+def _one_pass_batch(pieces, pad: int, device: torch.device):
+    """Answers laid out for ``mode="one_pass"``, left-padded to the widest row: each answer's tokens (context and
+    steps) once, then one copy of the judge suffix per step.
+
+    Returns ``ids, positions`` ``[B, W]`` int64 (copy ``s`` continues the position ids of the answer from the end
+    of step ``s``), the ``segments`` of ``segment_attention`` (the answer causally; copy ``s`` the answer up to the
+    end of step ``s``, then itself causally) and the columns read, ``(rows, columns)`` ``[ΣS]`` int64: the last
+    column of each copy, answer by answer.
+    """
+    rows = [context + [token for piece in steps for token in piece] + judge * len(steps)
+            for context, steps, judge in pieces]
+    ids, _, _ = left_pad(rows, pad)
+    positions = torch.zeros_like(ids)
+    segments, reads = [], []
+    for row, (context, steps, judge) in enumerate(pieces):
+        first, width = ids.shape[1] - len(rows[row]), len(judge)
+        ends = list(itertools.accumulate(map(len, steps), initial=len(context)))[1:]   # tokens up to each step's end
+        answer_end = first + ends[-1]
+        positions[row, first:answer_end] = torch.arange(ends[-1])
+        segments.append(segment(row, slice(first, answer_end), None, device))
+        for step, end in enumerate(ends):
+            start = answer_end + step * width
+            positions[row, start:start + width] = torch.arange(end, end + width)
+            segments.append(segment(row, slice(start, start + width), slice(first, first + end), device))
+            reads.append((row, start + width - 1))
+    read_rows, read_columns = torch.tensor(reads, device=device).T
+    return ids.to(device), positions.to(device), segments, (read_rows, read_columns)
 
 
 class NumberProvenanceLogic(SentenceReward):

@@ -3,15 +3,17 @@ of a few vocabulary entries at chosen positions without computing ``[batch, leng
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+from typing import NamedTuple
 
 import torch
 
 from ..integrations.hf import output_projection
 
-# attention implementations of transformers that apply a custom 4-D float mask as given (flash attention only
-# knows causal masks and padding)
-MASKABLE_ATTENTION = ("eager", "sdpa", "flex_attention")
+# the name under which mode="one_pass" registers ``segment_attention`` in transformers' attention interface
+ONE_PASS_ATTENTION = "sgrpo_segment_attention"
 
 
 def sentence_lists(questions, answers) -> list[list[str]]:
@@ -87,36 +89,91 @@ def check_lengths(model, lengths: list[int], what: str) -> None:
                              f"max_position_embeddings={limit}")
 
 
-def attention_implementation(model) -> str:
-    return str(getattr(_config(model), "_attn_implementation", None) or "eager")
-
-
-def check_maskable(model, longest: int, fallback: str) -> None:
-    """``ValueError`` when the model cannot take a custom 4-D attention mask (flash attention), or when sliding-
-    window layers would see a sequence longer than their window (a custom mask is used as given, for every
-    layer); ``fallback`` names the mode that works."""
-    implementation = attention_implementation(model)
-    if implementation not in MASKABLE_ATTENTION:
-        raise ValueError(f"mode='one_pass' needs an attention implementation that takes a 4-D attention mask "
-                         f"({', '.join(MASKABLE_ATTENTION)}); this model uses {implementation!r}: pass "
-                         f"mode={fallback!r}, or load the model with attn_implementation='sdpa'")
+def check_one_pass(model, longest: int, fallback: str) -> None:
+    """``ValueError`` when ``mode='one_pass'`` cannot run ``model``: its attention layers do not take a function of
+    transformers' attention interface with the forward's keyword arguments (``_supports_attention_backend``), its
+    attention soft-caps the scores, or sliding-window layers would see a sequence longer than their window (the
+    one-pass attention ignores windows); ``fallback`` names the mode that works."""
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"mode='one_pass' runs its own attention function through transformers' attention "
+                         f"interface, which {type(model).__name__} does not take (_supports_attention_backend is "
+                         f"False): pass mode={fallback!r}")
     config = _config(model)
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"mode='one_pass' does not soft-cap attention scores as this model does "
+                         f"(attn_logit_softcapping={config.attn_logit_softcapping}): pass mode={fallback!r}")
     window = getattr(config, "sliding_window", None)
     sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
     if sliding and window is not None and longest > window:
-        raise ValueError(f"mode='one_pass' gives every layer one 4-D mask, but this model has sliding-window layers "
+        raise ValueError(f"mode='one_pass' ignores sliding windows, but this model has sliding-window layers "
                          f"(window {window}) and a prompt of {longest} tokens: pass mode={fallback!r}")
 
 
-def additive_mask(allowed: torch.Tensor, model) -> torch.Tensor:
-    """``[B, 1, Q, K]`` mask from ``allowed`` ``[B, Q, K]`` bool: bool for sdpa, else 0 / dtype-min in the model's
-    dtype (eager and flex attention add it to the scores)."""
-    allowed = allowed.unsqueeze(1)
-    if attention_implementation(model) == "sdpa":
-        return allowed
-    dtype = next(model.parameters()).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
-                                                                                         torch.finfo(dtype).min)
+@functools.cache
+def _register_one_pass_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ONE_PASS_ATTENTION, segment_attention)
+
+
+@contextlib.contextmanager
+def one_pass_attention(model):
+    """Runs the model's attention layers through ``segment_attention`` inside the block (registered in
+    transformers' attention interface on first use), and through their own implementation again after it."""
+    _register_one_pass_attention()
+    config = _config(model)
+    own = config._attn_implementation
+    config._attn_implementation = ONE_PASS_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = own
+
+
+class Segment(NamedTuple):
+    """Queries ``queries`` of row ``row`` attend every key column of ``prefix`` (``None``: no column) and their
+    own columns causally (query ``q`` the keys ``[queries.start, q]``); ``mask`` is that as ``[Q, P + Q]`` bool,
+    True where a query sees a key (``None`` without a prefix)."""
+    row: int
+    queries: slice
+    prefix: slice | None
+    mask: torch.Tensor | None
+
+
+def segment(row: int, queries: slice, prefix: slice | None, device) -> Segment:
+    """A ``Segment`` with its mask on ``device``."""
+    if prefix is None:
+        return Segment(row, queries, None, None)
+    length, seen = queries.stop - queries.start, prefix.stop - prefix.start
+    mask = torch.ones(length, seen + length, dtype=torch.bool, device=device).tril_(seen)
+    return Segment(row, queries, prefix, mask)
+
+
+def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                      scaling: float | None = None, *, segments: list[Segment] | None = None, softcap=None,
+                      s_aux=None, **kwargs) -> tuple[torch.Tensor, None]:
+    """An attention function of transformers' attention interface (``one_pass_attention``): scaled dot-product
+    attention of each of ``segments`` (a keyword of the forward) on the keys it sees, and of no other query.
+
+    ``query [B, H, W, D]``, ``key``, ``value [B, H_kv, W, D]`` (``H`` a multiple of ``H_kv``); ``attention_mask``
+    is ignored (the segments are the mask). Returns ``([B, W, H, D]`` in the query's dtype, ``None)``; a column
+    in no segment (padding, which no segment sees) gets zeros.
+    """
+    if segments is None:
+        raise ValueError(f"attention implementation {ONE_PASS_ATTENTION!r} needs segments=")
+    if softcap is not None or s_aux is not None:
+        raise ValueError(f"attention implementation {ONE_PASS_ATTENTION!r} has no soft-capping and no sinks")
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    output = torch.zeros_like(query)
+    for row, queries, prefix, mask in segments:
+        rows = slice(row, row + 1)                              # 4-D inputs: torch's fused CPU kernel takes them
+        keys, values = key[rows, :, queries], value[rows, :, queries]
+        if prefix is not None:
+            keys, values = torch.cat([key[rows, :, prefix], keys], 2), torch.cat([value[rows, :, prefix], values], 2)
+        output[rows, :, queries] = torch.nn.functional.scaled_dot_product_attention(
+            query[rows, :, queries], keys, values, attn_mask=mask, is_causal=prefix is None, scale=scaling)
+    return output.transpose(1, 2), None
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
