@@ -142,7 +142,8 @@ def perturb(model, seed=1, scale=0.3):
     ("token", "token", "cispo", True), ("output", "sequence", "cispo", False),
     ("token", "token", "sapo", True), ("output", "sequence", "sapo", False),
     ("token", "token", "luspo", False), ("output", "sequence", "luspo", True),
-    ("output", "token", "vespo", False), ("output", "sequence", "vespo", True)])    # vespo weighs sequences
+    ("output", "token", "vespo", False), ("output", "sequence", "vespo", True),     # vespo weighs sequences
+    ("token", "token", "vespo", False), ("token", "token", "vespo", True)])         # and its KL the tokens
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.02])
 def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, loss_type, bias_correction,
                                                entropy_coef):
@@ -168,18 +169,25 @@ def test_token_and_output_levels_reproduce_trl(tmp_path, level, sampling_level, 
     assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
 
 
-@pytest.mark.parametrize("level,sampling_level,loss_type,ratio_shape", [
-    ("token", "token", "dapo", "token"), ("output", "sequence", "grpo", "sequence"),
-    ("token", "token", "cispo", "sequence"), ("output", "token", "vespo", "token")])
+@pytest.mark.parametrize("level,sampling_level,loss_type,ratio_shape,threshold", [
+    ("token", "token", "dapo", "token", None), ("output", "sequence", "grpo", "sequence", None),
+    ("token", "token", "cispo", "sequence", None), ("output", "sequence", "vespo", "token", None),
+    ("token", "token", "vespo", "token", None),
+    ("token", "token", "dapo", "token", 0.0), ("token", "token", "grpo", "sequence", 0.0),    # with the
+    ("token", "token", "vespo", "token", 0.0)])                                    # off-policy sequence mask
 def test_vllm_importance_sampling_correction_reproduces_trl(tmp_path, level, sampling_level, loss_type,
-                                                             ratio_shape):
+                                                             ratio_shape, threshold):
     """TRL's default with vLLM: the loss times the rollout engine's importance ratio that TRL computed
-    (``inputs["importance_sampling_ratio"]``, [B, T] for token modes, [B, 1] for sequence modes)."""
+    (``inputs["importance_sampling_ratio"]``, [B, T] for token modes, [B, 1] for sequence modes), and times
+    the off-policy sequence mask."""
     options = dict(reward_funcs=[length_reward], beta=0.05, importance_sampling_level=sampling_level,
-                   loss_type=loss_type, num_iterations=2, use_bias_correction_kl=True)
+                   loss_type=loss_type, num_iterations=2, use_bias_correction_kl=True,
+                   off_policy_mask_threshold=threshold)
     ours = make(tmp_path / "ours", level=level, **options)
     theirs = make(tmp_path / "theirs", trl.GRPOTrainer, **options)
     inputs = batch_inputs(ours)
+    perturb(ours.model)                 # off the rollout policy: some sequences are masked
+    perturb(theirs.model)
     for trainer in (ours, theirs):      # as after generation with vLLM (not installed here: set, not constructed)
         trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
         trainer.current_gradient_accumulation_steps = 1
@@ -192,31 +200,42 @@ def test_vllm_importance_sampling_correction_reproduces_trl(tmp_path, level, sam
     our_loss, our_grad, their_loss, their_grad = losses_and_head_gradients(ours, theirs, inputs)
     assert_relative_close(our_loss, their_loss, 1e-5, "loss")
     assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
+    if threshold is not None:           # the mask matters: TRL's loss changes without it
+        theirs.off_policy_mask_threshold = None
+        assert (theirs._compute_loss(theirs.model, inputs) - their_loss).abs() > 1e-4
     inputs["importance_sampling_ratio"] = torch.ones(shape)     # the ratio matters: the loss changes without it
     assert (ours._compute_loss(ours.model, inputs) - our_loss).abs() > 1e-4
 
 
-@pytest.mark.parametrize("level,sampling_level,masks", [
-    ("token", "token", dict(top_entropy_quantile=0.3)),
-    ("output", "sequence", dict(off_policy_mask_threshold=0.02)),
-    ("output", "sequence", dict(off_policy_mask_threshold=0.02, top_entropy_quantile=0.5))])
-def test_masks_reproduce_trl(tmp_path, level, sampling_level, masks):
+@pytest.mark.parametrize("level,sampling_level,loss_type,masks", [
+    ("token", "token", "grpo", dict(top_entropy_quantile=0.3)),
+    ("output", "sequence", "grpo", dict(off_policy_mask_threshold=0.02)),
+    ("output", "sequence", "grpo", dict(off_policy_mask_threshold=0.02, top_entropy_quantile=0.5)),
+    ("token", "token", "grpo", dict(off_policy_mask_threshold=0.02, top_entropy_quantile=0.5)),  # per sequence,
+    ("token", "token", "sapo", dict(off_policy_mask_threshold=0.02)),                              # as TRL's
+    ("token", "token", "vespo", dict(off_policy_mask_threshold=0.02, top_entropy_quantile=0.5))])
+def test_masks_reproduce_trl(tmp_path, level, sampling_level, loss_type, masks):
     """TRL's top-entropy token mask and DeepSeek-V3.2's off-policy sequence mask (from the rollout log-probs)."""
     options = dict(reward_funcs=[length_reward], beta=0.05, importance_sampling_level=sampling_level,
-                   loss_type="grpo", num_iterations=2, **masks)
+                   loss_type=loss_type, num_iterations=2, **masks)
     ours = make(tmp_path / "ours", level=level, **options)
     theirs = make(tmp_path / "theirs", trl.GRPOTrainer, **options)
     inputs = batch_inputs(ours)
     perturb(ours.model)
     perturb(theirs.model)
     rows = len(inputs["advantages"])
-    inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] + torch.tensor(
-        [0.3, -0.2, 0.1, 0.0]).repeat(rows // 4)[:, None]
+    old = inputs["old_per_token_logps"]         # the rollout engine off by a per-answer and a per-token amount:
+    noise = 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(5))   # a mask per token would
+    inputs["sampling_per_token_logps"] = old + torch.tensor(                            # differ from TRL's
+        [0.3, -0.2, 0.1, 0.0]).repeat(rows // 4)[:, None] + noise
     for trainer in (ours, theirs):
         trainer.current_gradient_accumulation_steps = 1
     our_loss, our_grad, their_loss, their_grad = losses_and_head_gradients(ours, theirs, inputs)
     assert_relative_close(our_loss, their_loss, 1e-5, "loss")
     assert_relative_close(our_grad, their_grad, 1e-4, "gradient of the LM head")
+    if "off_policy_mask_threshold" in masks:        # the mask matters: TRL's loss changes without it
+        theirs.off_policy_mask_threshold = None
+        assert (theirs._compute_loss(theirs.model, inputs) - their_loss).abs() > 1e-4
 
 
 def test_a_head_that_does_not_read_the_last_hidden_state_is_refused(tmp_path):
@@ -250,10 +269,6 @@ def test_arguments_are_checked(tmp_path):
         make(tmp_path, reward_funcs=[length_reward])                       # level="sentence" without one
     with pytest.raises(ValueError, match="level"):
         make(tmp_path, reward_funcs=[length_reward], level="paragraph")
-    with pytest.raises(ValueError, match="no token form"):
-        make(tmp_path, reward_funcs=[length_reward], level="token", loss_type="vespo")
-    with pytest.raises(ValueError, match="level='output'"):
-        make(tmp_path, reward_funcs=[length_reward], level="token", off_policy_mask_threshold=0.1)
     with pytest.raises(TypeError, match="trl_metrics"):
         make(tmp_path, reward_funcs=[length_reward], level="token", trl_metrics="yes")
     with pytest.raises(ValueError, match="not both"):

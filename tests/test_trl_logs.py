@@ -59,30 +59,39 @@ def assert_logs_match(ours: list, theirs: list, atol: float, rtol: float = 1e-5)
             assert actual == pytest.approx(expected, rel=rtol, abs=atol), f"entry {step}, {key}"
 
 
+def two_step_options(level: str, loss_type: str, **overrides) -> dict:
+    """Two optimizer steps of two accumulated micro-batches each, the second step on the first step's rollouts
+    (num_iterations=2: ratios away from 1, clipped units, KL > 0), with an entropy bonus."""
+    options = dict(loss_type=loss_type, importance_sampling_level=SAMPLING_LEVEL[level], beta=0.05,
+                   num_iterations=2, gradient_accumulation_steps=2, epsilon=0.05, entropy_coef=0.01,
+                   use_bias_correction_kl=loss_type in ("grpo", "dapo", "luspo", "vespo"))
+    if loss_type == "cispo":
+        options["epsilon_high"] = 1.02           # CISPO's cap on the ratio itself: some units above it
+    return dict(options, **overrides)
+
+
+def assert_train_logs_match(ours: list, theirs: list, loss_type: str) -> None:
+    """:func:`assert_logs_match` at the loss type's rounding: luspo sums its token losses per answer (no mean),
+    cispo's and vespo's carry log π (~-4 per token), so their losses are sums of terms of ~1-10 that cancel to
+    ~1e-2 (zero-mean advantages) and fp32 rounding in the two summation orders reaches ~1e-6 in absolute terms."""
+    assert_logs_match(ours, theirs, atol=5e-6 if loss_type in ("luspo", "cispo", "vespo") else 1e-6)
+
+
 @pytest.mark.parametrize("level,loss_type", [
     ("output", "grpo"), ("output", "bnpo"), ("output", "dr_grpo"), ("output", "dapo"), ("output", "cispo"),
     ("output", "sapo"), ("output", "luspo"), ("output", "vespo"),
     ("token", "grpo"), ("token", "bnpo"), ("token", "dr_grpo"), ("token", "dapo"), ("token", "cispo"),
-    ("token", "sapo"), ("token", "luspo")])                     # vespo has no token level (refused)
+    ("token", "sapo"), ("token", "luspo"), ("token", "vespo")])
 def test_train_logs_trls_metrics_with_trls_values(tmp_path, level, loss_type):
-    """Two optimizer steps of two accumulated micro-batches each, the second step on the first step's rollouts
-    (num_iterations=2: ratios away from 1, clipped units, KL > 0), an entropy bonus and one evaluation: the
-    drop-in's log history equals stock TRL's key for key (TRL's metrics averaged over the micro-batches and
-    gathered as TRL does), with our ``sentence/*`` keys besides."""
-    options = dict(loss_type=loss_type, importance_sampling_level=SAMPLING_LEVEL[level], beta=0.05,
-                   num_iterations=2, gradient_accumulation_steps=2, epsilon=0.05, entropy_coef=0.01,
-                   use_bias_correction_kl=loss_type in ("grpo", "dapo", "luspo"),
-                   per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=2)
-    if loss_type == "cispo":
-        options["epsilon_high"] = 1.02           # CISPO's cap on the ratio itself: some units above it
+    """:func:`two_step_options` and one evaluation: the drop-in's log history equals stock TRL's key for key
+    (TRL's metrics averaged over the micro-batches and gathered as TRL does), with our ``sentence/*`` keys
+    besides."""
+    options = two_step_options(level, loss_type, per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=2)
     evaluation = dataset(1)
     theirs = trained_logs(tmp_path / "theirs", trl.GRPOTrainer, options, evaluation, reward_funcs=[length_reward])
     ours = trained_logs(tmp_path / "ours", SentenceGRPOTrainer, options, evaluation, reward_funcs=[length_reward],
                         level=level)
-    # luspo sums its token losses per answer (no mean), cispo's and vespo's carry log π (~-4 per token): their
-    # losses are sums of terms of ~1-10 that cancel to ~1e-2 (zero-mean advantages), so fp32 rounding in the two
-    # summation orders reaches ~1e-6 in absolute terms
-    assert_logs_match(ours, theirs, atol=5e-6 if loss_type in ("luspo", "cispo", "vespo") else 1e-6)
+    assert_train_logs_match(ours, theirs, loss_type)
     second = [entry for entry in theirs if "loss" in entry][1]     # step 2: off the rollout policy
     assert second["kl"] > 0 and second["policy_loss"] != 0 and second["entropy_coef"] == 0.01
     evaluation = [entry for entry in theirs if "eval_loss" in entry]
@@ -93,6 +102,33 @@ def test_train_logs_trls_metrics_with_trls_values(tmp_path, level, loss_type):
         assert second["cispo_clip_ratio"] > 0
     if loss_type == "vespo":
         assert second["vespo/phi_seq_mean"] != 1.0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "vespo"])
+def test_train_with_the_off_policy_mask_logs_trls_values_at_the_token_level(tmp_path, monkeypatch, loss_type):
+    """DeepSeek-V3.2's off-policy mask at ``level="token"`` is TRL's, per sequence (grpo: the loss's weights;
+    vespo: its segments are whole answers). The threshold lies inside the second step's drift from the rollout
+    policy: TRL drops some answers, and some negative answer has tokens on both sides of it, so that a mask per
+    token would differ from TRL's. The drop-in's log history equals TRL's."""
+    threshold = 0.12
+    options = two_step_options("token", loss_type, off_policy_mask_threshold=threshold)
+    calls = []                          # (advantages [B, 1], drift [B, T], mask [B, T], keep [B, 1]) of TRL's
+    get_mask = trl.GRPOTrainer.get_off_policy_mask
+
+    def recorded(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
+        keep = get_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
+        calls.append((advantages, sampling_per_token_logps - per_token_logps.detach(), mask, keep))
+        return keep
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trl.GRPOTrainer, "get_off_policy_mask", staticmethod(recorded))
+        theirs = trained_logs(tmp_path / "theirs", trl.GRPOTrainer, options, reward_funcs=[length_reward])
+    assert len(calls) == 4 and all(keep.all() for *_, keep in calls[:2]), "the first step is on-policy: no mask"
+    assert any(not keep.all() for *_, keep in calls[2:]), "nothing masked: the mask would not be tested"
+    assert any((((drift > threshold) != ~keep.bool()) & mask.bool() & (advantages < 0)).any()
+               for advantages, drift, mask, keep in calls), "a mask per token would drop the same tokens"
+    ours = trained_logs(tmp_path / "ours", SentenceGRPOTrainer, options, reward_funcs=[length_reward], level="token")
+    assert_train_logs_match(ours, theirs, loss_type)
 
 
 def test_sentence_level_clip_ratios_weigh_each_sentence_by_its_tokens(tmp_path):

@@ -16,12 +16,18 @@ What changes against TRL's ``GRPOTrainer``:
 With ``level="token"`` or ``"output"`` and TRL's own ``reward_funcs``, the loss reproduces TRL's numbers for
 ``importance_sampling_level="token"`` or ``"sequence"`` and ``loss_type`` in ``grpo`` (our
 ``reduction="sentence_mean"``), ``bnpo`` (``"token_mean"``), ``dr_grpo``, ``dapo`` and ``cispo`` (token sums over
-TRL's own normalisers), ``sapo`` and ``luspo``, with or without ``use_bias_correction_kl`` (our
-``kl_importance_weighting``), the entropy bonus, the entropy mask and the off-policy mask (per sentence: TRL's at
-``level="output"``); vLLM's importance-sampling correction is applied as TRL computes it
-(``importance_sampling_ratio`` as ``is_weights``). Each loss type's normaliser is passed to the loss as its
-``normalizer``. ``vespo`` weighs each sentence (TRL: each sequence, so ``level="output"`` reproduces it; it has
-no token form and is refused at ``level="token"``), with vLLM's token ratios folded into its weight as TRL does.
+TRL's own normalisers), ``sapo``, ``luspo`` and ``vespo``, with or without ``use_bias_correction_kl`` (our
+``kl_importance_weighting``), the entropy bonus, the entropy mask and the off-policy mask; vLLM's
+importance-sampling correction is applied as TRL computes it (``importance_sampling_ratio`` as ``is_weights``). Each
+loss type's normaliser is passed to the loss as its ``normalizer``. Two of TRL's quantities are per sequence at
+every ``importance_sampling_level``. The off-policy mask (DeepSeek-V3.2's) is the loss's own per sentence, TRL's at
+``level="output"``; at ``level="token"`` the trainer computes TRL's sequence mask itself (TRL's
+``get_off_policy_mask``) and passes it in ``is_weights``, which weigh the policy term and not the KL term, as TRL's
+mask. ``vespo`` weighs each sentence with the gamma weight of its summed token log-ratios (TRL: each sequence, so
+``level="output"`` reproduces it), with vLLM's token ratios folded into its weight as TRL does; at ``level="token"``
+the loss's segments are then whole answers, as at ``"output"`` (its ``sentence/*`` metrics count answers), and with
+``use_bias_correction_kl`` TRL's KL term weighted by each token's own ratio is a second call of the loss over
+one-token segments with zero advantages (one more pass over the LM head, with gradients).
 
 As a drop-in it logs what TRL's ``_compute_loss`` logs, into the same train/eval metric dicts (averaged over the
 logging steps by TRL's ``log``, gathered across processes as TRL gathers them): ``entropy``, ``kl`` (``beta > 0``),
@@ -35,7 +41,8 @@ count; ``low_min``/``high_max`` take each answer's share of clipped tokens). TRL
 (``use_adaptive_entropy``, Skywork-OR1) runs at every level with TRL's state, update rule and checkpointing.
 The fused loss keeps its per-token log-probs and entropies inside its passes, so these metrics and the controller
 take them from one more no-grad pass over the LM head (chunked, like the loss: no ``[tokens, vocab]`` logits);
-``trl_metrics=False`` skips that pass (and TRL's keys) unless the controller needs it. Needs ``trl >= 1.0``.
+``trl_metrics=False`` skips that pass (and TRL's keys) unless the controller or the token level's off-policy mask
+needs it. Needs ``trl >= 1.0``.
 """
 
 from __future__ import annotations
@@ -121,12 +128,6 @@ class SentenceGRPOTrainer(GRPOTrainer):
             # TRL's check (TRL decides itself whether an environment_factory's environments reward)
             hint = "" if level != "sentence" else " (level='sentence' needs a sentence_reward: one score per sentence)"
             raise ValueError(NO_REWARD_SOURCE + hint)
-        if level == "token" and getattr(args, "loss_type", None) == "vespo":
-            raise ValueError("loss_type='vespo' weighs whole sequences in TRL (its gamma weight of the summed token "
-                             "log-ratios) and has no token form: use level='output' (TRL's vespo) or 'sentence'")
-        if level == "token" and getattr(args, "off_policy_mask_threshold", None) is not None:
-            raise ValueError("off_policy_mask_threshold masks whole sentences here; at level='token' a sentence is a "
-                             "token, not TRL's sequence: use level='output' (TRL's mask) or 'sentence'")
         if level == "sentence" and sentence_reward is None:
             raise ValueError("level='sentence' needs a sentence_reward (one score per sentence)")
         if sentence_reward is not None and reward_funcs not in (None, []):
@@ -216,36 +217,45 @@ class SentenceGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         hidden = self._completion_hidden(model, inputs)
         weight, bias = output_projection(self.accelerator.unwrap_model(model))
-        ratio_level = levels.loss_ratio_level(self.level, self.ratio_level)
+        segment_ids, ratio_level = self._loss_segments(inputs)
         objective, reduction = LOSS_TYPES[self.loss_type]
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         adaptive = getattr(self, "use_adaptive_entropy", False)
         scores = None
-        if self.trl_metrics or (adaptive and mode == "train"):
-            # per-token log-probs and entropies for TRL's metrics and the controller: the fused loss keeps its own
-            # inside its passes, so this is one more no-grad pass over the LM head (chunked, never [N, V] at once)
+        if self.trl_metrics or (adaptive and mode == "train") or self._masks_sequences_by_weight():
+            # per-token log-probs and entropies for TRL's metrics, the controller and the sequence mask: the fused
+            # loss keeps its own inside its passes, so this is one more no-grad pass over the LM head (chunked,
+            # never [N, V] at once)
             with torch.no_grad():
                 scores = fused_linear_token_logprobs(
                     hidden.detach(), weight.detach(), inputs["completion_ids"],
                     bias=None if bias is None else bias.detach(), temperature=self.temperature, return_entropy=True,
                     chunk_size=self.chunk_size)
         entropy_coef = self._applied_entropy_coef()
+        normalizer = self._normalizer(inputs, mode, accumulation)
+        kl_weighting = self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False)
+        kl_apart = kl_weighting and self._vespo_over_answers()
+        beta = 0.0 if kl_apart else self.beta
+        threshold = getattr(self.args, "off_policy_mask_threshold", None)
         loss, metrics = fused_linear_sentence_grpo_loss(
-            hidden, weight, inputs["completion_ids"], inputs["segment_ids"], inputs["advantages"].detach(),
-            inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-            bias=bias, eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta,
+            hidden, weight, inputs["completion_ids"], segment_ids, inputs["advantages"].detach(),
+            inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps") if beta != 0.0 else None,
+            bias=bias, eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=beta,
             delta=self.args.delta, temperature=self.temperature, ratio_level=ratio_level, reduction=reduction,
             objective=objective, sapo_tau_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
             sapo_tau_neg=getattr(self.args, "sapo_temperature_neg", 1.05), **self._vespo_options(),
-            kl_importance_weighting=self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False),
-            is_weights=self._rollout_weights(inputs), sampling_logps=inputs.get("sampling_per_token_logps"),
+            kl_importance_weighting=kl_weighting and not kl_apart,
+            is_weights=self._policy_weights(inputs, None if scores is None else scores[0]),
+            sampling_logps=inputs.get("sampling_per_token_logps"),
             top_entropy_quantile=getattr(self.args, "top_entropy_quantile", 1.0),
-            off_policy_mask_threshold=getattr(self.args, "off_policy_mask_threshold", None),
+            off_policy_mask_threshold=None if self._masks_sequences_by_weight() else threshold,
             # TRL scales its entropy bonus by the accumulation steps only, never by the loss type's normaliser
             entropy_coef=entropy_coef / accumulation,
-            normalizer=self._normalizer(inputs, mode, accumulation), chunk_size=self.chunk_size,
-            return_metrics=True)
+            normalizer=normalizer, chunk_size=self.chunk_size, return_metrics=True)
+        if kl_apart:
+            kl_loss, kl_metrics = self._token_ratio_kl(hidden, weight, bias, inputs, normalizer)
+            loss, metrics["kl_mean"] = loss + kl_loss, kl_metrics["kl_mean"]
         if self._entropy_bonus_on():
             self._entropy_step(loss.detach(), scores, inputs, mode, entropy_coef, accumulation)
         if self.trl_metrics:
@@ -255,6 +265,58 @@ class SentenceGRPOTrainer(GRPOTrainer):
                 self._metrics[mode][f"sentence/{name}"].append(
                     self.accelerator.gather(metrics[name].float().reshape(1)).mean().item())
         return loss
+
+    # -- the loss's segments and weights at the token level --------------------------------------------------------
+    def _vespo_over_answers(self) -> bool:
+        """Whether ``vespo`` runs at ``level="token"``: TRL's gamma weight is per sequence at every
+        ``importance_sampling_level`` (the token ratio enters only its bias-corrected KL term), so the loss's
+        segments are then whole answers, as at ``level="output"``."""
+        return self.level == "token" and self.loss_type == "vespo"
+
+    def _masks_sequences_by_weight(self) -> bool:
+        """Whether TRL's off-policy sequence mask goes to the loss as ``is_weights``: at ``level="token"`` (but for
+        ``vespo``) the loss's segments are tokens, and its own mask, per segment, would drop single tokens."""
+        return (getattr(self.args, "off_policy_mask_threshold", None) is not None and self.level == "token"
+                and not self._vespo_over_answers())
+
+    def _loss_segments(self, inputs) -> tuple[torch.Tensor, str]:
+        """The loss's ``segment_ids [B, T]`` (int, ``-1`` unscored) and ``ratio_level``: the trained level's, but
+        one segment per scored answer for :meth:`_vespo_over_answers` (``inputs["segment_ids"]`` stays per token
+        for TRL's token-level metrics)."""
+        segment_ids = inputs["segment_ids"]
+        if self._vespo_over_answers():
+            return torch.where(segment_ids >= 0, 0, -1), levels.loss_ratio_level("output")
+        return segment_ids, levels.loss_ratio_level(self.level, self.ratio_level)
+
+    def _policy_weights(self, inputs, logps: torch.Tensor | None) -> torch.Tensor | None:
+        """The loss's ``is_weights`` (constant; ``[B]`` or ``[B, T]`` float, or ``None``): TRL's vLLM ratio
+        (:meth:`_rollout_weights`) times, with :meth:`_masks_sequences_by_weight`, TRL's off-policy sequence mask
+        (its own ``get_off_policy_mask``: 0 on the tokens of a negative-advantage answer whose mean
+        ``log π_sampling − log π`` exceeds the threshold) from this policy's ``logps [B, T]`` (no grad). Like
+        TRL's mask, the weights leave the KL term alone."""
+        weights = self._rollout_weights(inputs)
+        if not self._masks_sequences_by_weight():
+            return weights
+        behaviour = inputs.get("sampling_per_token_logps")
+        if behaviour is None:
+            behaviour = logps if inputs.get("old_per_token_logps") is None else inputs["old_per_token_logps"]
+        scored = (inputs["segment_ids"] >= 0).to(logps.dtype)
+        keep = GRPOTrainer.get_off_policy_mask(inputs["advantages"][:, None], logps, behaviour, scored,
+                                               self.args.off_policy_mask_threshold).squeeze(1)      # [B]
+        if weights is None:
+            return keep
+        return weights * (keep if weights.dim() == 1 else keep[:, None])
+
+    def _token_ratio_kl(self, hidden, weight, bias, inputs, normalizer):
+        """TRL's bias-corrected KL term at ``importance_sampling_level="token"`` (each token's k3 times its own
+        ratio, summed and divided by ``normalizer``) for :meth:`_vespo_over_answers`, whose loss weighs whole
+        answers: the loss over one-token segments with zero advantages, which have no policy term. One more pass
+        over the LM head, with gradients. Returns ``(loss, metrics)`` as the fused loss does."""
+        return fused_linear_sentence_grpo_loss(
+            hidden, weight, inputs["completion_ids"], inputs["segment_ids"], torch.zeros_like(inputs["advantages"]),
+            inputs.get("old_per_token_logps"), inputs["ref_per_token_logps"], bias=bias, beta=self.beta,
+            temperature=self.temperature, ratio_level="sum", reduction="token_mean", kl_importance_weighting=True,
+            normalizer=normalizer, chunk_size=self.chunk_size, return_metrics=True)
 
     # -- entropy bonus and TRL's adaptive controller ------------------------------------------------------------
     def _entropy_bonus_on(self) -> bool:
@@ -311,13 +373,16 @@ class SentenceGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     # -- TRL's metrics at the trained level ---------------------------------------------------------------------
-    def _per_unit(self, values: torch.Tensor, segment_ids: torch.Tensor, mean: bool) -> torch.Tensor:
-        """The sum (or mean) of ``values [B, T]`` over each unit whose ratio the loss takes: ``[B, 1]`` at the
-        output level (one per answer, TRL's sequence-level shape), else ``[B, T]`` with each token holding its
-        sentence's (at the token level, its own value)."""
+    def _per_unit(self, values: torch.Tensor, segment_ids: torch.Tensor, mean: bool,
+                  answers: bool | None = None) -> torch.Tensor:
+        """The sum (or mean) of ``values [B, T]`` over each unit whose ratio the loss takes: ``[B, 1]`` with
+        ``answers`` (default: at the output level; one per answer, TRL's sequence-level shape), else ``[B, T]``
+        with each token holding its sentence's (at the token level, its own value)."""
         scored = segment_ids >= 0
         values = torch.where(scored, values, 0.0)
-        if self.level == "output":
+        if answers is None:
+            answers = self.level == "output"
+        if answers:
             total = values.sum(-1, keepdim=True)
             return total / scored.sum(-1, keepdim=True).clamp(min=1) if mean else total
         rows, slots = segment_ids.shape[0], int(segment_ids.max().clamp(min=0).item()) + 1
@@ -391,13 +456,13 @@ class SentenceGRPOTrainer(GRPOTrainer):
     def _gamma_weights(self, inputs, log_ratio: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
         """VESPO's gamma weight per unit, as TRL's ``get_gamma_weights`` computes it per sequence: ``log w`` the
         sum of the token log-ratios (each clamped to ±20) and of the rollout log-weights, clamped to
-        ``[log 1e-8, 20]``."""
-        segment_ids = inputs["segment_ids"]
-        log_w = self._per_unit(log_ratio.clamp(-20.0, 20.0), segment_ids, mean=False)
+        ``[log 1e-8, 20]``. A unit is a sentence at the sentence level, else an answer (``[B, 1]``, TRL's)."""
+        segment_ids, answers = inputs["segment_ids"], self.level != "sentence"
+        log_w = self._per_unit(log_ratio.clamp(-20.0, 20.0), segment_ids, mean=False, answers=answers)
         rollout = inputs.get("importance_sampling_ratio")
         if rollout is not None:
             log_w = log_w + self._per_unit(torch.log(rollout).clamp(math.log(1e-8), 20.0).expand_as(log_ratio),
-                                           segment_ids, mean=False)
+                                           segment_ids, mean=False, answers=answers)
         log_w = log_w.clamp(math.log(1e-8), 20.0)
         options = self._vespo_options()
         nonnegative = advantages >= 0
