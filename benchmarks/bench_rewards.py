@@ -6,12 +6,17 @@ one GRPO loss step at the same batch.
 
 ``G`` answers of ``T`` tokens split into ``S`` equal steps, scored by a fixed tiny Qwen2 built from a config with a
 fixed seed (the package's character tokenizer; a 17-token judge suffix, about what the default judge template is
-in a BPE vocabulary). Per scorer and shape: wall time (median), forward calls and tokens processed (the
-decoder's ``input_ids``, padding included, counted by a forward hook), the ratio to ``mode="cache"``, and the share
-of one GRPO step: scorer time / (scorer time + the policy's forward, fused sentence loss and backward on the same
-``G`` answers, generation not included). ``mode="batched"`` runs every step's whole prompt (``S/2`` times the
-tokens of the others): at 2048 tokens the quick preset only plans its forwards and tokens. Writes
-``bench_rewards.{csv,png,md}`` into ``--out`` and prints the paths.
+in a BPE vocabulary). Per scorer and shape: time (median; on the CPU the process's CPU time, which with one thread
+is the wall time on an idle core whatever else runs on the machine; CUDA events on a GPU), forward calls and tokens
+processed (the decoder's ``input_ids``, padding included, counted by a forward hook), the ratio to
+``mode="cache"``, and the share of one GRPO step: scorer time / (scorer time + the policy's forward, fused sentence
+loss and backward on the same ``G`` answers, generation not included). ``mode="batched"`` runs every step's whole
+prompt (``S/2`` times the tokens of the others): at 2048 tokens the quick preset only plans its forwards and tokens.
+
+On the CPU the quick preset makes glibc's malloc keep freed memory (``keep_freed_memory``; ``--default-malloc``
+leaves it alone): by default glibc returns every freed block over 32 MB to the kernel, so each forward of a big
+batch spends seconds of kernel time zeroing fresh pages, a cost of the allocator that batch-1 forwards never pay.
+Writes ``bench_rewards.{csv,png,md}`` into ``--out`` and prints the paths.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import argparse
 import functools
 import math
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -37,7 +44,8 @@ JUDGE = "\nCorrect? Yes/No:"                  # 17 characters, one token each
 MODES = ("one_pass", "cache", "batched")
 PRESETS = {
     "quick": dict(device="cpu", threads=1, hidden=256, layers=4, heads=4, answers=16, batch_size=16,
-                  shapes=[(256, 8), (256, 32), (2048, 8), (2048, 32)], repeats=1, skip={2048: ("batched",)}),
+                  shapes=[(256, 8), (256, 32), (2048, 8), (2048, 32)], repeats=1, skip={2048: ("batched",)},
+                  keep_freed_memory=True),
     "gpu": dict(device="cuda", threads=0, hidden=1024, layers=8, heads=16, answers=16, batch_size=16,
                 shapes=[(256, 8), (256, 32), (2048, 8), (2048, 32)], repeats=5),
 }
@@ -127,6 +135,32 @@ def _score(scorer, questions, sentences, _state) -> None:
     scorer(questions, sentences)
 
 
+def time_ms(run, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of ``run(None)``: CUDA events on a GPU, the process's CPU time on the CPU."""
+    if device.type == "cuda":
+        return harness.median_time_ms(run, device=device, repeats=repeats, warmup=0)
+    samples = []
+    for _ in range(repeats):
+        begin = time.process_time()
+        run(None)
+        samples.append((time.process_time() - begin) * 1e3)
+    return statistics.median(samples)
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc's malloc serve every block from its heap and keep freed memory for reuse (``mallopt``:
+    ``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` 2 GB), as jemalloc or tcmalloc would; False where the C library has
+    no ``mallopt``."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-4, 0) and mallopt(-1, 2**31 - 1))                     # M_MMAP_MAX, M_TRIM_THRESHOLD
+
+
 def measure(preset: dict, device: torch.device) -> list[harness.Row]:
     """Rows of the GRPO loss step and of every scorer at every shape (``preset["skip"]``: scorers not timed at a
     length, their forward calls and tokens planned instead)."""
@@ -140,8 +174,7 @@ def measure(preset: dict, device: torch.device) -> list[harness.Row]:
         shape = dict(bench="rewards", device=device.type, dtype="float32", batch=count, length=length,
                      vocab=len(tokenizer), hidden=preset["hidden"], mode=f"S={steps}")
         model.train()
-        step_ms = harness.median_time_ms(grpo_step(model, tokenizer, questions, sentences, device), device=device,
-                                         repeats=repeats, warmup=0)
+        step_ms = time_ms(grpo_step(model, tokenizer, questions, sentences, device), device, repeats)
         model.eval()
         rows.append(harness.Row(provider="grpo_loss_step", tokens=count * length, metric="time_ms", value=step_ms,
                                 **shape))
@@ -154,8 +187,7 @@ def measure(preset: dict, device: torch.device) -> list[harness.Row]:
                 continue
             scorer(questions[:1], sentences[:1])                       # warm-up
             counter.reset()
-            run = functools.partial(_score, scorer, questions, sentences)
-            times[name] = harness.median_time_ms(run, device=device, repeats=repeats, warmup=0)
+            times[name] = time_ms(functools.partial(_score, scorer, questions, sentences), device, repeats)
             calls, tokens = counter.calls // repeats, counter.tokens // repeats
             extra = dict(forward_calls=calls, share_of_step=times[name] / (times[name] + step_ms))
             rows.append(harness.Row(provider=name, tokens=tokens, metric="time_ms", value=times[name],
@@ -166,10 +198,11 @@ def measure(preset: dict, device: torch.device) -> list[harness.Row]:
     return rows
 
 
-def markdown(rows: list[harness.Row], preset: dict, device_name: str) -> str:
+def markdown(rows: list[harness.Row], preset: dict, device_name: str, malloc: str) -> str:
     lines = [f"G={preset['answers']} answers, batch_size={preset['batch_size']}, a Qwen2 of {preset['layers']} "
              f"layers × {preset['hidden']} (seed 0, fp32, sdpa), {device_name}"
-             + (f", {preset['threads']} thread" if preset["threads"] else "") + ".", "",
+             + (f", {preset['threads']} thread, times in process CPU time" if preset["threads"] else "")
+             + f"; malloc: {malloc}.", "",
              "| T tokens | S steps | scorer | time (ms) | × cache | forward calls | tokens processed "
              "| share of a GRPO step |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -217,18 +250,23 @@ def main(argv=None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=tuple(PRESETS), default="quick")
     parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (it returns freed blocks over 32 MB to the kernel)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     device = torch.device(preset["device"])
     if preset["threads"]:
         torch.set_num_threads(preset["threads"])
+    kept = preset.get("keep_freed_memory", False) and not args.default_malloc and keep_freed_memory()
+    malloc = "keeps freed memory (mallopt)" if kept else "default"
+    print(f"malloc: {malloc}", flush=True)
     rows = measure(preset, device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     os.makedirs(args.out, exist_ok=True)
     paths = [os.path.join(args.out, f"bench_rewards.{extension}") for extension in ("csv", "png", "md")]
     harness.write_csv(rows, paths[0])
     plot(rows, paths[1], f"step scorers, G={preset['answers']}, {device_name}")
-    table = markdown(rows, preset, device_name)
+    table = markdown(rows, preset, device_name, malloc)
     with open(paths[2], "w") as handle:
         handle.write(table)
     print(table)
