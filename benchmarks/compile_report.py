@@ -9,7 +9,7 @@ on ``meta`` tensors of exact shapes: the logits path of ``bench_loss --preset gp
 call that prepares its inputs) and one chunk of ``bench_fused_linear --preset gpu``, each in fp32, bf16, fp16 and
 fp64; passes A and C on rows that start off a 16-byte boundary (GPT-2's V = 50 257, and logits sliced to a
 tokenizer's 151 665 of 151 936 entries); the group advantage kernel at each of its tile shapes.
-Facts come from ``sgrpo_kernels/ops/triton/compiled_code.py``; ``tests/test_kernel_builds.py`` holds them as limits.
+Facts come from ``tools/compiled_code.py``; ``tests/test_kernel_builds.py`` holds them as limits.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from benchmarks.runner import Shape  # noqa: E402
 from sgrpo_kernels.config import LossConfig  # noqa: E402
 from sgrpo_kernels.ops import triton as TRITON_PASSES  # noqa: E402  (the Triton backend: an ops.passes.Passes)
 from sgrpo_kernels.ops.driver import run_sentence_grpo_loss  # noqa: E402
+from sgrpo_kernels.ops.request import LossRequest  # noqa: E402
+from sgrpo_kernels.ops.rows import RowInputs  # noqa: E402
 from sgrpo_kernels.ops.fused_linear import GPU_CHUNK_BYTES_MAX  # noqa: E402
 from sgrpo_kernels.ops.layout import SentenceLayout, SentenceSums  # noqa: E402
-from sgrpo_kernels.ops.triton import kernel_builds  # noqa: E402
+from tools import kernel_builds  # noqa: E402
 from sgrpo_kernels.ops.triton.group_advantages import MAX_SLOTS, group_advantages  # noqa: E402
 from sgrpo_kernels.ops.triton.logprobs import LOAD_BYTES  # noqa: E402
 
@@ -68,10 +70,12 @@ def logits_path_launches(shape: Shape, logits: torch.Tensor | None = None) -> se
             TRITON_PASSES.token_scores(meta(batch, length, vocab, dtype=shape.torch_dtype), ids, 1.0)
         for inplace in (False, True):
             logits = meta(batch, length, vocab, dtype=shape.torch_dtype)
-            run_sentence_grpo_loss(TRITON_PASSES, logits, ids, ids, meta(batch, slots, dtype=floats),
-                                   meta(batch, length, dtype=floats), meta(batch, length, dtype=floats),
-                                   LossConfig(beta=bench_loss.BETA), slots,
-                                   gradient_out=logits if inplace else torch.empty_like(logits), with_metrics=False)
+            old, ref = meta(batch, length, dtype=floats), meta(batch, length, dtype=floats)
+            request = LossRequest(old_logps=old, ref_logps=ref, config=LossConfig(beta=bench_loss.BETA),
+                                  backend="triton")
+            rows = RowInputs(ids, ids, meta(batch, slots, dtype=floats), old, ref, None, None, slots)
+            run_sentence_grpo_loss(TRITON_PASSES, logits, rows, request,
+                                   gradient_out=logits if inplace else torch.empty_like(logits))
     return launches
 
 
@@ -189,7 +193,7 @@ def report_rows(where: dict, results: list[dict]) -> list[dict]:
 
 
 def _loop(values: dict):
-    from sgrpo_kernels.ops.triton.compiled_code import LoopCode
+    from tools.compiled_code import LoopCode
     return LoopCode(**values)
 
 

@@ -1,16 +1,15 @@
 """Group-relative sentence advantages (``reference.group_sentence_advantages`` states them).
 
-The backend is chosen like the loss's (``backends.py``): CUDA tensors (and CPU tensors under
-``TRITON_INTERPRET=1``) use the Triton kernel of ``ops/triton/group_advantages.py``; other tensors the torch
-backend, whose group advantages are the vectorised statement of ``reference.py``.
+The backend is chosen like the loss's (``ops/backends.py``): CUDA tensors (and CPU tensors under
+``TRITON_INTERPRET=1``) use the Triton kernel of ``ops/triton/group_advantages.py``; CPU tensors the C++ loop of
+the native backend when it is built, else the torch backend (``ops/torch/group_advantages.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
-from .backends import resolve_backend
+from . import ops, reference
 from .config import (ADVANTAGE_BASELINES, ADVANTAGE_MODES, ADVANTAGE_SCALES, ADVANTAGE_WEIGHTINGS, _check_choice,
                      _check_real)
 from .distributed import gather_rows
@@ -83,13 +82,13 @@ def group_sentence_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor
     answer_mix = _check_real("answer_mix", answer_mix, low=0.0)
     if answer_mix > 1:
         raise ValueError(f"answer_mix must lie in [0, 1], got {answer_mix}")
-    chosen = resolve_backend(backend, rewards.device)
+    name = ops.resolve_backend(backend, rewards.device).name
     if process_group is not None:      # every rank checked its own rows above; the global batch is checked there
         return _across_ranks(rewards, num_sentences, group_size, process_group, eps=eps, weighting=weighting,
-                             scale=scale, mode=mode, answer_mix=answer_mix, baseline=baseline, backend=chosen.name)
-    if chosen.name != "reference":
-        out = chosen.passes().group_advantages(rewards, num_sentences, group_size, eps, weighting, scale, mode,
-                                               answer_mix, baseline)
+                             scale=scale, mode=mode, answer_mix=answer_mix, baseline=baseline, backend=name)
+    if name != "reference":
+        out = ops.group_advantages(rewards, num_sentences, group_size, name, eps=eps, weighting=weighting,
+                                   scale=scale, mode=mode, answer_mix=answer_mix, baseline=baseline)
         if out is not None:
             return out
     return reference.group_sentence_advantages(rewards, num_sentences.long(), group_size, eps=eps,

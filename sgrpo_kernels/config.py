@@ -7,6 +7,7 @@ validated inputs. The checks read only the small ``[B, T]`` tensors, never ``log
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -138,6 +139,15 @@ class LossConfig:
     is_mode: str | None = None
     is_clip_min: float | None = None
     is_clip_max: float | None = 3.0
+
+    @classmethod
+    def unchecked(cls, **options) -> LossConfig:
+        """The config of options that were validated when their request was built (a custom op rebuilding it from
+        its arguments): every field given, nothing checked again."""
+        config = object.__new__(cls)
+        for field in dataclasses.fields(cls):
+            object.__setattr__(config, field.name, options[field.name])
+        return config
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # the dataclass is frozen
@@ -286,7 +296,7 @@ def check_loss_values(completion_ids: torch.Tensor, segment_ids: torch.Tensor, a
     """Raise ``ValueError`` for segment ids outside ``[-1, S_max)`` or scored token ids outside ``[0, V)``.
 
     Token ids are checked only where ``segment_ids >= 0``: unscored positions (padding) may hold any id,
-    e.g. ``-100``. Reads the small ``[B, T]`` tensors (one host sync); the custom ops run it before any kernel.
+    e.g. ``-100`` (``completion_ids=None``: a loss on given log-probs, no ids to check). Reads the small ``[B, T]`` tensors (one host sync); the custom ops run it before any kernel.
     """
     if segment_ids.numel():
         lowest = int(segment_ids.min())
@@ -297,7 +307,8 @@ def check_loss_values(completion_ids: torch.Tensor, segment_ids: torch.Tensor, a
             if highest >= advantages.shape[1]:
                 raise ValueError(f"segment_ids must be < S_max = advantages.shape[1] = {advantages.shape[1]}, "
                                  f"found {highest}")
-    check_token_ids("completion_ids", completion_ids, vocab, where=segment_ids >= 0)
+    if completion_ids is not None:
+        check_token_ids("completion_ids", completion_ids, vocab, where=segment_ids >= 0)
 
 
 def validate_reward_weights(weights: dict) -> dict:

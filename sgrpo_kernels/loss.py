@@ -1,8 +1,11 @@
 """Public entry points of the loss: option handling, input checks and backend dispatch.
 
-Each public function validates once (``config.py``), resolves ``backend`` (``backends.py``) and calls either
-``reference.py`` or a custom op of a kernel backend (``ops/custom_ops.py``), which ``torch.compile`` sees as one
-node. Options and their defaults are ``LossConfig``'s (a test holds the keyword defaults below equal to them).
+Each public function checks its options and inputs once (``config.py``), resolves ``backend`` once
+(``ops/backends.py``) and builds one :class:`~sgrpo_kernels.ops.LossRequest`: the validated options, the
+per-rollout tensors and the parallel groups. It then calls ``reference.py`` (``backend="reference"``) or an entry
+point of ``ops`` with that request, which carries it unchanged to the kernels (through a custom op, which
+``torch.compile`` sees as one node). Options and their defaults are ``LossConfig``'s (a test holds the keyword
+defaults below equal to them).
 """
 
 from __future__ import annotations
@@ -10,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference
-from .backends import check_backend_name, resolve_backend
+from . import ops, reference
 from .config import (
     LossConfig,
     _check_real,
@@ -23,9 +25,6 @@ from .config import (
     config_from,
     documented,
 )
-from .ops import custom_ops
-from .ops.driver import sentence_grpo_loss_inplace
-from .ops.vocab_parallel import sharded_backend, vocab_shard
 
 
 def _check_constant_inputs(backend: str, **tensors) -> None:
@@ -147,7 +146,7 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
                        normalizer=None, is_weights=None, sampling_logps=None,
                        inplace=False, backend="auto",
                        return_metrics=False, process_group=None, tp_group=None, vocab_start_index=None,
-                       cu_seqlens=None, sp_group=None):
+                       cu_seqlens=None, sp_group=None, return_token_scores=False):
     """Sentence-level GRPO loss from logits (``reference.sentence_grpo_loss`` states it; ``docs/design.md``).
 
     Args:
@@ -175,6 +174,10 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
         return_metrics: also return a dict of detached 0-dim tensors: ``clip_fraction``,
             ``ratio_mean``, ``kl_mean`` (when ``beta > 0``), ``entropy_mean``, ``num_sentences``,
             ``num_tokens`` (of this rank's rows).
+        return_token_scores: also return the per-token ``(logp, entropy)`` that the loss's own pass over the
+            logits computed, detached, ``[B, T]`` each (packed: ``[N]``; float32, float64 for float64 inputs; 0 at
+            unscored positions; with ``tp_group`` those of the whole vocabulary, with ``sp_group`` this rank's
+            slice): what a trainer logs (entropy, log-probs) without a second pass over the logits.
         process_group: a ``torch.distributed`` group whose ranks each hold a slice of the global batch:
             the means then run over the global batch and the loss is scaled so that the mean of the rank
             losses is the global loss and gradients averaged by DDP/FSDP are its gradient.
@@ -200,80 +203,99 @@ def sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logp
             ``process_group`` and ``tp_group``. Not with ``"reference"``.
 
     Returns:
-        The scalar loss (float32, or float64 for float64 inputs), or ``(loss, metrics)``.
+        The scalar loss (float32, or float64 for float64 inputs); with ``return_metrics`` then the metrics, with
+        ``return_token_scores`` then ``(logp, entropy)``: ``loss``, ``(loss, metrics)``, ``(loss, (logp,
+        entropy))`` or ``(loss, metrics, (logp, entropy))``.
     """
-    config = config_from(locals())
-    return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
-                            inplace=inplace, backend=backend, return_metrics=return_metrics,
-                            process_group=process_group, normalizer=normalizer, is_weights=is_weights,
-                            sampling_logps=sampling_logps, tp_group=tp_group, vocab_start_index=vocab_start_index,
-                            cu_seqlens=cu_seqlens, sp_group=sp_group)
-
-
-def loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config: LossConfig, *,
-                     inplace: bool, backend: str, return_metrics: bool, process_group, normalizer=None,
-                     is_weights=None, sampling_logps=None, tp_group=None, vocab_start_index=None, cu_seqlens=None,
-                     sp_group=None):
-    """:func:`sentence_grpo_loss` with its options in a :class:`LossConfig`."""
     _check_flag("inplace", inplace)
-    _check_flag("return_metrics", return_metrics)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    check_loss_inputs(tuple(logits.shape), logits.dtype, logits.device, completion_ids, segment_ids, advantages,
-                      old_logps, ref_logps, config, cu_seqlens=cu_seqlens)
-    normalizer = _checked_batch_arguments(config, logits.shape[:-1], logits.device, old_logps, is_weights,
-                                          sampling_logps, normalizer)
-    chosen = resolve_backend(backend, logits.device)
-    _check_sequence_parallel(config, cu_seqlens, sp_group, chosen.name)
-    op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], logits.device, tp_group, vocab_start_index)
-    if chosen.name == "reference":
-        return _reference_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config,
-                               cu_seqlens, return_metrics=return_metrics, process_group=process_group,
-                               normalizer=normalizer, is_weights=is_weights, sampling_logps=sampling_logps)
-    _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
-    if inplace and logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        check_loss_values(completion_ids, segment_ids, advantages, custom_ops.vocab_size(op_backend, logits.shape[-1]))
-        inputs = custom_ops.row_inputs(cu_seqlens, sp_group, completion_ids, segment_ids, advantages, old_logps,
-                                       ref_logps, is_weights, sampling_logps)
-        loss, metrics = sentence_grpo_loss_inplace(custom_ops.passes_for(op_backend, logits.device), logits,
-                                                   config=config, with_metrics=return_metrics,
-                                                   process_group=process_group, normalizer=normalizer, **inputs)
-    else:
-        loss, metrics = custom_ops.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps,
-                                                      ref_logps, config, op_backend, with_metrics=return_metrics,
-                                                      process_group=process_group, normalizer=normalizer,
-                                                      is_weights=is_weights, sampling_logps=sampling_logps,
-                                                      cu_seqlens=cu_seqlens, sp_group=sp_group)
-    return (loss, metrics) if return_metrics else loss
+    request = _loss_request(config_from(locals()), locals(), logits_shape=tuple(logits.shape), dtype=logits.dtype,
+                            device=logits.device, local_vocab=logits.shape[-1])
+    return _returned(_loss_of_logits(logits, completion_ids, segment_ids, advantages, request, inplace), request)
 
 
-def _reference_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, cu_seqlens,
-                    **options):
-    """The ``"reference"`` backend: ``reference.sentence_grpo_loss``, or for packed inputs its padded call."""
-    check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
-    if cu_seqlens is None:
-        return reference.sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                            config, **options)
-    check_cu_seqlens_values(cu_seqlens, logits.shape[0])
-    return reference.packed_sentence_grpo_loss(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                               cu_seqlens, config, **options)
+def _loss_request(config: LossConfig, call: dict, *, logits_shape: tuple, dtype: torch.dtype, device,
+                  local_vocab: int, logits_name: str = "logits", chunk_size=None) -> ops.LossRequest:
+    """Check a loss call once and build its request: ``config`` (validated options), ``call`` the public function's
+    arguments (tensors, per-rollout inputs, groups, ``backend``, the ``return_*`` flags), the shape, dtype and
+    device of its logits (the fused linear path passes those of logits it never makes)."""
+    for flag in ("return_metrics", "return_token_scores"):
+        _check_flag(flag, call[flag])
+    check_loss_inputs(logits_shape, dtype, device, call["completion_ids"], call["segment_ids"], call["advantages"],
+                      call["old_logps"], call["ref_logps"], config, logits_name=logits_name,
+                      cu_seqlens=call["cu_seqlens"])
+    normalizer = _checked_batch_arguments(config, logits_shape[:-1], device, call["old_logps"], call["is_weights"],
+                                          call["sampling_logps"], call["normalizer"])
+    backend = ops.resolve_backend(call["backend"], device).name
+    _check_sequence_parallel(config, call["cu_seqlens"], call["sp_group"], backend)
+    if backend != "reference":
+        _check_constant_inputs(backend, advantages=call["advantages"], old_logps=call["old_logps"],
+                               ref_logps=call["ref_logps"])
+    return ops.LossRequest(
+        config=config, backend=backend, with_metrics=call["return_metrics"],
+        with_token_scores=call["return_token_scores"], old_logps=call["old_logps"], ref_logps=call["ref_logps"],
+        sampling_logps=call["sampling_logps"], is_weights=call["is_weights"], normalizer=normalizer,
+        cu_seqlens=call["cu_seqlens"], process_group=call["process_group"], sp_group=call["sp_group"],
+        chunk_size=chunk_size or 0,
+        **_tensor_parallel(backend, local_vocab, device, call["tp_group"], call["vocab_start_index"],
+                           call.get("tp_reduce_hidden_grad", True)))
 
 
-def _vocab_parallel_backend(backend: str, local_vocab: int, device, tp_group, vocab_start_index,
-                            sum_hidden_gradient: bool = True) -> str:
-    """The custom ops' backend argument: ``backend``, or with ``tp_group`` the backend on this rank's shard."""
+def _tensor_parallel(backend: str, local_vocab: int, device, tp_group, vocab_start_index,
+                     reduce_hidden_grad: bool) -> dict:
+    """The request's tensor-parallel fields: the group and this rank's shard of the vocabulary (one all-gather of
+    the shard sizes), or none."""
+    _check_flag("tp_reduce_hidden_grad", reduce_hidden_grad)
     if tp_group is None:
         if vocab_start_index is not None:
             raise ValueError("vocab_start_index is the start of this rank's vocabulary shard: it needs tp_group")
-        return backend
+        return {}
     if backend == "reference":
         raise ValueError("tp_group: the reference backend needs the whole vocabulary on each rank; use a kernel "
                          "backend ('torch', 'triton', 'native' or 'auto')")
     if vocab_start_index is not None and (isinstance(vocab_start_index, bool)
                                           or not isinstance(vocab_start_index, int)):
         raise TypeError(f"vocab_start_index must be an int or None, got {vocab_start_index!r}")
-    return sharded_backend(backend, vocab_shard(local_vocab, tp_group, device, vocab_start_index,
-                                                sum_hidden_gradient))
+    shard = ops.vocab_shard(local_vocab, tp_group, device, vocab_start_index, reduce_hidden_grad)
+    return dict(tp_group=tp_group, vocab_start=shard.start, vocab_total=shard.total,
+                tp_reduce_hidden_grad=reduce_hidden_grad)
+
+
+def _returned(outputs, request: ops.LossRequest):
+    """The public functions' return value: ``loss``, then the metrics and the token scores that were asked for."""
+    extras = ([outputs.metrics] if request.with_metrics else []) + (
+        [(outputs.token_logp, outputs.token_entropy)] if request.with_token_scores else [])
+    return (outputs.loss, *extras) if extras else outputs.loss
+
+
+def _loss_of_logits(logits, completion_ids, segment_ids, advantages, request: ops.LossRequest, inplace: bool):
+    if request.backend == "reference":
+        return _reference_loss(logits, completion_ids, segment_ids, advantages, request)
+    return ops.loss_on_logits(logits, completion_ids, segment_ids, advantages, request, inplace=inplace)
+
+
+def _reference_loss(logits, completion_ids, segment_ids, advantages, request: ops.LossRequest):
+    """The ``"reference"`` backend: ``reference.sentence_grpo_loss``, or for packed inputs its padded call; the
+    token scores are ``reference.token_logprobs`` of the same logits."""
+    check_loss_values(completion_ids, segment_ids, advantages, logits.shape[-1])
+    options = dict(return_metrics=True, process_group=request.process_group, normalizer=request.normalizer,
+                   is_weights=request.is_weights, sampling_logps=request.sampling_logps)
+    tensors = (logits, completion_ids, segment_ids, advantages, request.old_logps, request.ref_logps)
+    if request.cu_seqlens is None:
+        loss, metrics = reference.sentence_grpo_loss(*tensors, request.config, **options)
+    else:
+        check_cu_seqlens_values(request.cu_seqlens, logits.shape[0])
+        loss, metrics = reference.packed_sentence_grpo_loss(*tensors, request.cu_seqlens, request.config, **options)
+    if not request.with_token_scores:
+        return ops.LossOutputs(loss, metrics)
+    with torch.no_grad():
+        logp, entropy = reference.token_logprobs(logits.detach(), completion_ids.clamp(0, logits.shape[-1] - 1),
+                                                 request.config.temperature, return_entropy=True)
+        scored = segment_ids >= 0
+        dtype = _output_logp_dtype(logits.dtype)
+    return ops.LossOutputs(loss, metrics, torch.where(scored, logp, 0.0).to(dtype),
+                       torch.where(scored, entropy, 0.0).to(dtype))
 
 
 def _check_linear_inputs(hidden, weight, bias, chunk_size, packed: bool = False) -> None:
@@ -319,7 +341,7 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
                                     normalizer=None, is_weights=None, sampling_logps=None, inplace=False,
                                     backend="auto", return_metrics=False, process_group=None, tp_group=None,
                                     vocab_start_index=None, tp_reduce_hidden_grad=True, cu_seqlens=None,
-                                    sp_group=None):
+                                    sp_group=None, return_token_scores=False):
     """Sentence-level GRPO loss from the last hidden states and the LM head: ``logits = hidden @ weight.T + bias``.
 
     Args:
@@ -338,55 +360,41 @@ def fused_linear_sentence_grpo_loss(hidden, weight, completion_ids, segment_ids,
         backends always overwrite their chunk of logits with its gradient; ``"reference"`` materialises
         the full logits).
 
+        return_token_scores: also return the per-token ``(logp, entropy)`` of the loss's own pass over each chunk
+            of logits (as :func:`sentence_grpo_loss`): no second product with the LM head for a trainer's logs.
+
     Returns:
-        The scalar loss, or ``(loss, metrics)``; gradients flow to ``hidden``, ``weight`` and ``bias``.
+        As :func:`sentence_grpo_loss`; gradients flow to ``hidden``, ``weight`` and ``bias``.
     """
     config = config_from(locals())
     _check_flag("inplace", inplace)
-    return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                            config, chunk_size=chunk_size, backend=backend, return_metrics=return_metrics,
-                            process_group=process_group, normalizer=normalizer, is_weights=is_weights,
-                            sampling_logps=sampling_logps, tp_group=tp_group, vocab_start_index=vocab_start_index,
-                            tp_reduce_hidden_grad=tp_reduce_hidden_grad, cu_seqlens=cu_seqlens, sp_group=sp_group)
-
-
-def loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                     config: LossConfig, *, chunk_size, backend: str, return_metrics: bool, process_group,
-                     normalizer=None, is_weights=None, sampling_logps=None, tp_group=None, vocab_start_index=None,
-                     tp_reduce_hidden_grad=True, cu_seqlens=None, sp_group=None):
-    """:func:`fused_linear_sentence_grpo_loss` with its options in a :class:`LossConfig`."""
-    _check_flag("return_metrics", return_metrics)
     _check_linear_inputs(hidden, weight, bias, chunk_size, packed=cu_seqlens is not None)
-    logits_shape = (*hidden.shape[:-1], weight.shape[0])
-    check_loss_inputs(logits_shape, hidden.dtype, hidden.device, completion_ids, segment_ids, advantages,
-                      old_logps, ref_logps, config, logits_name="hidden", cu_seqlens=cu_seqlens)
-    normalizer = _checked_batch_arguments(config, hidden.shape[:-1], hidden.device, old_logps, is_weights,
-                                          sampling_logps, normalizer)
-    _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
-    chosen = resolve_backend(backend, hidden.device)
-    _check_sequence_parallel(config, cu_seqlens, sp_group, chosen.name)
-    op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], hidden.device, tp_group, vocab_start_index,
-                                         tp_reduce_hidden_grad)
-    if chosen.name == "reference":
+    request = _loss_request(config, locals(), logits_shape=(*hidden.shape[:-1], weight.shape[0]), dtype=hidden.dtype,
+                            device=hidden.device, local_vocab=weight.shape[0], logits_name="hidden",
+                            chunk_size=chunk_size)
+    return _returned(_loss_of_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, request), request)
+
+
+def _loss_of_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, request: ops.LossRequest):
+    if request.backend == "reference":
         return _reference_loss(_materialised_logits(hidden, weight, bias), completion_ids, segment_ids, advantages,
-                               old_logps, ref_logps, config, cu_seqlens, return_metrics=return_metrics,
-                               process_group=process_group, normalizer=normalizer, is_weights=is_weights,
-                               sampling_logps=sampling_logps)
-    _check_constant_inputs(chosen.name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
-    loss, metrics = custom_ops.fused_linear_sentence_grpo_loss(
-        hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps, config, op_backend,
-        chunk_size, with_metrics=return_metrics, process_group=process_group, normalizer=normalizer,
-        is_weights=is_weights, sampling_logps=sampling_logps, cu_seqlens=cu_seqlens, sp_group=sp_group)
-    return (loss, metrics) if return_metrics else loss
+                               request)
+    return ops.loss_on_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, request)
 
 
-def _check_logprob_options(ids, temperature, return_entropy):
+def _logprob_request(ids, temperature, return_entropy, backend, device, local_vocab: int, tp_group,
+                     vocab_start_index, tp_reduce_hidden_grad=True, chunk_size=None) -> ops.LossRequest:
+    """Check a log-prob call's options once (the temperature as the loss checks it) and build its request."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise TypeError(f"ids must have an integer dtype, got {ids.dtype}")
-    LossConfig(temperature=temperature)
+    config = LossConfig(temperature=temperature)
     _check_flag("return_entropy", return_entropy)
+    name = ops.resolve_backend(backend, device).name
+    return ops.LossRequest(config=config, backend=name, with_entropy=return_entropy, chunk_size=chunk_size or 0,
+                           **_tensor_parallel(name, local_vocab, device, tp_group, vocab_start_index,
+                                              tp_reduce_hidden_grad))
 
 
 def _check_packed_tokens(cu_seqlens, ids) -> None:
@@ -398,6 +406,19 @@ def _check_packed_tokens(cu_seqlens, ids) -> None:
         raise ValueError(f"ids of packed inputs (cu_seqlens given) must have shape [N], got {tuple(ids.shape)}")
     if not torch.compiler.is_compiling():
         check_cu_seqlens_values(cu_seqlens, ids.shape[0])
+
+
+def _logprobs_returned(logp, entropy, return_entropy: bool):
+    return (logp, entropy) if return_entropy else logp
+
+
+def _reference_logprobs(logits, ids, request: ops.LossRequest):
+    check_token_ids("ids", ids, logits.shape[-1])
+    result = reference.token_logprobs(logits, ids, request.config.temperature, request.with_entropy)
+    out_dtype = _output_logp_dtype(logits.dtype)
+    if request.with_entropy:
+        return result[0].to(out_dtype), result[1].to(out_dtype)
+    return result.to(out_dtype), None
 
 
 def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backend="auto", tp_group=None,
@@ -420,27 +441,16 @@ def token_logprobs(logits, ids, *, temperature=1.0, return_entropy=False, backen
     if logits.dim() < 1 or not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be a floating tensor of shape [..., V], "
                          f"got {tuple(logits.shape)} {logits.dtype}")
-    _check_logprob_options(ids, temperature, return_entropy)
+    request = _logprob_request(ids, temperature, return_entropy, backend, logits.device, logits.shape[-1], tp_group,
+                               vocab_start_index)
     if tuple(ids.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"ids must have shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(ids.shape)}")
     if ids.device != logits.device:
         raise ValueError(f"ids is on {ids.device} but logits is on {logits.device}")
     _check_packed_tokens(cu_seqlens, ids)
-    chosen = resolve_backend(backend, logits.device)
-    op_backend = _vocab_parallel_backend(chosen.name, logits.shape[-1], logits.device, tp_group, vocab_start_index)
-    if chosen.name != "reference":
-        vocab = logits.shape[-1]
-        if logits.dim() != 3 or logits.stride(-1) != 1:
-            logits = logits.reshape(-1, 1, vocab).contiguous()
-        logp, entropy = custom_ops.token_logprobs(logits, ids.reshape(logits.shape[:-1]), float(temperature),
-                                                  return_entropy, op_backend)
-        return (logp.view(ids.shape), entropy.view(ids.shape)) if return_entropy else logp.view(ids.shape)
-    check_token_ids("ids", ids, logits.shape[-1])
-    result = reference.token_logprobs(logits, ids, float(temperature), return_entropy)
-    out_dtype = _output_logp_dtype(logits.dtype)
-    if return_entropy:
-        return result[0].to(out_dtype), result[1].to(out_dtype)
-    return result.to(out_dtype)
+    if request.backend == "reference":
+        return _logprobs_returned(*_reference_logprobs(logits, ids, request), return_entropy)
+    return _logprobs_returned(*ops.logprobs_on_logits(logits, ids, request), return_entropy)
 
 
 def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, return_entropy=False,
@@ -454,29 +464,56 @@ def fused_linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1
     -> logp ``[N]`` (as :func:`token_logprobs`).
     """
     _check_linear_inputs(hidden, weight, bias, chunk_size, packed=cu_seqlens is not None)
-    _check_logprob_options(ids, temperature, return_entropy)
+    request = _logprob_request(ids, temperature, return_entropy, backend, hidden.device, weight.shape[0], tp_group,
+                               vocab_start_index, tp_reduce_hidden_grad, chunk_size)
     if tuple(ids.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"ids must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(ids.shape)}")
     if ids.device != hidden.device:
         raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
     _check_packed_tokens(cu_seqlens, ids)
-    if cu_seqlens is not None:                   # one row of N tokens
-        hidden, packed_ids = hidden.unsqueeze(0), ids.unsqueeze(0)
-        result = fused_linear_token_logprobs(hidden, weight, packed_ids, bias=bias, temperature=temperature,
-                                             return_entropy=return_entropy, chunk_size=chunk_size, backend=backend,
-                                             tp_group=tp_group, vocab_start_index=vocab_start_index,
-                                             tp_reduce_hidden_grad=tp_reduce_hidden_grad)
-        return tuple(value.view(ids.shape) for value in result) if return_entropy else result.view(ids.shape)
-    _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
-    chosen = resolve_backend(backend, hidden.device)
-    op_backend = _vocab_parallel_backend(chosen.name, weight.shape[0], hidden.device, tp_group, vocab_start_index,
-                                         tp_reduce_hidden_grad)
-    if chosen.name == "reference":
-        return token_logprobs(_materialised_logits(hidden, weight, bias), ids, temperature=temperature,
-                              return_entropy=return_entropy, backend="reference")
-    logp, entropy = custom_ops.fused_linear_token_logprobs(hidden, weight, bias, ids, float(temperature),
-                                                           return_entropy, chunk_size, op_backend)
-    return (logp.view(ids.shape), entropy.view(ids.shape)) if return_entropy else logp.view(ids.shape)
+    if request.backend == "reference":
+        logp, entropy = _reference_logprobs(_materialised_logits(hidden, weight, bias), ids, request)
+    elif cu_seqlens is not None:                 # one row of N tokens
+        logp, entropy = ops.logprobs_on_hidden(hidden.unsqueeze(0), weight, bias, ids.unsqueeze(0), request)
+        logp, entropy = logp.view(ids.shape), None if entropy is None else entropy.view(ids.shape)
+    else:
+        logp, entropy = ops.logprobs_on_hidden(hidden, weight, bias, ids, request)
+    return _logprobs_returned(logp, entropy, return_entropy)
+
+
+def sentence_grpo_loss_from_logps(logps, segment_ids, advantages, old_logps=None, ref_logps=None, *, entropy=None,
+                                  config: LossConfig = LossConfig(), normalizer=None, is_weights=None,
+                                  sampling_logps=None, backend="auto", return_metrics=False, process_group=None):
+    """The loss from token log-probs, for a trainer that already has them (verl's policy losses): pass B only,
+    O(tokens) work, gradients into ``logps`` (and into ``entropy`` for the entropy bonus).
+
+    logps ``[B, T]`` float, the log-probs of the sampled tokens at ``config.temperature``; entropy ``[B, T]`` or
+    ``None`` (needed only by ``entropy_coef`` and ``top_entropy_quantile``; reported as ``entropy_mean`` when
+    given); the rest as :func:`sentence_grpo_loss` with its options in ``config`` (a validated ``LossConfig``).
+    Returns the loss, or ``(loss, metrics)``; with the log-probs of ``logits`` it equals the loss of the logits.
+    """
+    _check_flag("return_metrics", return_metrics)
+    if not isinstance(logps, torch.Tensor) or not logps.dtype.is_floating_point or logps.dim() != 2:
+        raise ValueError(f"logps must be a floating [B, T] tensor, got {getattr(logps, 'shape', logps)!r}")
+    if entropy is None and (config.entropy_coef != 0 or config.top_entropy_quantile < 1.0):
+        raise ValueError("entropy_coef and top_entropy_quantile need the token entropies: pass entropy=[B, T]")
+    check_loss_inputs((*logps.shape, 1), logps.dtype, logps.device, segment_ids.new_zeros(segment_ids.shape),
+                      segment_ids, advantages, old_logps, ref_logps, config, logits_name="logps")
+    normalizer = _checked_batch_arguments(config, logps.shape, logps.device, old_logps, is_weights, sampling_logps,
+                                          normalizer)
+    name = ops.resolve_backend(backend, logps.device).name
+    if name == "reference":
+        return reference.sentence_grpo_loss_from_logps(logps, segment_ids, advantages, old_logps, ref_logps, config,
+                                                       return_metrics, process_group, normalizer, is_weights,
+                                                       sampling_logps, entropy)
+    _check_constant_inputs(name, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
+    request = ops.LossRequest(config=config, backend=name, with_metrics=return_metrics or entropy is not None,
+                              old_logps=old_logps, ref_logps=ref_logps, sampling_logps=sampling_logps,
+                              is_weights=is_weights, normalizer=normalizer, process_group=process_group)
+    outputs = ops.loss_on_logps(logps, entropy, segment_ids, advantages, request)
+    if not return_metrics:
+        return outputs.loss
+    return outputs.loss, outputs.metrics
 
 
 class SentenceGRPOLoss(nn.Module):
@@ -497,14 +534,16 @@ class SentenceGRPOLoss(nn.Module):
                  kl_importance_weighting=False, entropy_coef=0.0, top_entropy_quantile=1.0,
                  off_policy_mask_threshold=None, is_mode=None, is_clip_min=None, is_clip_max=3.0, inplace=False,
                  backend="auto", return_metrics=False, chunk_size=None, process_group=None, tp_group=None,
-                 vocab_start_index=None, tp_reduce_hidden_grad=True, sp_group=None):
+                 vocab_start_index=None, tp_reduce_hidden_grad=True, sp_group=None, return_token_scores=False):
         super().__init__()
         # Validate now so a bad option fails where the module is built, not at the first step.
         self.config = config_from(locals())
-        check_backend_name(backend)
+        ops.check_backend_name(backend)
         _check_flag("inplace", inplace)
         _check_flag("return_metrics", return_metrics)
+        _check_flag("return_token_scores", return_token_scores)
         self.inplace, self.backend, self.return_metrics = inplace, backend, return_metrics
+        self.return_token_scores = return_token_scores
         _check_flag("tp_reduce_hidden_grad", tp_reduce_hidden_grad)
         self.chunk_size, self.process_group, self.sp_group = chunk_size, process_group, sp_group
         self.tensor_parallel = dict(tp_group=tp_group, vocab_start_index=vocab_start_index)
@@ -515,19 +554,27 @@ class SentenceGRPOLoss(nn.Module):
                 sampling_logps=None, cu_seqlens=None):
         if (logits is None) == (hidden is None and weight is None):
             raise ValueError("pass either logits or hidden and weight, not both and not neither")
-        batch = dict(normalizer=normalizer, is_weights=is_weights, sampling_logps=sampling_logps,
-                     cu_seqlens=cu_seqlens, sp_group=self.sp_group)
+        call = dict(completion_ids=completion_ids, segment_ids=segment_ids, advantages=advantages,
+                    old_logps=old_logps, ref_logps=ref_logps, normalizer=normalizer, is_weights=is_weights,
+                    sampling_logps=sampling_logps, cu_seqlens=cu_seqlens, sp_group=self.sp_group,
+                    process_group=self.process_group, backend=self.backend, return_metrics=self.return_metrics,
+                    return_token_scores=self.return_token_scores, tp_reduce_hidden_grad=self.tp_reduce_hidden_grad,
+                    **self.tensor_parallel)
         if logits is not None:
-            return loss_from_logits(logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                    self.config, inplace=self.inplace, backend=self.backend,
-                                    return_metrics=self.return_metrics, process_group=self.process_group,
-                                    **self.tensor_parallel, **batch)
+            if not isinstance(logits, torch.Tensor):
+                raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+            request = _loss_request(self.config, call, logits_shape=tuple(logits.shape), dtype=logits.dtype,
+                                    device=logits.device, local_vocab=logits.shape[-1])
+            outputs = _loss_of_logits(logits, completion_ids, segment_ids, advantages, request, self.inplace)
+            return _returned(outputs, request)
         if hidden is None or weight is None:
             raise ValueError("the fused linear path needs both hidden and weight")
-        return loss_from_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                                self.config, chunk_size=self.chunk_size, backend=self.backend,
-                                return_metrics=self.return_metrics, process_group=self.process_group,
-                                tp_reduce_hidden_grad=self.tp_reduce_hidden_grad, **self.tensor_parallel, **batch)
+        _check_linear_inputs(hidden, weight, bias, self.chunk_size, packed=cu_seqlens is not None)
+        request = _loss_request(self.config, call, logits_shape=(*hidden.shape[:-1], weight.shape[0]),
+                                dtype=hidden.dtype, device=hidden.device, local_vocab=weight.shape[0],
+                                logits_name="hidden", chunk_size=self.chunk_size)
+        return _returned(_loss_of_hidden(hidden, weight, bias, completion_ids, segment_ids, advantages, request),
+                         request)
 
     def extra_repr(self) -> str:
         options = dict(vars(self.config), inplace=self.inplace, backend=self.backend,

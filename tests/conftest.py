@@ -48,7 +48,7 @@ def suite_launches():
     if importlib.util.find_spec("triton") is None:
         yield set()
         return
-    from sgrpo_kernels.ops.triton.kernel_builds import recorded_launches
+    from tools.kernel_builds import recorded_launches
     with recorded_launches() as launches:
         yield launches
     _WORKER_LAUNCHES.update(launches)
@@ -71,7 +71,7 @@ def pytest_sessionfinish(session):
     worker = _xdist_worker()
     if worker is None or importlib.util.find_spec("triton") is None:
         return
-    from sgrpo_kernels.ops.triton.kernel_builds import save_launches
+    from tools.kernel_builds import save_launches
     folder = _launch_folder(session.config)
     folder.mkdir(exist_ok=True)
     save_launches(_WORKER_LAUNCHES, str(folder / f"{worker}.json.partial"))
@@ -86,7 +86,7 @@ def every_worker_launches(request, suite_launches):
     worker = _xdist_worker()
     if worker is None:
         return set(suite_launches)
-    from sgrpo_kernels.ops.triton.kernel_builds import load_launches
+    from tools.kernel_builds import load_launches
     folder = _launch_folder(request.config)
     others = {f"gw{index}" for index in range(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))} - {worker}
     deadline = time.monotonic() + WORKER_WAIT_SECONDS

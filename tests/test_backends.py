@@ -11,7 +11,7 @@ import torch
 from cases import random_case
 
 import sgrpo_kernels as sk
-from sgrpo_kernels import backends
+from sgrpo_kernels.ops import backends
 from sgrpo_kernels.ops import torch as torch_backend
 from sgrpo_kernels.ops.native import extension
 

@@ -28,8 +28,8 @@ from covering import covering_array
 
 import sgrpo_kernels as sk
 from sgrpo_kernels.ops import library
-from sgrpo_kernels.ops.triton import kernel_builds
-from sgrpo_kernels.ops.triton.kernel_builds import Launch, expand, recorded_launches
+from tools import kernel_builds
+from tools.kernel_builds import Launch, expand, recorded_launches
 
 pytest.importorskip("triton", reason="building Triton kernels needs triton")
 
@@ -168,12 +168,13 @@ def public_api_launches() -> frozenset[Launch]:
             for return_entropy, requires_grad, entropy_grad in LOGPROB_OPTIONS:
                 call_logprobs(inputs, fused=fused, return_entropy=return_entropy, requires_grad=requires_grad,
                               entropy_grad=entropy_grad)
-        for dtype, (batch, num_slots), weighting, scale, mode in itertools.product(
-                DTYPES, [(4, 3), (2, 40), (1, 1)], ["output", "sentence"], ["std", "none"], ["sentence", "cumulative"]):
+        for dtype, (batch, num_slots), weighting, scale, mode, baseline in itertools.product(
+                DTYPES, [(4, 3), (2, 40), (1, 1)], ["output", "sentence"], ["std", "none"], ["sentence", "cumulative"],
+                ["pooled", "split_final"]):
             rewards = torch.rand(batch, num_slots, dtype=dtype, device=KERNEL_DEVICE)
             counts = torch.full((batch,), num_slots, dtype=torch.int32, device=KERNEL_DEVICE)
             sk.group_sentence_advantages(rewards, counts, batch // 2 or 1, weighting=weighting, scale=scale, mode=mode,
-                                         backend="triton")
+                                         baseline=baseline, backend="triton")
     return frozenset(launches)
 
 
@@ -182,7 +183,7 @@ def build_in_subprocess(launches, tmp_path) -> dict:
     kernel_builds.save_launches(launches, str(launches_file))
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     completed = run_builder(
-        [sys.executable, "-m", "sgrpo_kernels.ops.triton.kernel_builds", str(launches_file), "--results",
+        [sys.executable, "-m", "tools.kernel_builds", str(launches_file), "--results",
          str(results_file), "--jobs", str(max(2, os.cpu_count() or 1))], env=environment)
     print(completed.stdout[-4000:])
     assert results_file.exists(), f"the build process wrote no results:\n{completed.stdout}\n{completed.stderr}"
@@ -302,7 +303,7 @@ def test_a_kernel_the_compiler_refuses_fails_the_build(tmp_path):
     kernel_builds.save_launches([launch], str(tmp_path / "launches.json"))
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.getcwd(), environment.get("PYTHONPATH", "")])
-    completed = subprocess.run([sys.executable, "-m", "sgrpo_kernels.ops.triton.kernel_builds", "launches.json",
+    completed = subprocess.run([sys.executable, "-m", "tools.kernel_builds", "launches.json",
                                 "--targets", "sm90", "gfx942", "--jobs", "1"], cwd=tmp_path, env=environment,
                                capture_output=True, text=True, timeout=BUILD_SECONDS)
     assert completed.returncode == 1

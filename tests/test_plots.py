@@ -49,8 +49,9 @@ def test_every_panel_says_its_unit_and_evaluations_are_marked():
     for panel in GRPO_PANELS + SFT_PANELS:
         assert panel.ylabel and panel.ylabel != panel.title
     accuracy = next(panel for panel in GRPO_PANELS if panel.title == "accuracy")
-    assert dict(accuracy.series).keys() == {"train_accuracy", "eval_accuracy"}
-    assert "train_acc" in dict(accuracy.series)["train_accuracy"] and accuracy.marked == ("eval_accuracy",)
+    assert dict(accuracy.series).keys() == {"train_accuracy", "eval_accuracy", "eval_sampled_accuracy"}
+    assert "train_acc" in dict(accuracy.series)["train_accuracy"]
+    assert accuracy.marked == ("eval_accuracy", "eval_sampled_accuracy")
 
 
 def test_titles_come_from_the_runs_configuration(tmp_path):

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import reference
 from ..advantages import group_sentence_advantages
 from ..config import LossConfig
+from ..loss import sentence_grpo_loss_from_logps
 
 NAME = "sentence_grpo"
 SENTENCE_IDS = "sentence_ids"
@@ -312,9 +312,10 @@ def policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode
         if normalizer is None and dp_size > 1:
             raise ValueError("global_batch_size is required when dp_size > 1")
     normalizer = None if normalizer is None else float(normalizer)
-    loss, metrics = reference.sentence_grpo_loss_from_logps(
-        log_prob, ids, sentence_advantages, old_log_prob.to(work), None, LossConfig(**options), return_metrics=True,
-        normalizer=normalizer, is_weights=None if rollout_is_weights is None else rollout_is_weights.detach())
+    loss, metrics = sentence_grpo_loss_from_logps(
+        log_prob, ids, sentence_advantages.detach(), old_log_prob.detach().to(work), config=LossConfig(**options),
+        return_metrics=True, normalizer=normalizer,
+        is_weights=None if rollout_is_weights is None else rollout_is_weights.detach())
     if loss_agg_mode == "seq-mean-token-sum-norm" and _settings.loss != "geo_mean":
         scale = info.get("loss_scale_factor")
         loss = loss / (response_mask.shape[-1] if scale is None else scale)

@@ -9,13 +9,16 @@ implements the same passes; this module runs them on logits, ``ops/fused_linear.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .. import distributed
 from . import sentence_math
 from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
 from .library import scale_gradients_
-from .passes import Passes, flat_token_weights, new_output
+from .passes import Passes, TokenScores, flat_token_weights, new_output
+from .rows import RowInputs
 
 
 class EagerGradient(torch.autograd.Function):
@@ -133,51 +136,112 @@ def total_sentence_sums(sums: SentenceSums, packing) -> None:
             local.copy_(packing.total(local))
 
 
-def run_sentence_grpo_loss(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps, ref_logps,
-                           config, num_slots: int, *, gradient_out: torch.Tensor | None, with_metrics: bool,
-                           process_group=None, normalizer: torch.Tensor | None = None,
-                           is_weights: torch.Tensor | None = None, sampling_logps: torch.Tensor | None = None,
-                           packing=None):
-    """The loss (``reference.sentence_grpo_loss``) with passes A, B and, when ``gradient_out`` is given, C.
+class LossOutputs(NamedTuple):
+    """A loss run's results: the scalar ``loss``, ``metrics`` (a dict of 0-dim tensors, or ``None``) and, when the
+    request asked for them, pass A's ``token_logp`` and ``token_entropy`` (flat, one per row position, 0 where not
+    scored; detached), else ``None``."""
 
-    Inputs as ``reference.sentence_grpo_loss`` (already validated); ``num_slots`` is ``S_max``. The gradient of
-    the loss with respect to ``logits`` is written into ``gradient_out`` (``[B, T, V]``, may be ``logits`` itself):
-    it is finished here, in the forward pass, because every ``c_t`` depends only on its own sentence.
-    ``packing``: the inputs are one packed row (or this rank's slice of it, ``ops/packed.py``).
-    Returns ``(loss, metrics or None)``; runs without autograd.
+    loss: torch.Tensor
+    metrics: dict | None
+    token_logp: torch.Tensor | None = None
+    token_entropy: torch.Tensor | None = None
+
+
+def needs_entropy(request) -> bool:
+    """Whether pass A must compute the entropies: for a metric, the returned token scores, the bonus or the mask."""
+    config = request.config
+    return (request.with_metrics or request.with_token_scores or config.entropy_coef != 0
+            or config.top_entropy_quantile < 1.0)
+
+
+def returned_scores(scores: TokenScores, scored: torch.Tensor, request) -> tuple:
+    """``(token_logp, token_entropy)`` of the scored tokens (0 elsewhere), or ``(None, None)`` unless asked."""
+    if not request.with_token_scores:
+        return None, None
+    return (torch.where(scored, scores.logp, 0.0),
+            torch.where(scored, scores.entropy, 0.0) if scores.entropy is not None else None)
+
+
+def _finish(passes: Passes, scores: TokenScores, rows: RowInputs, request, layout) -> tuple:
+    """Pass B on the scores of every token: the policy's token weights, the per-sentence sums and terms, the loss
+    with its entropy bonus. Returns ``(loss, terms, sums, token weights or None, the bonus's per-token
+    coefficients or None)``."""
+    config, packing = request.config, rows.packing
+    token_weights, bonus_tokens, log_is = policy_token_weights(
+        config, scores, rows.segment_ids, rows.num_slots, rows.advantages, rows.old_logps, rows.sampling_logps,
+        rows.is_weights, request.process_group, packing)
+    sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None, log_is=log_is)
+    _, sums_inputs = clip_inputs(config, rows.old_logps, rows.advantages)
+    passes.sentence_sums(scores.logp, rows.old_logps, rows.ref_logps, rows.segment_ids, rows.num_slots, sums, config,
+                         token_weights=token_weights, **sums_inputs)
+    total_sentence_sums(sums, packing)
+    terms = passes.sentence_terms(layout, sums, rows.advantages, config)
+    loss = terms.weighted_loss.sum()
+    entropy_coef = None
+    if config.entropy_coef != 0:
+        entropy_coef = entropy_bonus_coefficients(bonus_tokens, config, scores.logp.dtype, request.process_group,
+                                                  packing)
+        loss = loss + sequence_total(packing)(torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum())
+    return loss, terms, sums, token_weights, entropy_coef
+
+
+def _metrics(terms, sums, layout, rows: RowInputs, scores: TokenScores, request) -> dict | None:
+    if not request.with_metrics:
+        return None
+    arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl, clipped_tokens=sums.clipped_tokens)
+    return sentence_metrics(arrays, rows.advantages, rows.segment_ids.reshape(-1) >= 0, scores.entropy,
+                            request.config, sequence_total(rows.packing))
+
+
+def request_layout(rows: RowInputs, request, dtype: torch.dtype):
+    """The sentence layout of ``rows`` with the request's reduction, normaliser and data-parallel group."""
+    return sentence_layout(rows.segment_ids, rows.num_slots, request.config.reduction, dtype,
+                           normalizer=request.normalizer, **data_parallel_layout(request.process_group),
+                           **packing_layout(rows.packing))
+
+
+def run_sentence_grpo_loss(passes: Passes, logits, rows: RowInputs, request, *,
+                           gradient_out: torch.Tensor | None) -> LossOutputs:
+    """The loss (``docs/design.md``, "The loss") with passes A, B and, when ``gradient_out`` is given, C.
+
+    logits ``[B, T, V]`` (a packed batch: its one row ``[1, N, V]``), ``rows`` their inputs (already validated),
+    ``request`` the call's options, per-rollout tensors and groups. The gradient of the loss with respect to
+    ``logits`` is written into ``gradient_out`` (``[B, T, V]``, may be ``logits`` itself): it is finished here, in
+    the forward pass, because every ``c_t`` depends only on its own sentence. Runs without autograd.
     """
+    config = request.config
     with torch.no_grad():
-        scores = passes.token_scores(logits, completion_ids, config.temperature, segment_ids=segment_ids,
-                                     with_entropy=with_metrics or config.entropy_coef != 0
-                                     or config.top_entropy_quantile < 1.0)
-        layout = sentence_layout(segment_ids, num_slots, config.reduction, scores.logp.dtype, normalizer=normalizer,
-                                 **data_parallel_layout(process_group), **packing_layout(packing))
-        token_weights, bonus_tokens, log_is = policy_token_weights(
-            config, scores, segment_ids, num_slots, advantages, old_logps, sampling_logps, is_weights, process_group,
-            packing)
-        sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None, log_is=log_is)
-        coef_inputs, sums_inputs = clip_inputs(config, old_logps, advantages)
-        passes.sentence_sums(scores.logp, old_logps, ref_logps, segment_ids, num_slots, sums, config,
-                             token_weights=token_weights, **sums_inputs)
-        total_sentence_sums(sums, packing)
-        terms = passes.sentence_terms(layout, sums, advantages, config)
-        loss = terms.weighted_loss.sum()
-        entropy_coef = None
-        if config.entropy_coef != 0:
-            entropy_coef = entropy_bonus_coefficients(bonus_tokens, config, scores.logp.dtype, process_group, packing)
-            loss = loss + sequence_total(packing)(torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum())
+        scores = passes.token_scores(logits, rows.completion_ids, config.temperature, segment_ids=rows.segment_ids,
+                                     with_entropy=needs_entropy(request))
+        layout = request_layout(rows, request, scores.logp.dtype)
+        loss, terms, sums, token_weights, entropy_coef = _finish(passes, scores, rows, request, layout)
         if gradient_out is not None:
-            token_coef = passes.token_coefficients(scores.logp, ref_logps, segment_ids, num_slots, terms, config,
-                                                   token_weights=token_weights, **coef_inputs)
-            passes.logits_gradient(logits, completion_ids, token_coef, scores.lse, config.temperature, gradient_out,
-                                   entropy_coef=entropy_coef, entropy=scores.entropy if entropy_coef is not None
-                                   else None)
-        if not with_metrics:
-            return loss, None
-        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl,
-                                clipped_tokens=sums.clipped_tokens)
-        return loss, sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config,
-                                      sequence_total(packing))
+            coef_inputs, _ = clip_inputs(config, rows.old_logps, rows.advantages)
+            token_coef = passes.token_coefficients(scores.logp, rows.ref_logps, rows.segment_ids, rows.num_slots,
+                                                   terms, config, token_weights=token_weights, **coef_inputs)
+            passes.logits_gradient(logits, rows.completion_ids, token_coef, scores.lse, config.temperature,
+                                   gradient_out, entropy_coef=entropy_coef,
+                                   entropy=scores.entropy if entropy_coef is not None else None)
+        scored = rows.segment_ids.reshape(-1) >= 0
+        return LossOutputs(loss, _metrics(terms, sums, layout, rows, scores, request),
+                           *returned_scores(scores, scored, request))
+
+
+def run_loss_on_logps(passes: Passes, logps, entropy, rows: RowInputs, request) -> tuple:
+    """The loss from given token log-probs ``[B, T]`` (and entropies ``[B, T]`` or ``None``: needed only by the
+    entropy bonus and mask, reported as ``entropy_mean`` when given): pass B alone. Returns
+    ``(LossOutputs, ∂loss/∂logp flat [B*T], ∂loss/∂H flat [B*T] or None)``; runs without autograd."""
+    config = request.config
+    with torch.no_grad():
+        dtype = torch.promote_types(logps.dtype, torch.float32)
+        flat_entropy = None if entropy is None else entropy.reshape(-1).to(dtype)
+        scores = TokenScores(logps.reshape(-1).to(dtype), None, flat_entropy)
+        layout = request_layout(rows, request, dtype)
+        loss, terms, sums, token_weights, entropy_coef = _finish(passes, scores, rows, request, layout)
+        coef_inputs, _ = clip_inputs(config, rows.old_logps, rows.advantages)
+        token_coef = passes.token_coefficients(scores.logp, rows.ref_logps, rows.segment_ids, rows.num_slots, terms,
+                                               config, token_weights=token_weights, **coef_inputs)
+        return LossOutputs(loss, _metrics(terms, sums, layout, rows, scores, request)), token_coef, entropy_coef
 
 
 def token_logprobs_backward(passes: Passes, logits, ids, grad_logp, grad_entropy, lse, entropy,
@@ -193,17 +257,11 @@ def token_logprobs_backward(passes: Passes, logits, ids, grad_logp, grad_entropy
                                   entropy=entropy)
 
 
-def sentence_grpo_loss_inplace(passes: Passes, logits, completion_ids, segment_ids, advantages, old_logps,
-                               ref_logps, config, num_slots: int, *, with_metrics: bool, process_group=None,
-                               normalizer: torch.Tensor | None = None, is_weights: torch.Tensor | None = None,
-                               sampling_logps: torch.Tensor | None = None, packing=None):
+def sentence_grpo_loss_inplace(passes: Passes, logits, rows: RowInputs, request) -> LossOutputs:
     """:func:`run_sentence_grpo_loss` writing the gradient over ``logits`` (eager mode only: a custom op may not
-    mutate an input it differentiates); returns ``(loss wired to autograd, metrics or None)``. With ``packing``
-    the logits are packed ``[N, V]`` and the other inputs their one row (``ops/packed.py``)."""
-    rows = logits.detach() if packing is None else logits.detach().unsqueeze(0)
-    loss, metrics = run_sentence_grpo_loss(passes, rows, completion_ids, segment_ids, advantages, old_logps,
-                                           ref_logps, config, num_slots, gradient_out=rows, with_metrics=with_metrics,
-                                           process_group=process_group, normalizer=normalizer,
-                                           is_weights=is_weights, sampling_logps=sampling_logps, packing=packing)
+    mutate an input it differentiates); the loss is wired to autograd. With a packed request the logits are packed
+    ``[N, V]`` and ``rows`` their one row."""
+    grid = logits.detach() if rows.packing is None else logits.detach().unsqueeze(0)
+    outputs = run_sentence_grpo_loss(passes, grid, rows, request, gradient_out=grid)
     torch.autograd.graph.increment_version(logits)   # autograd must refuse any later use of the overwritten logits
-    return EagerGradient.apply(loss, (logits.detach(),), logits), metrics
+    return outputs._replace(loss=EagerGradient.apply(outputs.loss, (logits.detach(),), logits))

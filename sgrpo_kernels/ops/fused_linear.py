@@ -20,17 +20,20 @@ from dataclasses import dataclass
 import torch
 
 from .driver import (
+    LossOutputs,
     clip_inputs,
-    data_parallel_layout,
     entropy_bonus_coefficients,
     masks_needed,
-    packing_layout,
+    needs_entropy,
     policy_token_weights,
+    request_layout,
+    returned_scores,
     sequence_total,
     total_sentence_sums,
 )
-from .layout import SentenceArrays, SentenceSums, sentence_layout, sentence_metrics
-from .passes import Passes, accumulator_dtype, new_output
+from .layout import SentenceArrays, SentenceSums, sentence_metrics
+from .passes import Passes, TokenScores, accumulator_dtype, new_output
+from .rows import RowInputs
 
 CPU_CHUNK_BYTES = 32 * 2**20
 GPU_CHUNK_BYTES_MAX = 2**30
@@ -187,87 +190,82 @@ class _ScoreBuffers:
         return chunk_rows, logits
 
 
-def run_fused_linear_loss(passes: Passes, hidden, weight, bias, completion_ids, segment_ids, advantages, old_logps,
-                          ref_logps, config, num_slots: int, chunk_size: int | None, *, wanted: tuple,
-                          with_metrics: bool, process_group=None, normalizer: torch.Tensor | None = None,
-                          is_weights: torch.Tensor | None = None, sampling_logps: torch.Tensor | None = None,
-                          packing=None):
-    """The loss (``reference.sentence_grpo_loss``) on ``logits = hidden @ weight.T + bias``, a chunk at a time.
+def run_fused_linear_loss(passes: Passes, hidden, weight, bias, rows: RowInputs, request):
+    """The loss (``docs/design.md``, "The loss") on ``logits = hidden @ weight.T + bias``, a chunk at a time.
 
-    hidden ``[B, T, H]``, weight ``[V, H]``, bias ``[V]`` or ``None``; the rest as ``sentence_grpo_loss``
-    (``packing``: one packed row, ``ops/packed.py``; a sentence shared with other ranks is visited twice, its
-    gradient finished once its sums are summed over them).
-    ``wanted``: which of hidden, weight, bias need a gradient. Returns ``(loss, (grad_hidden [N, H],
-    grad_weight [V, H], grad_bias [V]) in the accumulator dtype with ``None`` where not wanted, metrics or None)``.
+    hidden ``[B, T, H]`` (a packed batch: its one row ``[1, N, H]``), weight ``[V, H]``, bias ``[V]`` or ``None``;
+    ``rows`` the inputs, ``request`` the call (its ``grad_input``, ``grad_weight``, ``grad_bias`` say which
+    gradients are wanted; a sentence shared with other ranks of the ``sp_group`` is visited twice, its gradient
+    finished once its sums are summed over them). Returns ``(LossOutputs, (grad_hidden [N, H], grad_weight [V, H],
+    grad_bias [V]) in the accumulator dtype with ``None`` where not wanted)``.
     """
+    config = request.config
+    wanted = (request.grad_input, request.grad_weight, request.grad_bias and bias is not None)
     batch, length, _ = hidden.shape
-    vocab = weight.shape[0]
-    rows = batch * length
     dtype = accumulator_dtype(hidden.dtype)
-    needs_grad = any(wanted)
-    chunk_size = chunk_size or default_chunk_size(vocab, hidden.dtype, hidden.device)
-    temperature = config.temperature
+    chunk_size = request.chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
+    segment_ids, num_slots = rows.segment_ids, rows.num_slots
     with torch.no_grad():
         head = _LinearHead(hidden, weight, bias, wanted)
-        ids = completion_ids.reshape(rows)
-        layout = sentence_layout(segment_ids, num_slots, config.reduction, dtype, normalizer=normalizer,
-                                 **data_parallel_layout(process_group), **packing_layout(packing))
-        scores = _ScoreBuffers(rows, dtype, hidden.device, with_metrics or config.entropy_coef != 0
-                               or config.top_entropy_quantile < 1.0)
-        logp = scores.logp
+        ids = rows.completion_ids.reshape(batch * length)
+        layout = request_layout(rows, request, dtype)
+        scores = _ScoreBuffers(batch * length, dtype, hidden.device, needs_entropy(request))
         plan = plan_chunks(segment_ids, num_slots, chunk_size, layout.shared)
         if masks_needed(config):
             # the masks need every token's log-prob (off-policy: the sentence's mean) or entropy (a quantile of
             # the batch) before any sentence is finished: a first visit of every chunk runs pass A only
             for tokens in [*plan.whole, *(piece for pieces in plan.long for piece in pieces)]:
-                scores.score(passes, head, ids, tokens, temperature)
+                scores.score(passes, head, ids, tokens, config.temperature)
         token_weights, bonus_tokens, log_is = policy_token_weights(
-            config, scores, segment_ids, num_slots, advantages, old_logps, sampling_logps, is_weights, process_group,
-            packing)
+            config, scores, segment_ids, num_slots, rows.advantages, rows.old_logps, rows.sampling_logps,
+            rows.is_weights, request.process_group, rows.packing)
         sums = SentenceSums.zeros(layout, config, with_token_weights=token_weights is not None, log_is=log_is)
-        coef_inputs, sums_inputs = clip_inputs(config, old_logps, advantages)
-        entropy_coef = (entropy_bonus_coefficients(bonus_tokens, config, dtype, process_group, packing)
+        coef_inputs, sums_inputs = clip_inputs(config, rows.old_logps, rows.advantages)
+        entropy_coef = (entropy_bonus_coefficients(bonus_tokens, config, dtype, request.process_group, rows.packing)
                         if config.entropy_coef != 0 else None)
 
         def forward(tokens):
-            chunk_rows, logits = scores.score(passes, head, ids, tokens, temperature)
-            passes.sentence_sums(logp, old_logps, ref_logps, segment_ids, num_slots, sums, config, tokens,
-                                 token_weights=token_weights, **sums_inputs)
+            chunk_rows, logits = scores.score(passes, head, ids, tokens, config.temperature)
+            passes.sentence_sums(scores.logp, rows.old_logps, rows.ref_logps, segment_ids, num_slots, sums, config,
+                                 tokens, token_weights=token_weights, **sums_inputs)
             return chunk_rows, logits
 
         def backward(tokens, chunk_rows, logits):
-            terms = passes.sentence_terms(layout, sums, advantages, config)
-            coef = passes.token_coefficients(logp, ref_logps, segment_ids, num_slots, terms, config, tokens,
-                                             token_weights=token_weights, **coef_inputs)
+            terms = passes.sentence_terms(layout, sums, rows.advantages, config)
+            coef = passes.token_coefficients(scores.logp, rows.ref_logps, segment_ids, num_slots, terms, config,
+                                             tokens, token_weights=token_weights, **coef_inputs)
             grid = logits.unsqueeze(0)        # the gradient of the logits overwrites them
             entropy_options = {} if entropy_coef is None else dict(entropy_coef=entropy_coef[tokens],
                                                                    entropy=scores.entropy[tokens])
-            passes.logits_gradient(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], temperature, grid,
-                                   **entropy_options)
+            passes.logits_gradient(grid, ids[tokens].unsqueeze(0), coef, scores.lse[tokens], config.temperature,
+                                   grid, **entropy_options)
             head.accumulate(tokens, chunk_rows, logits)
 
         for tokens in plan.whole:
             chunk_rows, logits = forward(tokens)
-            if needs_grad:
+            if any(wanted):
                 backward(tokens, chunk_rows, logits)
             del chunk_rows, logits
         for tokens in (piece for pieces in plan.long for piece in pieces):
             forward(tokens)
-        total_sentence_sums(sums, packing)         # sentences shared with other ranks are complete from here
-        if needs_grad:
+        total_sentence_sums(sums, rows.packing)      # sentences shared with other ranks are complete from here
+        if any(wanted):
             for tokens in (piece for pieces in plan.long for piece in pieces):
                 backward(tokens, *head.logits(tokens))
-        terms = passes.sentence_terms(layout, sums, advantages, config)
+        terms = passes.sentence_terms(layout, sums, rows.advantages, config)
         loss = terms.weighted_loss.sum()
         if entropy_coef is not None:
-            loss = loss + sequence_total(packing)(torch.where(bonus_tokens, entropy_coef * scores.entropy, 0.0).sum())
-        if not with_metrics:
-            return loss, head.gradients(passes), None
-        arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl,
-                                clipped_tokens=sums.clipped_tokens)
-        metrics = sentence_metrics(arrays, advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config,
-                                   sequence_total(packing))
-        return loss, head.gradients(passes), metrics
+            loss = loss + sequence_total(rows.packing)(torch.where(bonus_tokens, entropy_coef * scores.entropy,
+                                                                   0.0).sum())
+        metrics = None
+        if request.with_metrics:
+            arrays = SentenceArrays(count=layout.count, ratio=terms.ratio, kl_sum=sums.kl,
+                                    clipped_tokens=sums.clipped_tokens)
+            metrics = sentence_metrics(arrays, rows.advantages, segment_ids.reshape(-1) >= 0, scores.entropy, config,
+                                       sequence_total(rows.packing))
+        token_scores = returned_scores(TokenScores(scores.logp, scores.lse, scores.entropy),
+                                       segment_ids.reshape(-1) >= 0, request)
+        return LossOutputs(loss, metrics, *token_scores), head.gradients(passes)
 
 
 def fused_linear_token_scores(passes: Passes, hidden, weight, bias, ids, temperature: float, with_entropy: bool,

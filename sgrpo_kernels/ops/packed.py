@@ -93,15 +93,3 @@ def packed_row(cu_seqlens: torch.Tensor, segment_ids: torch.Tensor, advantages: 
 def as_row(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """A packed per-token tensor ``[N, ...]`` as the one row ``[1, N, ...]`` (a view; ``None`` stays ``None``)."""
     return None if tensor is None else tensor.unsqueeze(0)
-
-
-def row_inputs(cu_seqlens: torch.Tensor, sp_group, completion_ids, segment_ids, advantages, old_logps=None,
-               ref_logps=None, is_weights=None, sampling_logps=None) -> dict:
-    """The keywords of ``driver.run_sentence_grpo_loss`` and ``fused_linear.run_fused_linear_loss`` for packed
-    inputs (per-token tensors ``[n]``, this rank's slice with ``sp_group``): the one row ``[1, n]``, its
-    ``advantages [1, num_slots]``, ``num_slots`` and the :class:`Packing`. The logits (``[n, V]``) or hidden
-    states (``[n, H]``) become ``[1, n, ·]`` with :func:`as_row`."""
-    segments, slot_advantages, num_slots, packing = packed_row(cu_seqlens, segment_ids, advantages, sp_group)
-    return dict(completion_ids=as_row(completion_ids), segment_ids=segments, advantages=slot_advantages,
-                old_logps=as_row(old_logps), ref_logps=as_row(ref_logps), is_weights=as_row(is_weights),
-                sampling_logps=as_row(sampling_logps), num_slots=num_slots, packing=packing)

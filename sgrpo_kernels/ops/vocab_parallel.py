@@ -114,23 +114,3 @@ class VocabParallelPasses:
         kept = out.gather(-1, index)
         out.scatter_(-1, index, torch.where(rewrite, value.to(out.dtype), kept))
         return out
-
-
-def sharded_backend(backend: str, shard: VocabShard | None) -> str:
-    """The backend argument of the custom ops (which take no process groups): ``"<backend>|tp=<group>:<start>:
-    <size>:<total>"`` with a vocabulary shard, the plain name without."""
-    if shard is None:
-        return backend
-    from ..distributed import group_name
-    return (f"{backend}|tp={group_name(shard.group)}:{shard.start}:{shard.size}:{shard.total}:"
-            f"{int(shard.sum_hidden_gradient)}")
-
-
-def split_backend(argument: str) -> tuple[str, VocabShard | None]:
-    """Inverse of :func:`sharded_backend`: ``(backend name, shard or None)``."""
-    backend, _, sharding = argument.partition("|tp=")
-    if not sharding:
-        return backend, None
-    from ..distributed import group_from_name
-    name, start, size, total, summed = sharding.rsplit(":", 4)
-    return backend, VocabShard(group_from_name(name), int(start), int(size), int(total), summed == "1")

@@ -1,8 +1,8 @@
 """The Triton backend: fused kernels for CUDA (and CPU under ``TRITON_INTERPRET=1``); an ``ops.passes.Passes``.
 
 ``logprobs.py``: passes A and C over the vocabulary; ``sentence_grpo.py``: pass B; ``group_advantages.py``: the
-group-relative advantages; ``common.py``: what the kernels share. ``kernel_builds.py`` and ``compiled_code.py``
-build every kernel for real GPU targets without a GPU and read the binaries (tests and ``benchmarks/``).
+group-relative advantages; ``common.py``: what the kernels share. The source checkout's ``tools/kernel_builds.py``
+builds every kernel for real GPU targets without a GPU (the test suite's compile gate); it is not shipped here.
 """
 
 from .group_advantages import group_advantages

@@ -3,10 +3,12 @@
 A program walks its group in tiles of ``BLOCK_G`` outputs × ``BLOCK_S`` sentence slots (``BLOCK_S >= S_max``,
 so that a whole row sits in one tile for the cumulative mode) four times: the largest reward (a shift that
 makes equal rewards centre to exactly 0), the weighted mean, the weighted variance, then the output.
-The options (weighting, scale, mode, answer_mix, baseline) are runtime arguments: they select a few scalar
-operations, and one compiled kernel per tile shape serves every combination. The answer level of ``answer_mix`` (each
-member's mean reward) rides along in the same walks, and so do the statistics of the last sentences' own pool
-(``baseline="split_final"``).
+The options weighting, scale, mode and answer_mix are runtime arguments: they select a few scalar operations, and
+one compiled kernel per tile shape serves every combination of them. The answer level of ``answer_mix`` (each
+member's mean reward) rides along in the same walks. ``baseline="split_final"`` is a compile-time switch
+(``SPLIT_FINAL``): its statistics (the pool of the answers' last sentences, one value per answer) ride along too,
+and the pooled kernel stays as it was (the build test holds it free of spills at every tile shape; the split form,
+not in the GPU presets, spills 8 bytes at two of them on sm_80, measured).
 """
 
 from __future__ import annotations
@@ -52,15 +54,24 @@ def _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots, group_siz
 
 
 @triton.jit
-def _pools(exists, count, split_final, output_weighting, dtype, BLOCK_S: tl.constexpr):
-    """Which existing sentences are an answer's last one in its own pool (``split_final``) and each existing
-    sentence's weight within its pool: 1, or with output weighting 1 over the row's members of that pool."""
-    slots = tl.arange(0, BLOCK_S)
-    final = exists & (slots[None, :] == count[:, None] - 1) & (split_final != 0)
-    body_members = tl.where(split_final != 0, count - 1, count)
-    per_body = tl.where(output_weighting != 0, 1.0 / tl.maximum(body_members, 1).to(dtype), 1.0)
-    weight = tl.where(final, 1.0, tl.where(exists, per_body[:, None], 0.0))
-    return final, weight
+def _body_weight(exists, count, output_weighting, dtype, SPLIT_FINAL: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The pool of every sentence but, with ``SPLIT_FINAL``, each answer's last (``[BLOCK_G, BLOCK_S]`` bool), and
+    each member's weight in it: 1, or with output weighting 1 over its row's members of the pool."""
+    members = count - 1 if SPLIT_FINAL else count
+    body = exists & (tl.arange(0, BLOCK_S)[None, :] < members[:, None])
+    per_member = tl.where(output_weighting != 0, 1.0 / tl.maximum(members, 1).to(dtype), 1.0)
+    return body, tl.where(body, per_member[:, None], 0.0)
+
+
+@triton.jit
+def _last_rewards(rewards_ptr, first_row, start, num_slots, group_size, count, BLOCK_G: tl.constexpr):
+    """Each member's last sentence reward ``[BLOCK_G]`` and whether it has one (the pool of last sentences: one
+    value per answer, so it needs no ``[BLOCK_G, BLOCK_S]`` tile)."""
+    members = start + tl.arange(0, BLOCK_G)
+    has_last = (members < group_size) & (count > 0)
+    last = tl.load(rewards_ptr + (first_row + members) * num_slots + tl.maximum(count - 1, 0), mask=has_last,
+                   other=0.0)
+    return last, has_last
 
 
 @triton.jit
@@ -70,15 +81,14 @@ def _row_means(rewards, exists, count):
     return means, count > 0
 
 
-@triton.jit(do_not_specialize=["num_slots", "group_size", "output_weighting", "scale_code", "cumulative",
-                               "split_final"])
+@triton.jit(do_not_specialize=["num_slots", "group_size", "output_weighting", "scale_code", "cumulative"])
 def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, group_size, eps: tl.float64,
-                            output_weighting, scale_code, cumulative, answer_mix: tl.float64, split_final,
-                            BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+                            output_weighting, scale_code, cumulative, answer_mix: tl.float64,
+                            SPLIT_FINAL: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     """rewards, out: flat ``[B * S]`` in the accumulator dtype; num_sentences: ``[B]`` int64; ``BLOCK_S >= S``.
     ``answer_mix`` ``α``: the result is ``(1 − α)·Â_sentence + α·Â_answer`` (``reference.answer_advantages``), whose
     statistics the same walks gather (each member's mean reward, over the members with a sentence).
-    ``split_final``: each answer's last sentence is normalised within the pool of the group's last sentences, the
+    ``SPLIT_FINAL``: each answer's last sentence is normalised within the pool of the group's last sentences, the
     others within theirs (``_final`` statistics beside the others)."""
     first_row = tl.program_id(0).to(tl.int64) * group_size
     zero = tl.zeros([], out_ptr.dtype.element_ty)
@@ -103,12 +113,13 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
     for start in range(0, group_size, BLOCK_G):
         _, exists, _, rewards, count = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
                                              group_size, BLOCK_G, BLOCK_S)
-        final, weight = _pools(exists, count, split_final, output_weighting, zero.dtype, BLOCK_S)
-        weighted = weight * tl.where(exists, rewards - shift, 0.0)
-        total += tl.sum(tl.sum(tl.where(final, 0.0, weight), 1), 0)
-        weighted_sum += tl.sum(tl.sum(tl.where(final, 0.0, weighted), 1), 0)
-        total_final += tl.sum(tl.sum(tl.where(final, weight, 0.0), 1), 0)
-        sum_final += tl.sum(tl.sum(tl.where(final, weighted, 0.0), 1), 0)
+        body, weight = _body_weight(exists, count, output_weighting, zero.dtype, SPLIT_FINAL, BLOCK_S)
+        total += tl.sum(tl.sum(weight, 1), 0)
+        weighted_sum += tl.sum(tl.sum(weight * tl.where(body, rewards - shift, 0.0), 1), 0)
+        if SPLIT_FINAL:
+            last, has_last = _last_rewards(rewards_ptr, first_row, start, num_slots, group_size, count, BLOCK_G)
+            total_final += tl.sum(has_last.to(zero.dtype), 0)
+            sum_final += tl.sum(tl.where(has_last, last - shift, 0.0), 0)
         means, has_sentence = _row_means(rewards, exists, count)
         answers += tl.sum(has_sentence.to(zero.dtype), 0)
         answer_sum += tl.sum(tl.where(has_sentence, means - answer_shift, 0.0), 0)
@@ -125,11 +136,13 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
     for start in range(0, group_size, BLOCK_G):
         _, exists, _, rewards, count = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
                                              group_size, BLOCK_G, BLOCK_S)
-        final, weight = _pools(exists, count, split_final, output_weighting, zero.dtype, BLOCK_S)
-        centred = tl.where(exists, rewards - shift - tl.where(final, mean_final, mean), 0.0)
-        spread = weight * centred * centred
-        squares += tl.sum(tl.sum(tl.where(final, 0.0, spread), 1), 0)
-        squares_final += tl.sum(tl.sum(tl.where(final, spread, 0.0), 1), 0)
+        body, weight = _body_weight(exists, count, output_weighting, zero.dtype, SPLIT_FINAL, BLOCK_S)
+        centred = tl.where(body, rewards - shift - mean, 0.0)
+        squares += tl.sum(tl.sum(weight * centred * centred, 1), 0)
+        if SPLIT_FINAL:
+            last, has_last = _last_rewards(rewards_ptr, first_row, start, num_slots, group_size, count, BLOCK_G)
+            last_centred = tl.where(has_last, last - shift - mean_final, 0.0)
+            squares_final += tl.sum(last_centred * last_centred, 0)
         means, has_sentence = _row_means(rewards, exists, count)
         answer_centred = tl.where(has_sentence, means - answer_shift - answer_mean, 0.0)
         answer_squares += tl.sum(answer_centred * answer_centred, 0)
@@ -145,9 +158,12 @@ def group_advantages_kernel(rewards_ptr, num_sentences_ptr, out_ptr, num_slots, 
     for start in range(0, group_size, BLOCK_G):
         offsets, exists, in_row, rewards, count = _tile(rewards_ptr, num_sentences_ptr, first_row, start, num_slots,
                                                         group_size, BLOCK_G, BLOCK_S)
-        final, _ = _pools(exists, count, split_final, output_weighting, zero.dtype, BLOCK_S)
-        advantages = tl.where(final, (rewards - shift - mean_final) / scale_final,
-                              tl.where(exists, (rewards - shift - mean) / scale, 0.0))
+        advantages = tl.where(exists, (rewards - shift - mean) / scale, 0.0)
+        if SPLIT_FINAL:     # the last slot belongs to its own pool (the cumulative mode carries it to the slots before)
+            last, has_last = _last_rewards(rewards_ptr, first_row, start, num_slots, group_size, count, BLOCK_G)
+            own = tl.where(has_last, (last - shift - mean_final) / scale_final, 0.0)
+            is_last = tl.arange(0, BLOCK_S)[None, :] == count[:, None] - 1
+            advantages = tl.where(is_last, own[:, None], advantages)
         # cumulative: sentence s gets the sum of the normalised rewards of s .. S_i - 1
         advantages = tl.where(cumulative != 0, tl.where(exists, tl.cumsum(advantages, 1, reverse=True), 0.0),
                               advantages)
@@ -174,7 +190,7 @@ def group_advantages(rewards: torch.Tensor, num_sentences: torch.Tensor, group_s
         group_advantages_kernel[(batch // group_size,)](
             float_vector(rewards, dtype), index_vector(num_sentences), out, num_slots, group_size, float(eps),
             int(weighting == "output"), SCALE_CODES[scale], int(mode == "cumulative"), float(answer_mix),
-            int(baseline == "split_final"), **group_launch_config(num_slots))
+            SPLIT_FINAL=baseline == "split_final", **group_launch_config(num_slots))
     else:
         out.zero_()
     return out.view(batch, num_slots).to(rewards.dtype)

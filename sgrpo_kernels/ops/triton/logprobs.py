@@ -35,7 +35,7 @@ from .common import COMPILE_OPTIONS, LN_2, LOG2_E, NEG_INF, as_dtype
 
 MIN_BLOCK_V = 256
 MAX_BLOCK_V = 4096
-MAX_VOCAB = 262_144   # the largest vocabulary whose launch choices the build check sweeps (kernel_builds.py)
+MAX_VOCAB = 262_144   # the largest vocabulary whose launch choices the build check sweeps (tools/kernel_builds.py)
 LOAD_BYTES = 16       # one 128-bit load
 
 

@@ -15,7 +15,7 @@ accepts code that the compiler rejects. This module closes that gap:
    ``compiled_code.py`` reads registers, spills, shared memory and the main loop's code off the binary.
 
 Building needs a process without ``TRITON_INTERPRET=1`` (the interpreter replaces ``triton.jit``);
-``python -m sgrpo_kernels.ops.triton.kernel_builds LAUNCHES.json`` builds a recorded set in worker processes.
+``python -m tools.kernel_builds LAUNCHES.json`` builds a recorded set in worker processes.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def specialisation(launch: Launch, target_name: str):
     from triton.compiler import ASTSource
     if _interpreting():
         raise RuntimeError("building kernels needs a process without TRITON_INTERPRET=1 (the interpreter "
-                           "replaces triton.jit); run `python -m sgrpo_kernels.ops.triton.kernel_builds` instead")
+                           "replaces triton.jit); run `python -m tools.kernel_builds` instead")
     kernel, backend, binder = _binder(launch.kernel, target_name)
     arguments = {name: _value(description) for name, description in launch.arguments}
     kwargs = dict(launch.options)
@@ -378,7 +378,7 @@ def unbuilt_kernels(built_kernels: Iterable[str]) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sgrpo_kernels.ops.triton.kernel_builds",
+        prog="python -m tools.kernel_builds",
         description="Build recorded launches of the package's Triton kernels for real GPU targets (no GPU needed).")
     parser.add_argument("launches", help="JSON file of recorded launches (see recorded_launches / save_launches)")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
