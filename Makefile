@@ -63,7 +63,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m benchmarks.bench_trainers --preset quick
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check sgrpo_kernels tests examples benchmarks
+	$(BIN)/ruff check sgrpo_kernels sgrpo_kernels_cli tests examples benchmarks experiments tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache sgrpo_kernels/*.so

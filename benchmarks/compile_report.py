@@ -30,13 +30,13 @@ from benchmarks.runner import Shape  # noqa: E402
 from sgrpo_kernels.config import LossConfig  # noqa: E402
 from sgrpo_kernels.ops import triton as TRITON_PASSES  # noqa: E402  (the Triton backend: an ops.passes.Passes)
 from sgrpo_kernels.ops.driver import run_sentence_grpo_loss  # noqa: E402
-from sgrpo_kernels.ops.request import LossRequest  # noqa: E402
-from sgrpo_kernels.ops.rows import RowInputs  # noqa: E402
 from sgrpo_kernels.ops.fused_linear import GPU_CHUNK_BYTES_MAX  # noqa: E402
 from sgrpo_kernels.ops.layout import SentenceLayout, SentenceSums  # noqa: E402
-from tools import kernel_builds  # noqa: E402
+from sgrpo_kernels.ops.request import LossRequest  # noqa: E402
+from sgrpo_kernels.ops.rows import RowInputs  # noqa: E402
 from sgrpo_kernels.ops.triton.group_advantages import MAX_SLOTS, group_advantages  # noqa: E402
 from sgrpo_kernels.ops.triton.logprobs import LOAD_BYTES  # noqa: E402
+from tools import kernel_builds  # noqa: E402
 
 OUT = os.path.join("benchmarks", "results", "compile")
 DTYPES = ("float32", "bfloat16", "float16", "float64")

@@ -10,8 +10,14 @@ from __future__ import annotations
 import torch
 
 from . import ops, reference
-from .config import (ADVANTAGE_BASELINES, ADVANTAGE_MODES, ADVANTAGE_SCALES, ADVANTAGE_WEIGHTINGS, _check_choice,
-                     _check_real)
+from .config import (
+    ADVANTAGE_BASELINES,
+    ADVANTAGE_MODES,
+    ADVANTAGE_SCALES,
+    ADVANTAGE_WEIGHTINGS,
+    _check_choice,
+    _check_real,
+)
 from .distributed import gather_rows
 
 

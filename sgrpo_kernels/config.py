@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-RATIO_LEVELS = ("sum", "mean")
+from .choices import ADVANTAGE_BASELINES, RATIO_LEVELS  # noqa: F401  (the options' names, also here)
+
 OBJECTIVES = ("ppo_clip", "cispo", "sapo", "geo_mean", "vespo")
 KL_ESTIMATORS = ("k3", "k1", "k2", "abs")
 IS_MODES = ("token_truncate", "token_mask", "sentence_truncate", "sentence_mask", "sequence_truncate",
@@ -23,7 +24,6 @@ REDUCTIONS = ("sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum", 
 ADVANTAGE_WEIGHTINGS = ("output", "sentence")
 ADVANTAGE_SCALES = ("std", "none", "unbiased_std")
 ADVANTAGE_MODES = ("sentence", "cumulative")
-ADVANTAGE_BASELINES = ("pooled", "split_final")
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -296,7 +296,8 @@ def check_loss_values(completion_ids: torch.Tensor, segment_ids: torch.Tensor, a
     """Raise ``ValueError`` for segment ids outside ``[-1, S_max)`` or scored token ids outside ``[0, V)``.
 
     Token ids are checked only where ``segment_ids >= 0``: unscored positions (padding) may hold any id,
-    e.g. ``-100`` (``completion_ids=None``: a loss on given log-probs, no ids to check). Reads the small ``[B, T]`` tensors (one host sync); the custom ops run it before any kernel.
+    e.g. ``-100`` (``completion_ids=None``: a loss on given log-probs, no ids to check). Reads the small
+    ``[B, T]`` tensors (one host sync); the custom ops run it before any kernel.
     """
     if segment_ids.numel():
         lowest = int(segment_ids.min())

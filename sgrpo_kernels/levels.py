@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import RATIO_LEVELS
+from .choices import DEFAULT_SENTENCE_RATIO_LEVEL, LEVELS, RATIO_LEVELS
 from .segmentation import Segmenter
-
-LEVELS = ("token", "sentence", "output")
-DEFAULT_SENTENCE_RATIO_LEVEL = "mean"
 
 
 def check_level(level: str, ratio_level: str = DEFAULT_SENTENCE_RATIO_LEVEL) -> None:

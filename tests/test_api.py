@@ -189,6 +189,63 @@ def test_the_package_has_no_import_circle():
     assert not circles, "import circles:\n" + "\n".join(arrows)
 
 
+def design_layers() -> list[tuple[str, list[str]]]:
+    """docs/design.md's "Import layers" table: ``(layer, [dotted module prefixes])``, lowest layer first."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    table = text.split("### Import layers", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    layers = []
+    for row in table.splitlines()[2:]:
+        layer, modules = [cell.strip() for cell in row.strip("|").split("|")[:2]]
+        names = [name.split(" ")[0] for name in re.findall(r"`([\w.]+)`", modules)]
+        layers.append((layer, [name if name.startswith("sgrpo_kernels") else f"sgrpo_kernels.{name}"
+                               for name in names]))
+    return layers
+
+
+def layer_of(module: str, layers) -> int | None:
+    """The index of the layer whose longest prefix names ``module`` (``None``: no layer names it)."""
+    best = None
+    for index, (_, prefixes) in enumerate(layers):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (index, len(prefix))
+    return None if best is None else best[0]
+
+
+def test_every_import_points_down_the_layers_of_the_design():
+    """Each module of the package lies in a layer of docs/design.md ("Import layers"), and each of its imports
+    (module-level or inside a function) reaches its own layer or a lower one: the reference and the kernels never
+    import the public functions, the trainers never the command line, the rewards never the trainer."""
+    import pathlib
+
+    layers = design_layers()
+    assert [layer.split(" ")[0] for layer, _ in layers] == [str(index) for index in range(len(layers))]
+    root = pathlib.Path(sk.__file__).resolve().parents[1]
+    graph = package_imports(root, CIRCLE_FREE_PACKAGES)
+    unplaced = sorted(module for module in graph if layer_of(module, layers) is None)
+    assert not unplaced, f"modules in no layer of docs/design.md: {unplaced}"
+    upward = [f"{module} (layer {layer_of(module, layers)}) -> {target} (layer {layer_of(target, layers)}), line {line}"
+              for module, targets in graph.items() for target, line in targets.items()
+              if layer_of(target, layers) > layer_of(module, layers)]
+    assert not upward, "imports up the layers:\n" + "\n".join(upward)
+    assert layer_of("sgrpo_kernels.reference", layers) == layer_of("sgrpo_kernels.ops.driver", layers) == 1
+    assert layer_of("sgrpo_kernels.loss", layers) == 2 and layer_of("sgrpo_kernels.cli.front", layers) == 5
+
+
+def test_no_module_below_the_public_functions_imports_the_reference():
+    """reference.py is the oracle the tests compare every backend with: nothing under ops/ or integrations/ imports
+    it, so the pieces the backends share (ops/sentence_math.py) are an independent statement."""
+    import pathlib
+
+    graph = package_imports(pathlib.Path(sk.__file__).resolve().parents[1], CIRCLE_FREE_PACKAGES)
+    importers = sorted(module for module, targets in graph.items() if "sgrpo_kernels.reference" in targets)
+    assert importers and not [module for module in importers
+                              if module.startswith(("sgrpo_kernels.ops", "sgrpo_kernels.integrations"))], importers
+
+
 def test_the_import_scan_finds_a_circle_closed_inside_a_function(tmp_path):
     """The scan resolves relative and ``from package import module`` imports, and counts a function-level import."""
     package = tmp_path / "toy"

@@ -267,7 +267,8 @@ def test_paired_confidence_interval_and_compute_axis():
 
 
 def test_compare_levels_runs_resumes_and_tabulates(tmp_path, monkeypatch, capsys, request):
-    """``experiments/credit_assignment/compare_levels.py`` on the chain task: the learning-rate sweep on the first seed, every variant ×
+    """``experiments/credit_assignment/compare_levels.py`` on the chain task: the learning-rate sweep on the first
+    seed, every variant ×
     seed once (the sweep's run at the chosen rate reused), the gradient cosine of independent batches; a second call
     reuses everything (no training); ``--runs`` tabulates finished runs; table, sweep table and plot written."""
     import importlib.util

@@ -13,15 +13,24 @@ from pathlib import Path
 
 import pytest
 
-import sgrpo_kernels_cli as front
-from sgrpo_kernels_cli import console
+from sgrpo_kernels.cli import console, front
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINT = re.search(r'^sgrpo = "([\w.]+):(\w+)"', (ROOT / "pyproject.toml").read_text(), re.M).groups()
 # the console script's own code (what pip writes for pyproject.toml's entry point), under -X importtime so that the
 # test sees every module the command imported before it stopped
 CONSOLE_SCRIPT = "import sys; from {} import {}; sys.exit({}())".format(*ENTRY_POINT, ENTRY_POINT[1])
-HEAVY = ("torch", "transformers", "sgrpo_kernels")
+HEAVY = ("torch", "transformers")
+# what of the package the command may import before it runs a command: the package (its public names load on first
+# use), the command line and the names it shares with the library
+LIGHT = {"sgrpo_kernels", "sgrpo_kernels.cli", "sgrpo_kernels.cli.front", "sgrpo_kernels.cli.console",
+         "sgrpo_kernels.choices"}
+
+
+def heavy(imported: set[str]) -> set[str]:
+    """The modules among ``imported`` (dotted names) that make a command slow to start."""
+    return {name for name in imported if name.split(".")[0] in HEAVY
+            or name.split(".")[0] == "sgrpo_kernels" and name not in LIGHT}
 
 
 def sgrpo(*arguments, cwd=None):
@@ -31,7 +40,7 @@ def sgrpo(*arguments, cwd=None):
                           capture_output=True, text=True, cwd=cwd or ROOT, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = done.stderr.splitlines()
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
     messages = [line for line in lines if not line.startswith("import time:")]
     return done.returncode, done.stdout, messages, imported
 
@@ -45,7 +54,7 @@ def assert_refused(arguments, fragment, cwd=None):
     assert fragment in messages[0], messages
     assert "Traceback" not in messages[0] and out == ""
     # stopped before loading anything heavy (what makes it fast; a wall-clock bound would flake on a busy machine)
-    assert not imported & set(HEAVY), imported & set(HEAVY)
+    assert not heavy(imported), heavy(imported)
     return messages[0]
 
 
@@ -63,7 +72,7 @@ def test_help_is_fast_imports_nothing_heavy_and_shows_every_default():
     for command in ([], ["sft"], ["train"], ["bench"]):
         status, out, messages, imported = sgrpo(*command, "--help")
         assert status == 0 and messages == [] and "usage: sgrpo" in out
-        assert not imported & set(HEAVY), imported & set(HEAVY)         # fast: nothing heavy is imported
+        assert not heavy(imported), heavy(imported)                      # fast: nothing heavy is imported
     commands = front.build_parser()._subparsers._group_actions[0].choices
     assert set(commands) == {"sft", "train", "bench"}
     for name, parser in commands.items():
@@ -79,24 +88,25 @@ def test_help_is_fast_imports_nothing_heavy_and_shows_every_default():
 def test_console_script_and_module_entry_points():
     """pyproject.toml points the console script at the torch-free console module; ``python -m sgrpo_kernels.cli``
     (which imports the package, hence torch) runs the same checks."""
-    assert ENTRY_POINT == ("sgrpo_kernels_cli.console", "main")
+    assert ENTRY_POINT == ("sgrpo_kernels.cli.console", "main")
     done = subprocess.run([sys.executable, "-m", "sgrpo_kernels.cli", "train", "--model", "/nonexistent/model",
                            "--output-dir", "out"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == "sgrpo train: error: --model /nonexistent/model: no such directory"
 
 
-def test_the_front_end_repeats_the_trainers_choices_and_bounds():
-    from sgrpo_kernels import cli, config, levels
+def test_the_front_end_and_the_library_share_one_definition_of_each_choice():
+    from sgrpo_kernels import choices, cli, config, levels
     from sgrpo_kernels.trainer import grpo
     from sgrpo_kernels.trainer.tasks import arith, chain
 
     assert cli.build_parser is front.build_parser
-    assert front.LEVELS == levels.LEVELS and front.RATIO_LEVELS == config.RATIO_LEVELS
-    assert front.DEFAULT_SENTENCE_RATIO_LEVEL == levels.DEFAULT_SENTENCE_RATIO_LEVEL
-    assert front.ADVANTAGES == grpo.ADVANTAGES
+    assert front.LEVELS is levels.LEVELS is choices.LEVELS and front.RATIO_LEVELS is config.RATIO_LEVELS
+    assert front.DEFAULT_SENTENCE_RATIO_LEVEL is levels.DEFAULT_SENTENCE_RATIO_LEVEL
+    assert front.ADVANTAGES is grpo.ADVANTAGES
     assert (front.CREDITS, front.RATIOS, front.LEVEL_AXES) == (grpo.CREDITS, grpo.RATIOS, grpo.LEVEL_AXES)
-    assert front.BASELINES == config.ADVANTAGE_BASELINES
+    assert front.LEVEL_AXES is grpo.LEVEL_AXES is choices.LEVEL_AXES
+    assert front.ADVANTAGE_BASELINES is config.ADVANTAGE_BASELINES
     assert set(front.TASKS) == set(arith.SIZES) | {"chain"}
     chain.ChainConfig(length=front.CHAIN_MAX_LENGTH, num_facts=front.CHAIN_MAX_FACTS)
     for options in (dict(length=front.CHAIN_MAX_LENGTH + 1), dict(num_facts=front.CHAIN_MAX_FACTS + 1)):
@@ -216,47 +226,52 @@ def test_a_refusal_in_process_is_a_system_exit_with_the_message(capsys):
 
 
 # -- layering ------------------------------------------------------------------------------------------------------
-CLI_MODULES = {"sgrpo_kernels_cli": ROOT / "sgrpo_kernels_cli" / "__init__.py",
-               "sgrpo_kernels_cli.console": ROOT / "sgrpo_kernels_cli" / "console.py",
-               "sgrpo_kernels.cli": ROOT / "sgrpo_kernels" / "cli.py"}
+CLI_MODULES = {"sgrpo_kernels.cli.front": ROOT / "sgrpo_kernels" / "cli" / "front.py",
+               "sgrpo_kernels.cli.console": ROOT / "sgrpo_kernels" / "cli" / "console.py",
+               "sgrpo_kernels.cli": ROOT / "sgrpo_kernels" / "cli" / "__init__.py"}
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, at the top or inside a function, with the packages that importing it runs."""
+    """Every module a file of the package imports, at the top or inside a function, with the packages that importing
+    it runs (relative imports resolved against the file's own package)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    package = parts[:-1]
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            found = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):                   # relative: inside the file's own package
-            package = "sgrpo_kernels" if path.parent.name == "sgrpo_kernels" else "sgrpo_kernels_cli"
-            found = [f"{package}.{node.module}" if node.module else package]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join([*package[:len(package) - node.level + 1], *([node.module] if node.module else [])]) \
+                if node.level else node.module
+            found = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
         for name in found:
-            parts = name.split(".")
-            names.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
+            pieces = name.split(".")
+            names.update(".".join(pieces[:end]) for end in range(1, len(pieces) + 1))
     return names
 
 
 def test_the_command_line_layers_import_one_way():
     """docs/design.md's layers: the console script -> the front end and -> the commands; the commands -> the front
-    end; the front end -> neither (nor anything of sgrpo_kernels, hence no torch). An import back up, at the top of a
-    file or inside a function, would close a circle."""
+    end; the front end -> neither (and of the package only the torch-free ``choices``). An import back up, at the top
+    of a file or inside a function, would close a circle."""
     arrows = {module: imported_modules(path) & set(CLI_MODULES) - {module} for module, path in CLI_MODULES.items()}
-    assert arrows == {"sgrpo_kernels_cli": set(),
-                      "sgrpo_kernels_cli.console": {"sgrpo_kernels_cli", "sgrpo_kernels.cli"},
-                      "sgrpo_kernels.cli": {"sgrpo_kernels_cli"}}, arrows
-    assert not {name for name in imported_modules(CLI_MODULES["sgrpo_kernels_cli"]) if name.startswith(
-        ("sgrpo_kernels.", "torch"))} and "sgrpo_kernels" not in imported_modules(CLI_MODULES["sgrpo_kernels_cli"])
-    # the front end package holds no other module that could carry an arrow unseen
-    assert {path.name for path in (ROOT / "sgrpo_kernels_cli").glob("*.py")} == {"__init__.py", "console.py"}
-    # and at run time: the commands module loads without the console script
+    assert arrows == {"sgrpo_kernels.cli.front": set(),
+                      "sgrpo_kernels.cli.console": {"sgrpo_kernels.cli.front", "sgrpo_kernels.cli"},
+                      "sgrpo_kernels.cli": {"sgrpo_kernels.cli.front"}}, arrows
+    front_imports = imported_modules(CLI_MODULES["sgrpo_kernels.cli.front"])
+    assert {name for name in front_imports if name.startswith(("sgrpo_kernels.", "torch"))} == {
+        "sgrpo_kernels.choices"} | {f"sgrpo_kernels.choices.{name}" for name in front.__dict__
+                                    if f"sgrpo_kernels.choices.{name}" in front_imports}
+    # the command line is one package, and it holds no other module that could carry an arrow unseen
+    assert {path.name for path in (ROOT / "sgrpo_kernels" / "cli").glob("*.py")} == {
+        "__init__.py", "front.py", "console.py", "__main__.py"}
+    # and at run time: the commands module loads without the console script, and without torch
     done = subprocess.run([sys.executable, "-c", "import sys, sgrpo_kernels.cli; "
-                           "print('sgrpo_kernels_cli.console' in sys.modules)"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    assert done.stdout.strip() == "False", done.stderr[-2000:]
+                           "print('sgrpo_kernels.cli.console' in sys.modules, 'torch' in sys.modules)"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.strip() == "False False", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("spec,fragment", [
@@ -398,3 +413,15 @@ def test_a_stamp_from_another_generator(tmp_path, monkeypatch, capsys):
         else:
             _datasets(sft_args(tmp_path, "--eval-size", "3"))
             assert json.loads((folder / "stamp.json").read_text())["generator"]["options"]["max_operand"] == 9
+
+
+def test_bench_is_offered_only_where_it_runs(monkeypatch, tmp_path):
+    """From a source checkout ``sgrpo bench`` is listed and runs ``benchmarks/``; from an installed package (no
+    ``benchmarks/`` beside it) it is not listed, and asked for anyway it answers with one line."""
+    assert front.source_checkout() and "bench" in front.build_parser().format_help()
+    monkeypatch.setattr(front, "_source_root", lambda: str(tmp_path))
+    assert not front.source_checkout()
+    help_text = front.build_parser().format_help()
+    assert "{sft,train}" in help_text and "bench" not in help_text.replace("benchmarks.", "")
+    with pytest.raises(front.UsageError, match=r"^sgrpo bench: error: runs the benchmarks of a source checkout"):
+        front.parse_arguments(["bench"])

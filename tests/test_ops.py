@@ -11,8 +11,8 @@ from cases import KERNEL_DEVICE, assert_relative_close, device_of, moved, random
 
 import sgrpo_kernels as sk
 from sgrpo_kernels import reference
-from sgrpo_kernels.ops.backends import resolve_backend
 from sgrpo_kernels.config import LossConfig
+from sgrpo_kernels.ops.backends import resolve_backend
 from sgrpo_kernels.ops.triton.sentence_grpo import _k3
 
 

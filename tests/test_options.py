@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sgrpo_kernels as sk
+import sgrpo_kernels.ops  # noqa: F401  (registers the custom ops whose schema a test reads)
 from sgrpo_kernels.config import OPTION_DOCS, LossConfig
 
 ENTRY_POINTS = {

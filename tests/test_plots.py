@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the plots need matplotlib (train extra)")
 
-import sgrpo_kernels_cli as front  # noqa: E402
 from sgrpo_kernels import cli  # noqa: E402
+from sgrpo_kernels.cli import front  # noqa: E402
 from sgrpo_kernels.trainer.plots import GRPO_PANELS, SFT_PANELS, measured_panels, plot_metrics  # noqa: E402
 
 

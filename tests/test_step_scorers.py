@@ -348,10 +348,10 @@ def test_step_scorers_from_local_folders_in_sgrpo_train(tmp_path, capsys):
     one token ends the command with one line."""
     import json
 
+    from sgrpo_kernels.cli.console import main
     from sgrpo_kernels.rewards.loading import load_step_scorer, with_step_scorers
     from sgrpo_kernels.trainer.tasks import arith
     from sgrpo_kernels.trainer.tiny import char_tokenizer, save_pretrained, tiny_model
-    from sgrpo_kernels_cli.console import main
 
     tokenizer = char_tokenizer()
     policy, classifier = tmp_path / "policy", tmp_path / "classifier"

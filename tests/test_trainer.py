@@ -239,7 +239,8 @@ def test_credit_and_ratio_are_two_axes_and_level_is_their_shorthand():
         assert (config.credit, config.ratio) == pair
     assert GRPOLoopConfig(level="sentence", advantage="broadcast").credit == "answer"
     process = GRPOLoopConfig(credit="sentence", ratio="token")
-    assert process.loss_ratio_level == "sum" and GRPOLoopConfig(credit="answer", ratio="output").loss_ratio_level == "mean"
+    assert process.loss_ratio_level == "sum"
+    assert GRPOLoopConfig(credit="answer", ratio="output").loss_ratio_level == "mean"
     assert GRPOLoopConfig(credit="answer", ratio="sentence", ratio_level="sum").loss_ratio_level == "sum"
     for options, message in ((dict(credit="sentence", ratio="output"), "no longer than a sentence"),
                              (dict(credit="paragraph"), "credit must be one of"),

@@ -106,6 +106,35 @@ def test_sentence_level_loss_equals_reference_on_the_same_batch(tmp_path):
     assert_relative_close(ours, expected, 1e-5, "loss")
 
 
+@pytest.mark.parametrize("level,options", [("sentence", {}), ("token", dict(use_adaptive_entropy=True,
+                                                                             entropy_coef=0.01)),
+                                           ("output", dict(beta=0.05))])
+def test_trls_metrics_cost_no_product_with_the_lm_head_beyond_the_losss_own(tmp_path, level, options,
+                                                                           monkeypatch):
+    """With ``trl_metrics=True`` (and TRL's adaptive entropy controller) a micro-batch's loss makes exactly the
+    products with the LM head that it makes without any metric: the metrics read the token scores of the loss's
+    own pass; and they are logged. Counted: every chunk product ``hidden @ weight.T`` of the fused paths (the loss's
+    and the log-prob functions')."""
+    from sgrpo_kernels.ops import fused_linear
+
+    products = []
+    product = fused_linear._LinearHead.logits
+    monkeypatch.setattr(fused_linear._LinearHead, "logits",
+                        lambda head, tokens: products.append(tokens.numel()) or product(head, tokens))
+    counts, logged = {}, {}
+    for trl_metrics in (False, True):
+        reward = dict(sentence_reward=noisy_sentence_reward) if level == "sentence" else dict(
+            reward_funcs=[length_reward])
+        trainer = make(tmp_path / str(trl_metrics), level=level, trl_metrics=trl_metrics, **reward, **options)
+        inputs = batch_inputs(trainer)
+        products.clear()
+        trainer._compute_loss(trainer.model, inputs).backward()
+        counts[trl_metrics] = (len(products), sum(products))          # chunk products, and the rows they cover
+        logged[trl_metrics] = set(trainer._metrics["train"])
+    assert counts[True] == counts[False] and counts[False][0] > 0, counts
+    assert "entropy" in logged[True] and "entropy" not in logged[False]
+
+
 def test_model_step_scorers_in_a_composite_are_a_sentence_reward(tmp_path):
     """A verifier and a process reward model (tiny models of their own) inside a CompositeReward, min-form on the
     PRM, score the sentences of TRL's completions; the advantages are per sentence and the loss is finite."""

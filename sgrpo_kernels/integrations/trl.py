@@ -39,10 +39,11 @@ level that is trained: at ``level="token"`` and ``"output"`` they equal TRL's fo
 formulas are applied to each token's sentence (a sentence is clipped or not as a whole and weighs its token
 count; ``low_min``/``high_max`` take each answer's share of clipped tokens). TRL's adaptive entropy controller
 (``use_adaptive_entropy``, Skywork-OR1) runs at every level with TRL's state, update rule and checkpointing.
-The fused loss keeps its per-token log-probs and entropies inside its passes, so these metrics and the controller
-take them from one more no-grad pass over the LM head (chunked, like the loss: no ``[tokens, vocab]`` logits);
-``trl_metrics=False`` skips that pass (and TRL's keys) unless the controller or the token level's off-policy mask
-needs it. Needs ``trl >= 1.0``.
+These metrics and the controller read each token's log-prob and entropy from the loss itself
+(``return_token_scores=True``: what its own pass over the LM head computed), so they cost no second pass; only TRL's
+off-policy sequence mask at ``level="token"``, which weighs the loss's tokens by the current log-probs before the loss
+runs, takes them from one more no-grad pass (chunked, like the loss: no ``[tokens, vocab]`` logits).
+``trl_metrics=False`` leaves out TRL's keys. Needs ``trl >= 1.0``.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class SentenceGRPOTrainer(GRPOTrainer):
         reference_column: the dataset column handed to ``sentence_reward`` as the reference answer.
         chunk_size: tokens per chunk of logits in the fused loss (``None``: chosen from free memory).
         trl_metrics: log TRL's loss metrics (``entropy``, ``kl``, ``clip_ratio/*``, ...; see the module's
-            docstring) at the cost of one more no-grad pass over the LM head per micro-batch; ``False`` logs only
-            the ``sentence/*`` keys (and ``entropy_coef``).
+            docstring), read from the loss's own pass over the LM head; ``False`` logs only the ``sentence/*`` keys
+            (and ``entropy_coef``).
 
     TRL's errors are raised where TRL raises them, with TRL's text (no reward source: before the model loads).
     """
@@ -223,22 +224,25 @@ class SentenceGRPOTrainer(GRPOTrainer):
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         adaptive = getattr(self, "use_adaptive_entropy", False)
         scores = None
-        if self.trl_metrics or (adaptive and mode == "train") or self._masks_sequences_by_weight():
-            # per-token log-probs and entropies for TRL's metrics, the controller and the sequence mask: the fused
-            # loss keeps its own inside its passes, so this is one more no-grad pass over the LM head (chunked,
-            # never [N, V] at once)
+        if self._masks_sequences_by_weight():
+            # TRL's off-policy sequence mask at level="token" weighs the loss's tokens by the current log-probs, so
+            # it needs them before the loss: the one configuration with a second, no-grad pass over the LM head
+            # (chunked, never [N, V] at once)
             with torch.no_grad():
                 scores = fused_linear_token_logprobs(
                     hidden.detach(), weight.detach(), inputs["completion_ids"],
                     bias=None if bias is None else bias.detach(), temperature=self.temperature, return_entropy=True,
                     chunk_size=self.chunk_size)
+        # TRL's metrics and its entropy controller read each token's log-prob and entropy: the loss hands back the
+        # ones its own pass over the LM head computed (detached, 0 at unscored positions), no second pass
+        token_scores = scores is None and (self.trl_metrics or (adaptive and mode == "train"))
         entropy_coef = self._applied_entropy_coef()
         normalizer = self._normalizer(inputs, mode, accumulation)
         kl_weighting = self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False)
         kl_apart = kl_weighting and self._vespo_over_answers()
         beta = 0.0 if kl_apart else self.beta
         threshold = getattr(self.args, "off_policy_mask_threshold", None)
-        loss, metrics = fused_linear_sentence_grpo_loss(
+        loss = fused_linear_sentence_grpo_loss(
             hidden, weight, inputs["completion_ids"], segment_ids, inputs["advantages"].detach(),
             inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps") if beta != 0.0 else None,
             bias=bias, eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=beta,
@@ -252,7 +256,11 @@ class SentenceGRPOTrainer(GRPOTrainer):
             off_policy_mask_threshold=None if self._masks_sequences_by_weight() else threshold,
             # TRL scales its entropy bonus by the accumulation steps only, never by the loss type's normaliser
             entropy_coef=entropy_coef / accumulation,
-            normalizer=normalizer, chunk_size=self.chunk_size, return_metrics=True)
+            normalizer=normalizer, chunk_size=self.chunk_size, return_metrics=True, return_token_scores=token_scores)
+        if token_scores:
+            loss, metrics, scores = loss
+        else:
+            loss, metrics = loss
         if kl_apart:
             kl_loss, kl_metrics = self._token_ratio_kl(hidden, weight, bias, inputs, normalizer)
             loss, metrics["kl_mean"] = loss + kl_loss, kl_metrics["kl_mean"]

@@ -8,6 +8,7 @@ one (``entry.py``) and the backend resolver.
 """
 
 from .backends import AUTO, availability, backend_names, check_backend_name, resolve_backend
+from .driver import LossOutputs
 from .entry import (
     group_advantages,
     logprobs_on_hidden,
@@ -16,10 +17,9 @@ from .entry import (
     loss_on_logits,
     loss_on_logps,
 )
-from .driver import LossOutputs
 from .request import LossRequest
 from .vocab_parallel import vocab_shard
 
-__all__ = ["AUTO", "LossOutputs", "LossRequest", "availability", "backend_names", "check_backend_name", "group_advantages",
-           "logprobs_on_hidden", "logprobs_on_logits", "loss_on_hidden", "loss_on_logits", "loss_on_logps",
-           "resolve_backend", "vocab_shard"]
+__all__ = ["AUTO", "LossOutputs", "LossRequest", "availability", "backend_names", "check_backend_name",
+           "group_advantages", "logprobs_on_hidden", "logprobs_on_logits", "loss_on_hidden", "loss_on_logits",
+           "loss_on_logps", "resolve_backend", "vocab_shard"]

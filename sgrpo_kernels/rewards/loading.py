@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..choices import parse_step_scorer
 from .logic import GenerativeVerifier
 from .prm import ProcessRewardModel
 
@@ -27,7 +28,7 @@ def load_step_scorer(kind: str, folder: str, **options):
     (``kind="prm"``: a classification head when ``config.json`` names one, else a causal LM) of the model and
     tokenizer saved in ``folder`` (no download), in eval mode; ``options`` go to the constructor, over the
     conventions' defaults (``CAUSAL_PRM_DEFAULTS``, ``CLASSIFIER_PRM_DEFAULTS``)."""
-    from ..trainer.tiny import load_pretrained, load_tokenizer
+    from ..models import load_pretrained, load_tokenizer
 
     if kind == "verifier":
         model, tokenizer = load_pretrained(folder)
@@ -47,10 +48,8 @@ def load_step_scorer(kind: str, folder: str, **options):
 def with_step_scorers(reward, specs):
     """``reward`` (a :class:`~sgrpo_kernels.rewards.CompositeReward`) with one term per spec
     ``KIND=FOLDER[,key=value...]`` (the syntax of ``sgrpo train --step-scorer``, parsed by
-    :func:`sgrpo_kernels_cli.parse_step_scorer`): the term ``KIND`` at its ``weight``, the others scaled by
+    :func:`sgrpo_kernels.choices.parse_step_scorer`): the term ``KIND`` at its ``weight``, the others scaled by
     ``1 - weight``. Raises ``ValueError`` for a bad spec or scorer option."""
-    from sgrpo_kernels_cli import parse_step_scorer
-
     for spec in specs:
         kind, folder, weight, options = parse_step_scorer(spec)
         reward = reward.with_term(kind, load_step_scorer(kind, folder, **options), weight)

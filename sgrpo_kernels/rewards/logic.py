@@ -7,6 +7,7 @@ import re
 
 import torch
 
+from ..choices import VERIFIER_MODES
 from .base import SentenceReward
 from .model_scoring import (
     bos,
@@ -28,7 +29,7 @@ from .model_scoring import (
 )
 from .safe_math import equations
 
-MODES = ("one_pass", "cache", "batched")
+MODES = VERIFIER_MODES
 _NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?")
 
 

@@ -27,19 +27,19 @@ import torch
 
 from .. import levels
 from ..advantages import group_sentence_advantages
-from ..config import ADVANTAGE_BASELINES
+from ..choices import ADVANTAGE_BASELINES, ADVANTAGES, CREDITS, LEVEL_AXES, RATIOS
 from ..integrations.hf import completion_hidden_states
 from ..loss import fused_linear_sentence_grpo_loss, fused_linear_token_logprobs
+from ..models import save_pretrained
 from ..segmentation import Segmenter
-from .common import (MetricsLog, decode_completions, evaluate_accuracy, generate, sample_held_out,
-                     warmup_then_linear_decay)
-from .tiny import save_pretrained
-
-ADVANTAGES = ("sentence", "cumulative", "broadcast")
-CREDITS = ("sentence", "answer")
-RATIOS = ("token", "sentence", "output")
-# the (credit, ratio) of each level
-LEVEL_AXES = {"token": ("answer", "token"), "sentence": ("sentence", "sentence"), "output": ("answer", "output")}
+from .common import (
+    MetricsLog,
+    decode_completions,
+    evaluate_accuracy,
+    generate,
+    sample_held_out,
+    warmup_then_linear_decay,
+)
 
 
 @dataclass

@@ -6,8 +6,8 @@ import os
 
 import torch
 
+from ..models import save_pretrained
 from .common import MetricsLog, evaluate_accuracy, prompt_text, seed_everything, warmup_then_linear_decay
-from .tiny import save_pretrained
 
 
 def sft_batch(tokenizer, problems, device):

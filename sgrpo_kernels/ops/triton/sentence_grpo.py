@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from ...config import LossConfig
-from ..sentence_math import VESPO_MIN_LOG_WEIGHT
 from ..layout import SentenceLayout, SentenceSums, SentenceTerms
 from ..passes import KL_ESTIMATOR_CODES, OBJECTIVE_CODES, float_vector, index_vector, new_output
+from ..sentence_math import VESPO_MIN_LOG_WEIGHT
 from .common import COMPILE_OPTIONS, as_dtype
 
 NAN = tl.constexpr(tl.PropagateNan.ALL)

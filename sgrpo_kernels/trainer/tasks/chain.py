@@ -30,6 +30,7 @@ import re
 import string
 from dataclasses import dataclass, replace
 
+from ...choices import CHAIN_MAX_FACTS, CHAIN_MAX_LENGTH, CHAIN_MAX_OPERAND
 from ...rewards import CompositeReward, SentenceReward
 from .arith import Problem, final_answer, is_correct, read_jsonl, write_jsonl
 
@@ -38,8 +39,8 @@ __all__ = ["ChainConfig", "ChainStep", "BinaryOutcome", "Problem", "facts", "mis
            "sloppy_demonstrations", "reward", "step_errors", "is_correct", "final_answer", "read_jsonl",
            "write_jsonl"]
 
-LABELS = string.ascii_lowercase + string.ascii_uppercase
-MODULUS = 10
+LABELS = (string.ascii_lowercase + string.ascii_uppercase)[:CHAIN_MAX_FACTS]
+MODULUS = CHAIN_MAX_OPERAND + 1
 _QUESTION = re.compile(r"Start (\d)\. Steps: ([A-Za-z](?: [A-Za-z])*)\.")
 _STEP = re.compile(r"^\s*([A-Za-z]): (\d+)\+(\d+)=(\d+)\.?\s*$")
 
@@ -59,8 +60,8 @@ class ChainConfig:
     facts_seed: int = 0
 
     def __post_init__(self):
-        if not 1 <= self.length <= 40:
-            raise ValueError(f"length must lie in [1, 40], got {self.length}")
+        if not 1 <= self.length <= CHAIN_MAX_LENGTH:
+            raise ValueError(f"length must lie in [1, {CHAIN_MAX_LENGTH}], got {self.length}")
         if not 1 <= self.num_facts <= len(LABELS):
             raise ValueError(f"num_facts must lie in [1, {len(LABELS)}], got {self.num_facts}")
         if not 1 <= self.max_operand <= MODULUS - 1:

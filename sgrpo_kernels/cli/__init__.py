@@ -1,7 +1,8 @@
-"""The commands behind ``sgrpo sft`` and ``sgrpo train``. The parser, every check of the command line and the data
-plan are in the torch-free front end :mod:`sgrpo_kernels_cli`; the console script (:mod:`sgrpo_kernels_cli.console`)
-checks there first and then calls :func:`run`. This module uses the front end and never the console script.
-``python -m sgrpo_kernels.cli`` runs the same command through :func:`main`."""
+"""The ``sgrpo`` command line, one package: the commands behind ``sgrpo sft`` and ``sgrpo train`` (here), the
+parser, every check of the command line and the data plan (the torch-free front end :mod:`.front`) and the console
+script (:mod:`.console`), which checks there first and then calls :func:`run`. This module uses the front end and
+never the console script; it imports torch only inside the commands. ``python -m sgrpo_kernels.cli`` runs the same
+command through :func:`main`."""
 
 from __future__ import annotations
 
@@ -10,24 +11,24 @@ import json
 import os
 import sys
 
-import sgrpo_kernels_cli as front
-from sgrpo_kernels_cli import TASKS, build_parser  # noqa: F401  (the command's names, importable from here)
+from . import front
+from .front import TASKS, build_parser  # noqa: F401  (the command's names, importable from here)
 
 
 def _task(args):
     """The task module of ``args.task`` and the keyword arguments of its ``make_dataset``."""
     if args.task == "chain":
-        from .trainer.tasks import chain
+        from ..trainer.tasks import chain
         return chain, dict(length=args.chain_length, num_facts=args.chain_facts,
                            max_operand=args.chain_max_operand, facts_seed=args.chain_facts_seed)
-    from .trainer.tasks import arith
+    from ..trainer.tasks import arith
     return arith, arith.SIZES[args.task]
 
 
 def _chain_config(args):
     """The chain task's configuration; one that cannot be drawn (no misconception left for the mis-taught facts of
     this facts seed) ends the command with one line, like a bad flag."""
-    from .trainer.tasks import chain
+    from ..trainer.tasks import chain
     try:
         return chain.ChainConfig(length=args.chain_length, num_facts=args.chain_facts,
                                  max_operand=args.chain_max_operand, facts_seed=args.chain_facts_seed,
@@ -48,7 +49,7 @@ def _note(args, message: str) -> None:
 
 def _datasets(args):
     """The task's problems from ``train.jsonl`` and ``test.jsonl`` in the data folder, generated (with
-    ``stamp.json``, the generator's arguments) when :func:`sgrpo_kernels_cli.data_plan` says so."""
+    ``stamp.json``, the generator's arguments) when :func:`.front.data_plan` says so."""
     task, options = _task(args)
     data_dir, action = front.data_plan(args)
     stamp = {**front.data_stamp(args), "generator": {"module": task.__name__, "options": options,
@@ -92,9 +93,9 @@ def _threads(count: int) -> None:
 
 
 def run_sft(args) -> dict:
-    from .trainer.plots import SFT_PANELS, plot_metrics
-    from .trainer.sft import run_sft as sft
-    from .trainer.tiny import char_tokenizer, load_pretrained, tiny_model
+    from ..models import char_tokenizer, load_pretrained, tiny_model
+    from ..trainer.plots import SFT_PANELS, plot_metrics
+    from ..trainer.sft import run_sft as sft
 
     _threads(args.threads)
     task, _ = _task(args)
@@ -155,9 +156,9 @@ def _train_title(args) -> str:
 
 
 def run_train(args) -> dict:
-    from .trainer.grpo import GRPOLoop, GRPOLoopConfig
-    from .trainer.plots import plot_metrics
-    from .trainer.tiny import load_pretrained
+    from ..models import load_pretrained
+    from ..trainer.grpo import GRPOLoop, GRPOLoopConfig
+    from ..trainer.plots import plot_metrics
 
     _threads(args.threads)
     config = GRPOLoopConfig(level=args.level, credit=args.credit, ratio=args.ratio, ratio_level=args.ratio_level,
@@ -171,7 +172,7 @@ def run_train(args) -> dict:
     sentence_reward = (task.reward(_chain_config(args), outcome_only=args.outcome_reward, step_noise=args.step_noise,
                                    noise_seed=args.seed) if args.task == "chain" else task.reward())
     if args.step_scorer:
-        from .rewards.loading import with_step_scorers
+        from ..rewards.loading import with_step_scorers
         try:
             sentence_reward = with_step_scorers(sentence_reward, args.step_scorer)
         except ValueError as error:          # a tag or word that is not one token of the scorer's tokenizer
@@ -191,7 +192,7 @@ def run_train(args) -> dict:
 
 
 def run(args) -> dict | None:
-    """Run the command of checked arguments (:func:`sgrpo_kernels_cli.parse_arguments`); the summary of
+    """Run the command of checked arguments (:func:`.front.parse_arguments`); the summary of
     ``sft`` / ``train`` (held-out accuracy), which the command has printed as a line of text."""
     if args.command == "bench":
         front.run_bench(args)
