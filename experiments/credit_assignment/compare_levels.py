@@ -1,7 +1,9 @@
 """Sentence-level GRPO against its baselines on the same task, same budget, several seeds, resumable.
 
-    python experiments/credit_assignment/compare_levels.py --model runs/chain-sft --task chain --chain-length 6 --steps 40 --seeds 0 1 2
-    python experiments/credit_assignment/compare_levels.py --model runs/sft --task arith-small --variants sentence output   # the toy task
+    python experiments/credit_assignment/compare_levels.py --model runs/chain-sft --task chain --chain-length 6 \
+        --steps 40 --seeds 0 1 2
+    python experiments/credit_assignment/compare_levels.py --model runs/sft --task arith-small \
+        --variants sentence output                                       # the toy task
 
 Variants (each from the same checkpoint, with the same steps, prompts and samples):
 
@@ -486,7 +488,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data_dir is None:
-        from sgrpo_kernels_cli import chain_data_name
+        from sgrpo_kernels.cli.front import chain_data_name
 
         args.data_dir = os.path.join("data", chain_data_name(args) if args.task == "chain" else args.task)
     from tqdm import tqdm

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -245,7 +244,8 @@ def make_loop(regime_name: str, method: str, lr: float, seed: int, output_dir: s
     regime = REGIMES[regime_name]
     credit, ratio, ratio_level = METHODS[method]
     per_step = regime.answers_per_step
-    config = GRPOLoopConfig(credit=credit, ratio=ratio, ratio_level=ratio_level, steps=regime.steps, prompts_per_step=regime.prompts,
+    config = GRPOLoopConfig(credit=credit, ratio=ratio, ratio_level=ratio_level, steps=regime.steps,
+                            prompts_per_step=regime.prompts,
                             group_size=GROUP_SIZE, mu=regime.mu, lr=lr, warmup_steps=WARMUP_ANSWERS // per_step,
                             max_grad_norm=math.inf, max_new_tokens=11 * LENGTH + 16, eval_every=regime.steps,
                             eval_steps=tuple(answers // per_step for answers in EVAL_AT), eval_samples=EVAL_SAMPLES,
@@ -296,7 +296,7 @@ def publish(metrics: str, target: str, regime: str) -> None:
 # -- long chains: round 2's harness ----------------------------------------------------------------------------
 def l16_arguments(work_dir: str) -> argparse.Namespace:
     """``compare_levels.py``'s arguments for round 2's L = 16 protocol (its commands in round2/protocol.md)."""
-    from sgrpo_kernels_cli import chain_data_name
+    from sgrpo_kernels.cli.front import chain_data_name
 
     args = argparse.Namespace(task="chain", chain_length=16, chain_facts=26, chain_max_operand=9,
                               chain_facts_seed=0, mistaught=8, steps=50, prompts=8, group_size=8, eval_every=5,

@@ -81,7 +81,8 @@ def sweep_table() -> list[str]:
                 records = round3.read_records(round3.record_path(regime, method, lr, round3.SWEEP_SEED))
                 cells.append(f"{lr:g}: " + ("–" if records is None else f"{round3.primary(records, settings):.3f}"))
             chosen = round3.chosen_lr(regime, method)
-            lines.append(f"| {regime} | {method} | " + " | ".join(cells) + f" | {'–' if chosen is None else f'{chosen:g}'} |")
+            shown = "–" if chosen is None else f"{chosen:g}"
+            lines.append(f"| {regime} | {method} | " + " | ".join(cells) + f" | {shown} |")
     return lines
 
 
@@ -196,6 +197,7 @@ def plot(path: str) -> None:
 
     figure, axes = plt.subplots(1, len(REGIMES), figsize=(4.3 * len(REGIMES), 4.2), sharey=True)
     for axis, (regime, settings) in zip(axes, REGIMES.items()):
+        drawn = 0
         for method in METHODS_OF[regime]:
             curves = [round3.sampled_curve(records, settings.answers_per_step)
                       for records in seed_records(regime, method).values()]
@@ -208,11 +210,15 @@ def plot(path: str) -> None:
                       marker=".")
             axis.fill_between(answers, [min(column) for column in columns], [max(column) for column in columns],
                               alpha=0.12)
-        noise = f", step scores flipped at {settings.step_noise:g}" if settings.step_noise else ""
-        axis.set(title=f"{regime}: {settings.answers_per_step} answers/step, mu={settings.mu}{noise}",
-                 xlabel="training answers sampled", xlim=(0, BUDGET))
+            drawn += 1
+        noise = f", step scores flipped at {settings.step_noise:g}" if settings.step_noise else ", exact step scores"
+        axis.set_title(f"{regime}\n{settings.answers_per_step} answers/step, mu={settings.mu}{noise}", fontsize=9)
+        axis.set(xlabel="training answers sampled", xlim=(0, BUDGET), ylim=(0, 1))
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+        if drawn:
+            axis.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+        else:
+            axis.text(BUDGET / 2, 0.5, "no run finished yet", ha="center", va="center", color="gray")
     axes[0].set_ylabel("held-out accuracy, 4 samples/problem at T=1")
     figure.suptitle("Round 3, chain task L=10: held-out sampled accuracy (mean over seeds, band: min–max)")
     figure.tight_layout()
