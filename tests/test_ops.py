@@ -88,6 +88,25 @@ def test_objective_grid_fp64(backend, options):
     check_against_gold(case, backend, rel=1e-10, eps_high=eps_high, **options)
 
 
+@pytest.mark.parametrize("objective,options", [
+    ("ppo_clip", dict(eps_low=0.1, eps_high=0.35, clip_ratio_c=1.6, delta=1.8)),
+    ("ppo_clip", dict(eps_low=0.3, eps_high=0.05, off_policy_mask_threshold=0.0)),
+    ("geo_mean", dict(eps_low=0.05, eps_high=0.4)),
+    ("vespo", dict(vespo_k_pos=1.5, vespo_k_neg=3.5, vespo_lambda_pos=2.5, vespo_lambda_neg=1.2,
+                   off_policy_mask_threshold=0.0)),
+    ("sapo", dict(sapo_tau_pos=0.7, sapo_tau_neg=1.9))])
+def test_asymmetric_options_and_zero_advantages(backend, objective, options):
+    """The rules the backends share (ops/sentence_math.py) where a mistake would hide at the defaults: a clip range
+    whose two sides differ, the dual clip and the cap, separate pairs of VESPO's and SAPO's parameters, and
+    sentences whose advantage is exactly 0 (on the edge of every sign rule), some dropped by the off-policy mask;
+    the loss, its gradient and the metrics (the clip fraction counts each side's own bound) against the reference,
+    float64."""
+    case = random_case(batch=4, length=12, vocab=300, num_slots=5, dtype=torch.float64, seed=11, old_spread=0.15,
+                       empty_row=False)                   # 11 sentences, clipped on each side of the range
+    case["advantages"][:, ::3] = 0.0                       # every third sentence on the sign rules' edge
+    check_against_gold(case, backend, rel=1e-10, objective=objective, beta=0.1, **options)
+
+
 @pytest.mark.parametrize("reduction", ["sentence_mean", "token_mean", "sum", "answer_mean_sentence_sum",
                                        "answer_mean_token_sum"])
 @pytest.mark.parametrize("normalizer", [7.5, "tensor"])
