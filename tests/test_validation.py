@@ -5,7 +5,7 @@ import torch
 from cases import random_case
 
 import sgrpo_kernels as sk
-from sgrpo_kernels.config import validate_reward_weights
+from sgrpo_kernels.rewards.composite import validate_reward_weights
 
 
 def good_inputs():

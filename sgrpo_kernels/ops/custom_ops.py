@@ -85,7 +85,7 @@ def _outputs(loss, metrics: list, token_logp, token_entropy, request: LossReques
         if request.with_metrics else None
     if not request.with_token_scores:
         return LossOutputs(loss, named)
-    return LossOutputs(loss, named, token_logp, token_entropy)
+    return LossOutputs(loss, named, token_logp.detach(), token_entropy.detach())
 
 
 def _saved_gradients(ctx) -> tuple:

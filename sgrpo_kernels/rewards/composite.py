@@ -8,7 +8,21 @@ import math
 
 import torch
 
-from ..config import validate_reward_weights
+from ..config import _check_real
+
+
+def validate_reward_weights(weights: dict) -> dict:
+    """Check the λ of the composite reward ``r = Σ λ_k R_k``: each ``>= 0``, summing to 1.
+
+    Returns a new dict of floats. Raises ``ValueError`` naming the offending weight.
+    """
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError("weights must be a non-empty dict of name -> float")
+    checked = {name: _check_real(f"weights[{name!r}]", value, low=0.0) for name, value in weights.items()}
+    total = math.fsum(checked.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"weights must sum to 1, got {total} for {checked}")
+    return checked
 
 
 class CompositeReward:
